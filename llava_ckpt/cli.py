@@ -1,0 +1,147 @@
+"""`llava-ckpt`: a thin click layer over the Python API. Bad input -> one `error: ...` line, exit 2."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import CheckpointError
+
+
+def _clean_errors(fn):
+    """Turn CheckpointError (and the OS errors users cause) into one line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            name = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            click.echo(f"error: {exc.strerror or exc}{':' if name else ''}{name}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was completed", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llava-ckpt")
+def main():
+    """Convert, shard and verify Hugging Face LLaVA-1.5 checkpoints for MindSpore / MindFormers."""
+
+
+DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+FORMATS = click.Choice(["ckpt", "safetensors"])
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out")
+@click.option("--dtype", type=DTYPES, default=None, help="Cast every tensor (default: keep the source dtype).")
+@click.option("--format", "fmt", type=FORMATS, default="ckpt", show_default=True)
+@click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Write N tensor-parallel rank folders.")
+@click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_clean_errors
+def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, as_json):
+    """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
+    from .convert import convert as run
+    result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
+                 progress=not as_json)
+    _report(result, as_json)
+
+
+@main.command()
+@click.argument("converted_dir")
+@click.argument("out")
+@click.option("--tp", type=int, required=True, help="Number of tensor-parallel ranks.")
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def shard(converted_dir, out, tp, as_json):
+    """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
+    from .shard import shard as run
+    _report(run(converted_dir, out, tp=tp, progress=not as_json), as_json)
+
+
+@main.command()
+@click.argument("hf_src")
+@click.argument("ms_dir")
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file (default: bundled).")
+@click.option("--prompt", default=None, help="Question about the image (default: a caption request).")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, as_json):
+    """Run the converted weights in MS_DIR and compare logits with transformers on HF_SRC."""
+    from .verify import verify as run, format_report
+    result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens)
+    click.echo(json.dumps(result) if as_json else format_report(result))
+    sys.exit(0 if result["passed"] else 1)
+
+
+@main.command()
+@click.argument("repo")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--local-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def download(repo, revision, local_dir, as_json):
+    """Fetch what conversion and verification need from the hub, sha256-checked."""
+    from .hub import download as run
+    _report(run(repo, revision=revision, local_dir=local_dir, progress=not as_json), as_json)
+
+
+@main.command()
+@click.argument("out")
+@_clean_errors
+def check(out):
+    """Re-hash every output file in OUT against its manifest; exit 1 on corruption."""
+    from .check import check as run
+    result = run(out)
+    for line in result["problems"]:
+        click.echo(line)
+    click.echo(f"{'ok' if result['ok'] else 'CORRUPT'}: {result['checked']} files checked in {out}")
+    sys.exit(0 if result["ok"] else 1)
+
+
+@main.command("make-fixture")
+@click.argument("out")
+@click.option("--preset", type=click.Choice(["tiny", "7b", "7b-few-layers"]), default="tiny", show_default=True)
+@click.option("--dtype", type=DTYPES, default="float16", show_default=True)
+@click.option("--layout", type=click.Choice(["hub", "v5", "inmemory"]), default="hub", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_clean_errors
+def make_fixture(out, preset, dtype, layout, seed):
+    """Write a synthetic HF LLaVA-1.5 checkpoint (real names, shard split, tokenizer) to OUT."""
+    from .fixture import make_fixture as run
+    path = run(out, preset=preset, dtype=dtype, layout=layout, seed=seed)
+    click.echo(path)
+
+
+@main.command()
+@click.argument("workdir", required=False)
+@_clean_errors
+def demo(workdir):
+    """Download-free demo: tiny checkpoint -> convert -> shard -> verify, then list the outputs."""
+    from .demo import demo as run
+    sys.exit(run(workdir))
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, (list, dict)):
+            continue
+        click.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

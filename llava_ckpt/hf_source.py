@@ -1,0 +1,80 @@
+"""Open a Hugging Face checkpoint folder safely: which files hold which tensors, all headers validated.
+
+Only safetensors are read. Pickle formats (.bin/.pt/.pth/.pkl) are refused, never opened. Every file
+named by the index must resolve inside the folder (no `..`, no absolute paths, no symlink escapes).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import fail
+from .io.source import read_safetensors_header
+
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def inside(folder: str, name: str, what: str) -> str:
+    """The real path of `name` in `folder`; refuses anything that resolves outside it."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise fail(f"{what}: file name {name!r} is not a plain name inside the checkpoint folder")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise fail(f"{what}: {name!r} resolves outside the checkpoint folder ({path})")
+    return path
+
+
+def weight_files(folder: str) -> list:
+    """The safetensors files of the checkpoint (from the index if there is one), as real paths."""
+    if not os.path.isdir(folder):
+        raise fail(f"{folder} is not a folder")
+    index_path = os.path.join(folder, INDEX)
+    if os.path.exists(index_path):
+        inside(folder, INDEX, index_path)
+        try:
+            with open(index_path, "rb") as f:
+                index = json.loads(f.read().decode("utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise fail(f"{index_path}: not a valid safetensors index (needs a weight_map object)") from None
+        files = sorted(set(weight_map.values()), key=str)
+        paths = [inside(folder, name, index_path) for name in files]
+        for name, path in zip(files, paths):
+            if not os.path.isfile(path):
+                raise fail(f"{index_path} names {name}, which is missing from {folder}")
+        return list(zip(files, paths)), weight_map
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not names:
+        pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise fail(f"{folder} holds only pickle weights ({', '.join(pickles)}); they are refused, never "
+                       "unpickled: convert them to safetensors first")
+        raise fail(f"no safetensors weights in {folder}")
+    return [(n, inside(folder, n, folder)) for n in names], None
+
+
+def read_tensors(folder: str) -> tuple:
+    """(name -> TensorInfo, [(file name, real path)]) for every tensor of the checkpoint in `folder`."""
+    files, weight_map = weight_files(folder)
+    tensors = {}
+    where = {}
+    for name, path in files:
+        for tname, info in read_safetensors_header(path).items():
+            if tname in tensors:
+                raise fail(f"tensor {tname!r} is in two files: {where[tname]} and {name}")
+            tensors[tname] = info
+            where[tname] = name
+    if weight_map is not None:
+        for tname, fname in weight_map.items():
+            if tname not in tensors:
+                raise fail(f"{INDEX} lists {tname!r} in {fname}, but no file holds it")
+            if where[tname] != fname:
+                raise fail(f"{INDEX} lists {tname!r} in {fname}, but it is in {where[tname]}")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise fail(f"{where[extra[0]]} holds {extra[0]!r}, which {INDEX} does not list")
+    return tensors, files

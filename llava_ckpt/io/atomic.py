@@ -1,0 +1,101 @@
+"""Outputs appear complete or not at all: built in a hidden sibling folder, fsynced, then renamed.
+
+A run killed at any point leaves only `.NAME.partial-PID` beside OUT, which the next run for the same
+OUT removes; OUT itself is either absent, the previous complete output, or the new complete output.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+from ..errors import fail
+
+MARKER = "manifest.json"
+
+
+def _is_replaceable(out: str) -> bool:
+    """An existing OUT may be replaced only if it is empty or a previous llava-ckpt output."""
+    entries = os.listdir(out)
+    if not entries:
+        return True
+    try:
+        with open(os.path.join(out, MARKER), "rb") as f:
+            return json.loads(f.read()).get("tool") == "llava-ckpt"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: str, src: str | None = None) -> None:
+    """Refuse an OUT that is a file, is not ours to replace, is inside SRC, or cannot be written."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise fail(f"output {out} exists and is not a folder")
+    if os.path.isdir(out) and not _is_replaceable(out):
+        raise fail(f"output folder {out} is not empty and holds no llava-ckpt manifest; "
+                   "choose an empty or new folder")
+    real_out = os.path.realpath(out)
+    if src is not None and os.path.isdir(src):
+        real_src = os.path.realpath(src)
+        if os.path.commonpath([real_src, real_out]) == real_src:
+            raise fail(f"output {out} is inside the source checkpoint {src}")
+    parent = os.path.dirname(real_out) or "."
+    if not os.path.isdir(parent):
+        raise fail(f"the folder that should hold {out} does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise fail(f"cannot write in {parent} (permission denied)")
+
+
+def _partial_prefix(out: str) -> str:
+    real = os.path.realpath(out)
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.partial-")
+
+
+def staging_dir(out: str, src: str | None = None) -> str:
+    """A fresh hidden folder beside OUT to build the output in (stale ones from killed runs are removed)."""
+    check_out(out, src)
+    prefix = _partial_prefix(out)
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    path = f"{prefix}{os.getpid()}"
+    os.mkdir(path)
+    return path
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and folder under `path` (files first, then their folders)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_dir(stage: str, out: str, synced: bool = False) -> None:
+    """Make the finished `stage` folder OUT, replacing an empty or previous output."""
+    if not synced:
+        fsync_tree(stage)
+    real = os.path.realpath(out)
+    old = None
+    if os.path.isdir(real):
+        old = f"{os.path.dirname(real)}/.{os.path.basename(real)}.old-{os.getpid()}"
+        os.rename(real, old)
+    os.rename(stage, real)
+    fd = os.open(os.path.dirname(real) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(stage: str) -> None:
+    shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,270 @@
+"""Validated, lazy access to tensors in safetensors and MindSpore .ckpt files.
+
+Nothing is trusted: header lengths, JSON, dtypes, offsets and overlaps are checked against the file
+before any data is read, so a hostile file gives one clear error instead of a huge allocation or a crash.
+Data is read with pread into fresh buffers (bounded by the rows asked for), so memory stays flat and
+no file stays mapped.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import fail
+from .dtypes import DTYPES, BY_MS, numpy_dtype
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: `pieces` are (file offset, length) runs, in order."""
+    name: str
+    dtype: str            # safetensors code: F16, BF16, F32
+    shape: tuple
+    path: str
+    pieces: tuple = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length in self.pieces)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per row along dim 0 (a 0-d or 1-d tensor has rows of one element)."""
+        per = numpy_dtype(self.dtype).itemsize
+        for d in self.shape[1:]:
+            per *= d
+        return per
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_safetensors_header(path: str) -> dict:
+    """name -> TensorInfo for one .safetensors file; raises CheckpointError on anything malformed."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise fail(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n > size - 8:
+            raise fail(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"{path}: safetensors header is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise fail(f"{path}: safetensors header is not a JSON object")
+    base = 8 + n
+    data_size = size - base
+    tensors = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise fail(f"{path}: header entry {name!r} is not an object")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPES:
+            raise fail(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (F16, BF16 and F32 are supported)")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                     for d in shape)):
+            raise fail(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise fail(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        start, end = offsets
+        if not 0 <= start <= end or end > data_size:
+            raise fail(f"{path}: tensor {name!r} data_offsets {offsets} are out of bounds "
+                       f"(data section is {data_size} bytes; truncated file?)")
+        if end - start != _prod(shape) * numpy_dtype(dtype).itemsize:
+            raise fail(f"{path}: tensor {name!r} data_offsets {offsets} do not match shape {shape} and {dtype}")
+        spans.append((start, end, name))
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, ((base + start, end - start),))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise fail(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return tensors
+
+
+# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (see NOTES.md) ------------------------------
+
+def _varint(buf, pos: int, end: int):
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int):
+    """Yield (field number, wire type, value or (start, stop)) for one protobuf message."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise ValueError("field runs past its message")
+            yield number, wire, (pos, pos + length)
+            pos += length
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+
+
+def _ckpt_value(buf, span):
+    """(tag, dims, tensor_type, content span) of one Checkpoint.Value."""
+    tag, dims, ttype, content = None, [], None, None
+    for fnum, fwire, fval in _fields(buf, *span):
+        if fnum == 1 and fwire == 2:
+            tag = bytes(buf[fval[0]:fval[1]]).decode("utf-8")
+        elif fnum == 2 and fwire == 2:
+            for tnum, twire, tval in _fields(buf, *fval):
+                if tnum == 1 and twire == 0:
+                    dims.append(tval)
+                elif tnum == 1 and twire == 2:  # packed dims
+                    p, q = tval
+                    while p < q:
+                        d, p = _varint(buf, p, q)
+                        dims.append(d)
+                elif tnum == 2 and twire == 2:
+                    ttype = bytes(buf[tval[0]:tval[1]]).decode("ascii")
+                elif tnum == 3 and twire == 2:
+                    content = tval
+        else:
+            raise ValueError(f"unsupported Checkpoint.Value field {fnum}")
+    if tag is None or ttype is None or content is None:
+        raise ValueError("record without tag, type or content")
+    return tag, tuple(dims), ttype, content
+
+
+def read_ckpt_index(path: str) -> dict:
+    """name -> TensorInfo for a MindSpore .ckpt, by walking its records over mmap (no data is copied).
+
+    Concatenated Checkpoint messages parse as one message: a run of `value` (field 1) entries; a tensor
+    over 512 MiB is several entries with the same tag, joined here as pieces.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise fail(f"{path}: empty .ckpt file")
+    tensors: dict = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        end = size - 17 if size >= 17 and buf[size - 17:size - 10] == b"crc_num" else size
+        try:
+            for vnum, vwire, vspan in _fields(buf, 0, end):
+                if vnum != 1 or vwire != 2:
+                    raise ValueError("not a Checkpoint.value record")
+                tag, dims, ttype, content = _ckpt_value(buf, vspan)
+                if ttype not in BY_MS:
+                    raise fail(f"{path}: tensor {tag!r} has unsupported type {ttype!r}")
+                piece = (content[0], content[1] - content[0])
+                old = tensors.get(tag)
+                if old is None:
+                    tensors[tag] = TensorInfo(tag, BY_MS[ttype], dims, path, (piece,))
+                elif old.shape == dims and old.dtype == BY_MS[ttype]:
+                    tensors[tag] = TensorInfo(tag, old.dtype, dims, path, old.pieces + (piece,))
+                else:
+                    raise ValueError(f"tensor {tag!r} split into records of different shapes")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise fail(f"{path}: not a valid MindSpore .ckpt ({exc})") from None
+    for info in tensors.values():
+        need = _prod(info.shape) * numpy_dtype(info.dtype).itemsize
+        if info.nbytes != need:
+            raise fail(f"{path}: tensor {info.name!r} holds {info.nbytes} bytes, its shape needs {need}")
+    return tensors
+
+
+def read_index(path: str) -> dict:
+    """name -> TensorInfo for a .safetensors or .ckpt file."""
+    if path.endswith(".ckpt"):
+        return read_ckpt_index(path)
+    return read_safetensors_header(path)
+
+
+# ---- reading data ---------------------------------------------------------------------------------------
+
+class FileReader:
+    """Keeps one fd per file open and reads byte ranges of tensors with pread (GIL released)."""
+
+    def __init__(self):
+        self._fds: dict = {}
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_bytes(self, info: TensorInfo, start: int, stop: int, out=None) -> memoryview:
+        """Bytes [start, stop) of the tensor's data, across its pieces, into `out` (a new buffer if None)."""
+        need = stop - start
+        buf = bytearray(need) if out is None else out
+        view = memoryview(buf)
+        fd = self._fd(info.path)
+        pos = 0
+        skip = start
+        for offset, length in info.pieces:
+            if skip >= length:
+                skip -= length
+                continue
+            take = min(length - skip, need - pos)
+            got = os.preadv(fd, [view[pos:pos + take]], offset + skip)
+            while got < take:
+                more = os.preadv(fd, [view[pos + got:pos + take]], offset + skip + got)
+                if more <= 0:
+                    raise fail(f"{info.path}: unexpected end of file reading {info.name!r} (truncated?)")
+                got += more
+            pos += take
+            skip = 0
+            if pos == need:
+                break
+        return view
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along dim 0 as a fresh numpy array in the stored dtype."""
+        rb = info.row_bytes
+        data = self.read_bytes(info, start * rb, stop * rb)
+        arr = np.frombuffer(data, dtype=numpy_dtype(info.dtype))
+        rest = info.shape[1:] if info.shape else ()
+        return arr.reshape((stop - start,) + tuple(rest)) if info.shape else arr.reshape(())
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        return self.read_rows(info, 0, info.rows).reshape(info.shape)
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

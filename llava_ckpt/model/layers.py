@@ -1,0 +1,96 @@
+"""Small building blocks whose parameter names match MindFormers' (weight [out, in] like torch Linear).
+
+Parameters start as lazy zero initializers: no memory is allocated until `load_weights` puts the checkpoint
+tensor in, so a 7B model is never held twice.
+Numerics follow transformers' eager code where it matters for a tight comparison: norms and softmax run in
+float32 whatever the compute dtype, RMSNorm casts back before multiplying by its weight.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common.initializer import initializer
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16}
+
+
+def param(shape, dtype) -> Parameter:
+    """A not-yet-allocated parameter (filled by load_weights)."""
+    return Parameter(initializer("zeros", tuple(shape), MS_DTYPES[dtype]), requires_grad=False)
+
+
+class Linear(nn.Cell):
+    """y = x @ weight.T (+ bias); weight [out, in]."""
+
+    def __init__(self, out_dim, in_dim, bias, dtype):
+        super().__init__()
+        self.weight = param((out_dim, in_dim), dtype)
+        self.bias = param((out_dim,), dtype) if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (-1,))
+
+
+class RMSNorm(nn.Cell):
+    """LLaMA RMSNorm: statistics in float32, result cast back before the weight (as transformers does)."""
+
+    def __init__(self, dim, eps, dtype):
+        super().__init__()
+        self.weight = param((dim,), dtype)
+        self.eps = float(eps)
+
+    def construct(self, x):
+        h = x.astype(ms.float32)
+        var = (h * h).mean(-1, keep_dims=True)
+        h = h * ops.rsqrt(var + self.eps)
+        return self.weight * h.astype(x.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """CLIP LayerNorm with MindFormers' gamma/beta names, computed in float32."""
+
+    def __init__(self, dim, eps, dtype):
+        super().__init__()
+        self.gamma = param((dim,), dtype)
+        self.beta = param((dim,), dtype)
+        self.eps = float(eps)
+
+    def construct(self, x):
+        h = x.astype(ms.float32)
+        mean = h.mean(-1, keep_dims=True)
+        d = h - mean
+        var = (d * d).mean(-1, keep_dims=True)
+        h = d * ops.rsqrt(var + self.eps)
+        h = h * self.gamma.astype(ms.float32) + self.beta.astype(ms.float32)
+        return h.astype(x.dtype)
+
+
+def softmax_f32(scores, out_dtype):
+    """Softmax in float32, cast back (transformers' eager attention does the same)."""
+    return ops.softmax(scores.astype(ms.float32), -1).astype(out_dtype)
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+def gelu_exact(x):
+    """Erf GELU computed in float32 (torch's gelu on fp16 upcasts internally too)."""
+    h = x.astype(ms.float32)
+    return (0.5 * h * (1.0 + ops.erf(h * 0.7071067811865476))).astype(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, length: int):
+    """cos/sin [length, head_dim] computed the way transformers' default RoPE does (float32 angles)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return Tensor(np.cos(emb).astype(np.float32)), Tensor(np.sin(emb).astype(np.float32))

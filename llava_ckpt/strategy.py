@@ -1,0 +1,364 @@
+"""The tensor-parallel strategy file that `shard --tp N` writes beside its rank folders (OUT/strategy.ckpt).
+
+The file is MindSpore's protobuf `ParallelStrategyMap` (mindspore/train/node_strategy_pb2.py, package
+`mindspore.straspb`), the same format `set_auto_parallel_context(strategy_ckpt_save_file=...)` writes.
+MindSpore's own tools read it: `ms.transform_checkpoints`, `ms.merge_sliced_parameter` (through
+`ms.build_searched_strategy`), `ms.load_distributed_checkpoint`, `ms.merge_pipeline_strategys`,
+`ms.parallel.rank_list_for_transform`, `mindspore.train.utils.parse_strategy_ckpt`.
+
+Importing MindSpore only to reach its generated protobuf classes costs about 1.2-1.5 s and 500 MB RSS, so
+the message is encoded here by hand (plain proto2 wire format, about 60 lines). The bytes are identical to
+`ParallelStrategyMap.SerializeToString()` of the same message (tests/test_strategy.py checks that).
+
+Layout of one parameter, as MindSpore reads it (parallel/_parallel_serialization.py `_convert_to_list`):
+  dev_matrix        [1, N]: a data-parallel axis of size 1 and the model-parallel axis of size N.
+  tensor_map        one entry per tensor dim, indexing dev_matrix from the RIGHT: 0 = the mp axis (size N),
+                    -1 = not split. Column/vocab [0, -1, ...], row [-1, 0], replicated [-1, ...].
+  param_split_shape one empty entry (MindSpore indexes [0]; empty means "even split").
+  indices_offset    one empty entry (what MindSpore's own JSON loader builds).
+  field             0 (a positive value means the embedding "field" reshape, not ours).
+  opt_weight_shard_step / opt_weight_shard_size  0 / 0: no optimizer (ZeRO) sharding.
+Plus one `parallel_strategy_item` per parameter (node_name = parameter name, stage 0, one ParallelStrategy
+with the number of pieces along each dim): MindSpore's stage-aware paths (`merge_pipeline_strategys`,
+transform by stage) refuse a file without strategy items. `current_stage` = 0 (single pipeline stage).
+
+Rank r's slice of a split tensor is the r-th of N equal contiguous blocks along the split dim.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .errors import fail
+
+KINDS = ("column", "row", "vocab", "replicated")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What is split where
+
+def split_axis(kind: str, ndim: int) -> "int | None":
+    """The tensor dim that `kind` splits for a tensor of `ndim` dims, or None when every rank holds it whole.
+
+    column / vocab -> 0 (rows of an [out, in] weight, of a column bias, of an embedding / lm_head);
+    row -> 1 for a 2-D [out, in] weight, None for a 1-D row bias (added after the all-reduce: replicated);
+    replicated -> None.
+    """
+    if kind not in KINDS:
+        raise fail(f"unknown split kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if not isinstance(ndim, int) or ndim < 0:
+        raise fail(f"bad number of dims {ndim!r} for split kind {kind!r}")
+    if kind == "replicated":
+        return None
+    if kind in ("column", "vocab"):
+        if ndim < 1:
+            raise fail(f"split kind {kind!r} needs a tensor of at least 1 dim, got a 0-d tensor")
+        return 0
+    # row
+    if ndim == 1:
+        return None
+    if ndim != 2:
+        raise fail(f"split kind 'row' needs a 2-D [out, in] weight or a 1-D bias, got {ndim} dims")
+    return 1
+
+
+def tensor_map(kind: str, ndim: int) -> list:
+    """MindSpore's tensor_map for `kind` on an `ndim`-dim tensor with dev_matrix [1, N]."""
+    axis = split_axis(kind, ndim)
+    tmap = [-1] * ndim
+    if axis is not None:
+        tmap[axis] = 0
+    return tmap
+
+
+def rank_slice(shape: Sequence[int], kind: str, tp: int, rank: int) -> tuple:
+    """Index tuple (of slices) that cuts rank `rank`'s block out of a full tensor of `shape`.
+
+    `full[rank_slice(...)]` is a view: copy it (np.ascontiguousarray) before writing it to safetensors.
+    """
+    _check_tp(tp)
+    if not 0 <= rank < tp:
+        raise fail(f"rank {rank} is outside 0..{tp - 1}")
+    shape = tuple(int(d) for d in shape)
+    axis = split_axis(kind, len(shape))
+    index = [slice(None)] * len(shape)
+    if axis is not None:
+        size = shape[axis]
+        if size % tp:
+            raise fail(f"dim {axis} of size {size} does not split into {tp} equal parts ({kind} split)")
+        step = size // tp
+        index[axis] = slice(rank * step, (rank + 1) * step)
+    return tuple(index)
+
+
+def _check_tp(tp) -> None:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise fail(f"tensor-parallel degree must be a positive integer, got {tp!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# proto2 wire format, just what ParallelStrategyMap needs
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int32/int64 negatives: ten-byte two's complement, as protobuf does
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint((field << 3) | wire)
+
+
+def _int(field: int, value: int) -> bytes:
+    return _key(field, 0) + _varint(value)
+
+
+def _len(field: int, payload: bytes) -> bytes:
+    return _key(field, 2) + _varint(len(payload)) + payload
+
+
+def _ints(field: int, values: Iterable[int]) -> bytes:
+    # proto2 repeated scalars without [packed=true]: one key per element (what SerializeToString writes)
+    return b"".join(_int(field, v) for v in values)
+
+
+def _layout_bytes(tp: int, tmap: Sequence[int]) -> bytes:
+    """ParallelLayouts: dev_matrix=1, tensor_map=2, param_split_shape=3, indices_offset=4, field=5,
+    opt_weight_shard_step=6, opt_weight_shard_size=7 (the last three are proto2 `required`)."""
+    return (_len(1, _ints(1, (1, tp)))      # DevMatrix{repeated uint32 dim = 1}
+            + _len(2, _ints(1, tmap))       # TensorMap{repeated int32 dim = 1}
+            + _len(3, b"")                  # ParamSplitShape{} (even split)
+            + _len(4, b"")                  # IndicesOffset{}
+            + _int(5, 0) + _int(6, 0) + _int(7, 0))
+
+
+def _strategy_item_bytes(name: str, tp: int, tmap: Sequence[int]) -> bytes:
+    """ParallelStrategyItem{node_name=1, ParallelStrategys{stage=1, repeated ParallelStrategy{dim=1}}=2}."""
+    pieces = [tp if m == 0 else 1 for m in tmap]
+    strategys = _int(1, 0) + _len(2, _ints(1, pieces))
+    return _len(1, name.encode("utf-8")) + _len(2, strategys)
+
+
+def _normalize(params, tp: int) -> list:
+    out = []
+    seen = set()
+    for item in params:
+        try:
+            name, kind, shape_or_ndim = item
+        except (TypeError, ValueError):
+            raise fail(f"strategy entry {item!r} is not (name, split_kind, ndim or shape)") from None
+        if not isinstance(name, str) or not name:
+            raise fail(f"strategy entry {item!r}: parameter name must be a non-empty string")
+        if "-" in name:
+            # MindSpore reads "<stage>-<name>" as a pipeline-stage prefix and would mangle such a name
+            raise fail(f"parameter name {name!r} contains '-', which MindSpore's strategy tools read as a "
+                       "pipeline-stage prefix")
+        if name in seen:
+            raise fail(f"parameter {name!r} appears twice in the strategy")
+        seen.add(name)
+        if isinstance(shape_or_ndim, bool):
+            raise fail(f"parameter {name!r}: bad ndim {shape_or_ndim!r}")
+        if isinstance(shape_or_ndim, int):
+            ndim = shape_or_ndim
+            split_axis(kind, ndim)
+        else:
+            shape = tuple(int(d) for d in shape_or_ndim)
+            ndim = len(shape)
+            axis = split_axis(kind, ndim)
+            if axis is not None and shape[axis] % tp:
+                raise fail(f"parameter {name!r}: dim {axis} of shape {list(shape)} does not split into {tp} "
+                           f"equal parts ({kind} split)")
+        out.append((name, tensor_map(kind, ndim)))
+    return out
+
+
+def strategy_bytes(params: Iterable[tuple], tp: int) -> bytes:
+    """Serialized ParallelStrategyMap for tensor parallelism of degree `tp`.
+
+    params: iterable of (name, split_kind, ndim_or_shape). split_kind is one of KINDS; the third item is the
+    number of dims (int) or the full, unsplit shape (sequence of ints; then divisibility by tp is checked).
+    Names must be unique and free of '-'. Order is kept in the file.
+    """
+    _check_tp(tp)
+    entries = _normalize(params, tp)
+    body = [_int(1, 0)]  # current_stage (required)
+    body += [_len(2, _strategy_item_bytes(name, tp, tmap)) for name, tmap in entries]
+    body += [_len(3, _len(1, name.encode("utf-8")) + _len(2, _layout_bytes(tp, tmap)))
+             for name, tmap in entries]
+    return b"".join(body)
+
+
+def write_strategy(path: "str | os.PathLike", params: Iterable[tuple], tp: int) -> str:
+    """Write strategy_bytes(params, tp) to `path` atomically (temp file in the same folder, fsync, rename).
+
+    Returns the path as a string. Never leaves a partial file at `path`.
+    """
+    data = strategy_bytes(params, tp)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".strategy.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every platform lets a folder be opened
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading it back (our own checks; no MindSpore import)
+
+@dataclass(frozen=True)
+class Layout:
+    dev_matrix: tuple
+    tensor_map: tuple
+    param_split_shape: tuple
+    field: int
+    opt_weight_shard_step: int
+    opt_weight_shard_size: int
+
+    @property
+    def tp(self) -> int:
+        n = 1
+        for d in self.dev_matrix:
+            n *= d
+        return n
+
+    @property
+    def split_axis(self) -> "int | None":
+        """The split tensor dim (the one mapped to a dev_matrix axis of size > 1), or None if replicated."""
+        axes = [i for i, m in enumerate(self.tensor_map)
+                if m >= 0 and self.dev_matrix[len(self.dev_matrix) - 1 - m] > 1]
+        if len(axes) > 1:
+            raise fail(f"layout {self} splits more than one dim")
+        return axes[0] if axes else None
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise fail("strategy file is truncated (varint runs past the end)")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
+        if shift > 70:
+            raise fail("strategy file holds a malformed varint")
+
+
+def _fields(buf: bytes):
+    """Yield (field_number, value) of one message; value is an int (varint) or bytes (length-delimited)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 2:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > len(buf):
+                raise fail("strategy file is truncated (field runs past the end)")
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        else:
+            raise fail(f"strategy file holds an unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def _repeated_ints(buf: bytes, signed: bool) -> tuple:
+    out = []
+    for field, value in _fields(buf):
+        if field != 1:
+            continue
+        if isinstance(value, bytes):  # packed encoding, also legal
+            pos = 0
+            while pos < len(value):
+                v, pos = _read_varint(value, pos)
+                out.append(v)
+        else:
+            out.append(value)
+    if signed:
+        out = [_signed(v) for v in out]
+    return tuple(out)
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def parse_strategy(data: bytes) -> dict:
+    """Parse ParallelStrategyMap bytes into {param_name: Layout}, in file order."""
+    layouts = {}
+    for field, value in _fields(data):
+        if field != 3:
+            continue
+        name, raw = None, None
+        for f, v in _fields(value):
+            if f == 1:
+                name = v.decode("utf-8")
+            elif f == 2:
+                raw = v
+        if name is None or raw is None:
+            raise fail("strategy file has a parallel_layout_item without name or layout")
+        dev, tmap, split, fld, step, size = [], [], (), 0, 0, 0
+        for f, v in _fields(raw):
+            if f == 1 and not dev:
+                dev = _repeated_ints(v, signed=False)
+            elif f == 2 and not tmap:
+                tmap = _repeated_ints(v, signed=True)
+            elif f == 3 and not split:
+                split = _repeated_ints(v, signed=True)
+            elif f == 5:
+                fld = _signed(v)
+            elif f == 6:
+                step = _signed(v)
+            elif f == 7:
+                size = _signed(v)
+        layouts[name] = Layout(tuple(dev), tuple(tmap), tuple(split), fld, step, size)
+    return layouts
+
+
+def read_strategy(path: "str | os.PathLike") -> dict:
+    """Read a strategy file written by write_strategy (or by MindSpore) into {param_name: Layout}."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise fail(f"cannot read strategy file {path}: {e.strerror or e}") from None
+    if not data:
+        raise fail(f"strategy file {path} is empty")
+    return parse_strategy(data)

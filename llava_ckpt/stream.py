@@ -1,0 +1,206 @@
+"""The streaming core shared by convert and shard: targets in, rank files out, one pass, flat memory.
+
+For each target tensor, output rows are produced in chunks of about CHUNK bytes by gathering source rows
+through the op's row map (llava_ckpt/mapping.py), cast, cut for each rank by the target's split kind,
+and handed to the rank's writer, whose thread hashes and writes them. Memory holds a few chunks, never
+a whole tensor, whatever the model size.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import fail
+from .io.dtypes import numpy_dtype, itemsize
+from .io.source import FileReader, TensorInfo
+from .io.writers import open_writer
+from .mapping import Target, row_map
+
+CHUNK = 16 * 1024 * 1024
+SPLIT_DIM = {"column": 0, "vocab": 0, "row": 1, "replicated": None}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One target as it will be written: its sources resolved to files, its output dtype, its row map key."""
+    target: Target
+    infos: tuple          # TensorInfo of each source, in the target's source order
+    out_dtype: str        # safetensors code
+    n_groups: int | None  # for qkv_grouped
+    source_names: tuple   # the sources' names as spelled in their files (for the manifest)
+    out_dtype_name: str   # float16 | bfloat16 | float32
+
+
+def split_dim(target: Target) -> int | None:
+    """The dim `shard` cuts (None: replicated). A 1-D tensor under a row split is a bias: replicated."""
+    dim = SPLIT_DIM[target.split]
+    if dim is not None and dim >= len(target.shape):
+        return None
+    return dim
+
+
+def rank_shape(target: Target, tp: int) -> tuple:
+    dim = split_dim(target)
+    shape = list(target.shape)
+    if dim is not None and tp > 1:
+        shape[dim] //= tp
+    return tuple(shape)
+
+
+def tp_problems(targets, tp: int) -> list:
+    """Why `tp` cannot cut these targets into whole, equal pieces (empty if it can)."""
+    problems = []
+    for t in targets:
+        dim = split_dim(t)
+        if dim is not None and t.shape[dim] % tp:
+            problems.append(f"{t.name} dim {dim} ({t.shape[dim]})")
+    return problems
+
+
+class _HashFiles(threading.Thread):
+    """sha256 of source files on a background thread, overlapping the conversion's own reads."""
+
+    def __init__(self, paths, known=None):
+        super().__init__(name="hash sources", daemon=True)
+        self.paths = list(paths)
+        self.known = dict(known or {})
+        self.result: dict = {}
+        self.error = None
+        self.stop = False
+
+    def run(self):
+        try:
+            for path in self.paths:
+                if path in self.known:
+                    self.result[path] = self.known[path]
+                    continue
+                h = hashlib.sha256()
+                buf = bytearray(8 << 20)
+                view = memoryview(buf)
+                with open(path, "rb", buffering=0) as f:
+                    while not self.stop:
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        h.update(view[:n])
+                self.result[path] = h.hexdigest()
+        except OSError as exc:
+            self.error = exc
+
+
+def hash_files_in_background(paths, known=None) -> _HashFiles:
+    thread = _HashFiles(paths, known)
+    thread.start()
+    return thread
+
+
+def _gather(reader: FileReader, job: Job, src: np.ndarray, row: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Output rows [a, b) of the job's target, in the source dtype."""
+    idx, rows = src[a:b], row[a:b]
+    first = int(idx[0])
+    if (idx == first).all() and rows[-1] - rows[0] == b - a - 1:  # one contiguous run: read it straight
+        return reader.read_rows(job.infos[first], int(rows[0]), int(rows[-1]) + 1)
+    shape = job.target.shape
+    out = np.empty((b - a,) + tuple(shape[1:]), dtype=numpy_dtype(job.infos[0].dtype))
+    for k in np.unique(idx):
+        sel = idx == k
+        wanted = rows[sel]
+        lo, hi = int(wanted.min()), int(wanted.max()) + 1
+        block = reader.read_rows(job.infos[int(k)], lo, hi)
+        out[sel] = block[wanted - lo]
+    return out
+
+
+def _chunk_rows(job: Job) -> int:
+    row_bytes = max(1, job.infos[0].row_bytes, itemsize(job.out_dtype) * int(np.prod(job.target.shape[1:] or (1,))))
+    return max(1, CHUNK // row_bytes)
+
+
+def write_jobs(jobs, writers, tp: int, progress: bool = True, total_bytes: int | None = None) -> None:
+    """Stream every job into the rank writers (writers[r] for rank r), in order."""
+    reader = FileReader()
+    maps: dict = {}
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               file=sys.stderr, desc="writing", leave=False)
+    try:
+        for job in jobs:
+            t = job.target
+            key = (t.op, t.source_shapes, job.n_groups)
+            if key not in maps:
+                maps[key] = row_map(t.op, t.source_shapes, job.n_groups)
+            src, row = maps[key]
+            out_np = numpy_dtype(job.out_dtype)
+            dim = split_dim(t) if tp > 1 else None
+            rshape = rank_shape(t, tp)
+            rbytes = int(np.prod(rshape)) * out_np.itemsize
+            for w in writers:
+                w.begin(t.name, rshape, job.out_dtype, rbytes)
+            n_rows = len(src)
+            step = _chunk_rows(job)
+            if dim == 0:
+                per = n_rows // tp
+                spans = [(r, a, min(a + step, (r + 1) * per)) for r in range(tp) for a in range(r * per, (r + 1) * per, step)]
+            else:
+                spans = [(None, a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+            for rank, a, b in spans:
+                data = _gather(reader, job, src, row, a, b)
+                if data.dtype != out_np:
+                    data = data.astype(out_np)
+                if rank is not None:
+                    writers[rank].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                elif dim == 1:
+                    cols = t.shape[1] // tp
+                    for r, w in enumerate(writers):
+                        w.write(np.ascontiguousarray(data[:, r * cols:(r + 1) * cols]).reshape(-1).view(np.uint8))
+                else:
+                    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                    for w in writers:
+                        w.write(flat)
+                bar.update(data.nbytes * (tp if rank is None and dim is None else 1))
+            for w in writers:
+                w.end()
+    finally:
+        bar.close()
+        reader.close()
+
+
+def open_rank_writers(stage: str, fmt: str, jobs, tp: int, layout_dir: bool) -> tuple:
+    """One writer per rank: STAGE/llava.<fmt>, or STAGE/rank_<r>/llava.<fmt> when layout_dir."""
+    specs = [(j.target.name, rank_shape(j.target, tp), j.out_dtype) for j in jobs]
+    paths, writers = [], []
+    try:
+        for r in range(tp):
+            folder = os.path.join(stage, f"rank_{r}") if layout_dir else stage
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"llava.{fmt}")
+            writers.append(open_writer(path, fmt, specs))
+            paths.append(path)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return paths, writers
+
+
+def output_bytes(jobs, tp: int) -> int:
+    """Bytes of tensor data the writers will produce, all ranks together."""
+    total = 0
+    for j in jobs:
+        n = int(np.prod(j.target.shape)) * itemsize(j.out_dtype)
+        total += n * tp if split_dim(j.target) is None else n
+    return total
+
+
+def check_free_space(folder: str, need: int) -> None:
+    import shutil
+    free = shutil.disk_usage(folder).free
+    margin = 64 << 20
+    if free < need + margin:
+        raise fail(f"not enough free space in {folder}: the output needs {need / 2**30:.2f} GiB, "
+                   f"{free / 2**30:.2f} GiB is free")

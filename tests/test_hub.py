@@ -1,0 +1,321 @@
+"""`download` against a loopback hub: pinned, hash-checked, resumable, cache-reusing, clean errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hub_server import COMMIT, LoopbackHub  # noqa: E402
+
+from llava_ckpt import hub as hubmod  # noqa: E402
+from llava_ckpt.cli import main  # noqa: E402
+from llava_ckpt.errors import CheckpointError  # noqa: E402
+
+REPO = "llava-hf/llava-1.5-7b-hf"
+REFERENCE = "/work/shared/reference/llava-1.5-7b-hf"
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def make_repo(out):
+    """A tiny LLaVA checkpoint: the lead's fixture when it is importable, else a hand-made one."""
+    try:
+        from llava_ckpt.fixture import make_fixture
+    except ImportError:
+        make_fixture = None
+    if make_fixture is not None:
+        return make_fixture(str(out), preset="tiny")
+    os.makedirs(out)
+    for name in os.listdir(REFERENCE):
+        if name != "model.safetensors.index.json":
+            shutil.copy(os.path.join(REFERENCE, name), out)
+    rng = np.random.default_rng(0)
+    shards = {
+        "model-00001-of-00002.safetensors": {"language_model.model.embed_tokens.weight":
+                                             rng.standard_normal((64, 32)).astype(np.float16)},
+        "model-00002-of-00002.safetensors": {"language_model.lm_head.weight":
+                                             rng.standard_normal((256, 64)).astype(np.float32)},
+    }
+    weight_map = {}
+    for fname, tensors in shards.items():
+        save_file(tensors, os.path.join(out, fname))
+        weight_map.update({k: fname for k in tensors})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The served folder, plus files a download must skip (pickles, unrelated files)."""
+    root = make_repo(tmp_path_factory.mktemp("served") / "repo")
+    for extra in ("pytorch_model.bin", "README.md", "onnx/model.safetensors"):
+        os.makedirs(os.path.dirname(os.path.join(root, extra)), exist_ok=True)
+        with open(os.path.join(root, extra), "wb") as f:
+            f.write(b"not needed " * 100)
+    return root
+
+
+@pytest.fixture
+def hub(served, tmp_path, monkeypatch):
+    server = LoopbackHub()
+    server.add_repo(REPO, served)
+    server.start()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hubmod, "RETRY_DELAYS", (0.0, 0.0))
+    yield server
+    server.stop()
+
+
+def needed(served):
+    """What a download should bring: everything but pickles, README and sub-folders."""
+    return sorted(n for n in os.listdir(served) if os.path.isfile(os.path.join(served, n))
+                  and not n.endswith(".bin") and n != "README.md")
+
+
+def largest_shard(served):
+    return max((n for n in needed(served) if n.endswith(".safetensors")),
+               key=lambda n: os.path.getsize(os.path.join(served, n)))
+
+
+def test_download_is_byte_identical_and_pinned(hub, served):
+    result = hubmod.download(REPO, progress=False)
+    assert result["commit_sha"] == COMMIT and result["repo_id"] == REPO and result["revision"] == "main"
+    got = sorted(os.listdir(result["path"]))
+    assert got == needed(served)
+    for entry in result["files"]:
+        served_file = os.path.join(served, entry["path"])
+        assert entry["sha256"] == _sha256(served_file)
+        assert entry["size"] == os.path.getsize(served_file)
+        with open(os.path.join(result["path"], entry["path"]), "rb") as a, open(served_file, "rb") as b:
+            assert a.read() == b.read()
+    assert not hub.file_gets("pytorch_model.bin") and not hub.file_gets("README.md")
+    json.dumps(result)
+
+
+def test_second_run_sends_no_file_requests_and_does_not_rehash(hub, served, monkeypatch):
+    first = hubmod.download(REPO, progress=False)
+    hub.requests.clear()
+    calls = []
+    real = hubmod._hashes
+    monkeypatch.setattr(hubmod, "_hashes", lambda *a, **k: calls.append(a) or real(*a, **k))
+    second = hubmod.download(REPO, progress=False)
+    assert second == first
+    assert [r for r in hub.requests if "/resolve/" in r[1]] == []  # no HEAD, no GET
+    assert calls == []
+    # pinned to the commit: not even the revision API is asked
+    hub.requests.clear()
+    assert hubmod.download(REPO, revision=COMMIT, progress=False)["path"] == first["path"]
+    assert hub.requests == []
+
+
+def test_changed_cached_file_is_rehashed_and_refused(hub, served):
+    first = hubmod.download(REPO, progress=False)
+    shard = largest_shard(served)
+    blob = os.path.realpath(os.path.join(first["path"], shard))
+    data = bytearray(open(blob, "rb").read())
+    data[-1] ^= 1
+    with open(blob, "wb") as f:
+        f.write(data)
+    with pytest.raises(CheckpointError, match=shard):
+        hubmod.download(REPO, progress=False)
+    assert not os.path.exists(blob) and not os.path.lexists(os.path.join(first["path"], shard))
+    hub.requests.clear()
+    again = hubmod.download(REPO, progress=False)  # heals: only the deleted file moves again
+    assert again == first
+    assert {r[1].rsplit("/", 1)[1] for r in hub.file_gets()} == {shard}
+
+
+@pytest.mark.parametrize("use_local_dir", [False, True])
+def test_corrupted_bytes_are_refused_and_removed(hub, served, tmp_path, use_local_dir):
+    shard = largest_shard(served)
+    hub.corrupt.add(shard)
+    local_dir = str(tmp_path / "local") if use_local_dir else None
+    with pytest.raises(CheckpointError, match=f"{shard}: sha256 .* does not match") as info:
+        hubmod.download(REPO, local_dir=local_dir, progress=False)
+    assert "\n" not in str(info.value)
+    if use_local_dir:
+        assert not os.path.exists(os.path.join(local_dir, shard))
+    else:
+        repo_dir = os.path.join(os.environ["HF_HOME"], "hub", "models--llava-hf--llava-1.5-7b-hf")
+        assert not os.path.lexists(os.path.join(repo_dir, "snapshots", COMMIT, shard))
+        assert _sha256(os.path.join(served, shard)) not in os.listdir(os.path.join(repo_dir, "blobs"))
+    hub.corrupt.clear()
+    result = hubmod.download(REPO, local_dir=local_dir, progress=False)
+    assert _sha256(os.path.join(result["path"], shard)) == _sha256(os.path.join(served, shard))
+
+
+def test_dropped_connection_is_resumed_with_range(hub, served, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # tiny files: resume at 1 KiB granularity
+    shard = largest_shard(served)
+    size = os.path.getsize(os.path.join(served, shard))
+    hub.drop[shard] = size // 2
+    result = hubmod.download(REPO, progress=False)
+    ranges = [r[2] for r in hub.file_gets(shard)]
+    assert len(ranges) == 2 and ranges[0] is None
+    start = int(ranges[1].split("=")[1].split("-")[0])
+    assert 0 < start <= size // 2
+    assert _sha256(os.path.join(result["path"], shard)) == _sha256(os.path.join(served, shard))
+
+
+def test_failed_run_keeps_finished_files_for_the_next_run(hub, served):
+    shard = sorted(n for n in needed(served) if n.endswith(".safetensors"))[-1]  # fetched last
+    hub.drop[shard] = 100
+    hub.fail_after_drop = 1  # the in-run retry gets a 503: the run fails
+    with pytest.raises(CheckpointError, match="HTTP 503"):
+        hubmod.download(REPO, progress=False)
+    hub.requests.clear()
+    result = hubmod.download(REPO, progress=False)
+    assert {r[1].rsplit("/", 1)[1] for r in hub.file_gets()} == {shard}
+    assert sorted(os.listdir(result["path"])) == needed(served)
+
+
+def test_offline_reuses_the_verified_cache_without_network(hub, served, monkeypatch):
+    first = hubmod.download(REPO, progress=False)
+    hub.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hubmod.download(REPO, progress=False) == first
+    assert hub.requests == []
+    blob = os.path.realpath(os.path.join(first["path"], "config.json"))
+    with open(blob, "r+b") as f:  # same size, other bytes: offline still catches it (git sha1)
+        data = f.read()
+        f.seek(0)
+        f.write(data.replace(b"llava", b"LLAVA", 1))
+    with pytest.raises(CheckpointError, match="config.json: git sha1"):
+        hubmod.download(REPO, progress=False)
+    assert not os.path.exists(blob)
+
+
+def test_offline_without_a_download_is_a_clean_error(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set.*no verified download"):
+        hubmod.download(REPO, progress=False)
+    assert hub.requests == []
+
+
+def _dead_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_hub(hub, served, monkeypatch):
+    dead = _dead_endpoint()
+    with pytest.raises(CheckpointError, match="cannot reach"):
+        hubmod.download(REPO, progress=False, endpoint=dead)
+    first = hubmod.download(REPO, progress=False)  # once verified, a dead hub falls back to the copy
+    assert hubmod.download(REPO, progress=False, endpoint=dead) == first
+
+
+def test_unknown_repo_and_revision(hub):
+    with pytest.raises(CheckpointError, match="repository llava-hf/nope not found"):
+        hubmod.download("llava-hf/nope", progress=False)
+    with pytest.raises(CheckpointError, match="revision 'v9' not found"):
+        hubmod.download(REPO, revision="v9", progress=False)
+    with pytest.raises(CheckpointError, match="not a hub repo id"):
+        hubmod.download("not a repo", progress=False)
+
+
+def test_token_required(hub, served, monkeypatch):
+    hub.token = "s3cret"
+    with pytest.raises(CheckpointError, match="gated.*HF_TOKEN"):
+        hubmod.download(REPO, progress=False)
+    monkeypatch.setenv("HF_TOKEN", "wrong")
+    with pytest.raises(CheckpointError, match="denied \\(HTTP 401\\)"):
+        hubmod.download(REPO, progress=False)
+    monkeypatch.setenv("HF_TOKEN", "s3cret")
+    assert hubmod.download(REPO, progress=False)["commit_sha"] == COMMIT
+
+
+def test_pickle_only_and_non_llava_repos_are_refused(hub, served, tmp_path):
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    shutil.copy(os.path.join(served, "config.json"), pickles)
+    (pickles / "pytorch_model.bin").write_bytes(b"\x80\x04" * 100)
+    hub.add_repo("org/pickles", str(pickles))
+    with pytest.raises(CheckpointError, match="no .safetensors weights \\(only pickle weights: pytorch_model.bin"):
+        hubmod.download("org/pickles", progress=False)
+    assert hub.file_gets() == []
+
+    llama = tmp_path / "llama"
+    shutil.copytree(served, llama)
+    cfg = json.load(open(llama / "config.json"))
+    cfg["model_type"] = "llama"
+    (llama / "config.json").write_text(json.dumps(cfg))
+    hub.add_repo("org/llama", str(llama))
+    with pytest.raises(CheckpointError, match="not a LLaVA config"):
+        hubmod.download("org/llama", progress=False)
+    assert [r[1] for r in hub.file_gets()] == [f"/org/llama/resolve/{COMMIT}/config.json"]  # no weights moved
+
+
+def test_is_repo_id(tmp_path, monkeypatch):
+    assert hubmod.is_repo_id(REPO)
+    for s in ("llava", "a/b/c", "/abs/path", "./x", "a/..", "org/na--me", ""):
+        assert not hubmod.is_repo_id(s), s
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not hubmod.is_repo_id("org/name")
+    assert hubmod.is_repo_id("org/other")
+
+
+def test_cli_download_json_and_errors(hub, served, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(main, ["download", REPO, "--local-dir", str(tmp_path / "ld"), "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["path"] == str(tmp_path / "ld") and result["commit_sha"] == COMMIT
+    assert sorted(f["path"] for f in result["files"]) == needed(served)
+    bad = runner.invoke(main, ["download", REPO, "--revision", "nope"])
+    assert bad.exit_code == 2
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: revision 'nope' not found")
+
+
+def test_cli_subprocess_errors_are_one_line(hub, served):
+    exe = os.path.join(VENV_BIN, "llava-ckpt")
+    if not os.path.exists(exe):
+        pytest.skip("llava-ckpt console script not installed")
+    env = dict(os.environ)
+    hub.corrupt.add(largest_shard(served))
+    proc = subprocess.run([exe, "download", REPO, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {largest_shard(served)}: sha256 ") and proc.stderr.count("\n") == 1
+    assert proc.stdout == ""
+    hub.corrupt.clear()
+    proc = subprocess.run([exe, "download", REPO], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"commit_sha: {COMMIT}" in proc.stdout
+
+
+def test_convert_repo_id_end_to_end(hub, served, tmp_path):
+    convert = pytest.importorskip("llava_ckpt.convert").convert
+    out = tmp_path / "out"
+    result = convert(REPO, str(out), fmt="safetensors", progress=False)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        pytest.skip("convert writes no manifest.json yet")
+    source = json.loads(manifest_path.read_text())["source"]
+    assert source["repo_id"] == REPO and source["commit_sha"] == COMMIT and source["revision"] == "main"
+    for f in source["files"]:
+        assert f["sha256"] == _sha256(os.path.join(served, f["name"])), f["name"]
+    assert result is not None
+    gets = len(hub.file_gets())
+    convert(REPO, str(tmp_path / "out2"), fmt="safetensors", progress=False)
+    assert len(hub.file_gets()) == gets  # the second conversion reuses the verified cache
