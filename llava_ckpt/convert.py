@@ -11,16 +11,14 @@ import os
 from .config import load_config
 from .errors import fail
 from .hf_source import read_tensors
-from .io.atomic import staging_dir, publish_dir, discard
 from .io.dtypes import code_for, dtype_name
 from .manifest import tensor_entries, write_manifest
 from .mapping import load_table, plan, detect_layout, to_canonical, unused_names, op_groups
-from .stream import (Job, write_jobs, open_rank_writers, output_bytes, check_free_space, tp_problems,
-                     hash_files_in_background)
+from .stream import Job, tp_problems, write_output
 
 
-def _listing(names, limit=8) -> str:
-    names = sorted(names)
+def _listing(names, limit=8, sort=True) -> str:
+    names = sorted(names) if sort else list(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -66,19 +64,30 @@ def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, 
     return jobs, context
 
 
-def check_tp(jobs, tp: int) -> None:
-    if not isinstance(tp, int) or tp < 1:
+def tp_sizes(cfg: dict) -> dict:
+    """The sizes a tensor-parallel degree must divide (recorded in the manifest for `shard`)."""
+    text = cfg["text_config"]
+    return {"text heads": text["num_attention_heads"], "KV heads": text["num_key_value_heads"],
+            "vocab": text["vocab_size"], "intermediate size": text["intermediate_size"],
+            "hidden size": text["hidden_size"]}
+
+
+def check_tp(jobs, tp: int, sizes: dict) -> None:
+    """Exit early, naming the constraint and the valid degrees, when `tp` cannot cut every tensor evenly."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise fail(f"--tp must be a positive integer, got {tp!r}")
     if tp == 1:
         return
     targets = [j.target for j in jobs]
-    groups = {j.n_groups for j in jobs if j.n_groups}
-    problems = tp_problems(targets, tp)
-    problems += [f"KV heads ({g})" for g in groups if g % tp]
+
+    def fails(n):
+        return [f"{k} ({v})" for k, v in sizes.items() if v % n] + tp_problems(targets, n)
+    problems = fails(tp)
     if problems:
-        valid = [n for n in range(1, 129) if not tp_problems(targets, n) and all(g % n == 0 for g in groups)]
-        raise fail(f"--tp {tp} does not divide {_listing(problems, 4)}; valid values: "
-                   f"{', '.join(map(str, valid))}")
+        valid = [n for n in range(1, 129) if not fails(n)]
+        need = ", ".join(f"{k} ({v})" for k, v in sizes.items())
+        raise fail(f"--tp {tp} must divide the {need}; it does not divide {_listing(problems, 3, sort=False)}. "
+                   f"Valid: {', '.join(map(str, valid))}")
 
 
 def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fuse_qkv: bool = False, tp: int = 1,
@@ -98,56 +107,15 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fus
                         for f in got.get("files", []) if f.get("sha256")}
         src = got["path"]
     jobs, ctx = plan_conversion(src, dtype, fuse_qkv, table)
-    check_tp(jobs, tp)
-    stage = staging_dir(out, src)
-    try:
-        check_free_space(stage, output_bytes(jobs, tp))
-        hasher = hash_files_in_background([p for _, p in ctx["files"]], known_hashes)
-        paths, writers = open_rank_writers(stage, fmt, jobs, tp, layout_dir=tp > 1)
-        try:
-            write_jobs(jobs, writers, tp, progress, output_bytes(jobs, tp))
-            digests = [w.close() for w in writers]
-        except BaseException:
-            for w in writers:
-                w.abort()
-            hasher.stop = True
-            raise
-        if tp > 1:
-            from .strategy import write_strategy
-            write_strategy(os.path.join(stage, "strategy.ckpt"),
-                           [(j.target.name, j.target.split, j.target.shape) for j in jobs], tp)
-        hasher.join()
-        if hasher.error:
-            raise hasher.error
-        manifest = {
-            "command": "convert",
-            "source": dict(provenance, path=os.path.abspath(src), layout=ctx["layout"],
-                           files=[{"name": n, "size": os.path.getsize(p), "sha256": hasher.result[p]}
-                                  for n, p in ctx["files"]]),
-            "mapping": {"name": ctx["table"]["name"], "version": ctx["table"].get("version"),
-                        "sha256": ctx["table"]["sha256"], "file": os.path.basename(ctx["table"]["path"])},
-            "options": {"dtype": dtype, "format": fmt, "fuse_qkv": fuse_qkv, "tp": tp},
-            "tp": tp,
-            "format": fmt,
-            "tensors": tensor_entries(jobs, tp, unused_names(ctx["table"], ctx["cfg"])),
-            "files": [{"path": os.path.relpath(p, stage), "size": os.path.getsize(p), "sha256": d}
-                      for p, d in zip(paths, digests)]
-            + ([{"path": "strategy.ckpt", "size": os.path.getsize(os.path.join(stage, "strategy.ckpt")),
-                 "sha256": _sha256(os.path.join(stage, "strategy.ckpt"))}] if tp > 1 else []),
-        }
-        write_manifest(stage, manifest)
-        publish_dir(stage, out, synced=False)
-    except BaseException:
-        discard(stage)
-        raise
-    return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(jobs),
-            "bytes": sum(f["size"] for f in manifest["files"]), "files": [f["path"] for f in manifest["files"]]}
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    sizes = tp_sizes(ctx["cfg"])
+    check_tp(jobs, tp, sizes)
+    manifest = {
+        "command": "convert",
+        "source": dict(provenance, path=os.path.abspath(src), layout=ctx["layout"]),
+        "mapping": {"name": ctx["table"]["name"], "version": ctx["table"].get("version"),
+                    "sha256": ctx["table"]["sha256"], "file": os.path.basename(ctx["table"]["path"])},
+        "options": {"dtype": dtype, "format": fmt, "fuse_qkv": fuse_qkv, "tp": tp},
+        "tp_sizes": sizes,
+        "tensors": tensor_entries(jobs, tp, unused_names(ctx["table"], ctx["cfg"])),
+    }
+    return write_output(out, src, jobs, fmt, tp, ctx["files"], manifest, progress, known_hashes)

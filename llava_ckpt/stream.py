@@ -204,3 +204,64 @@ def check_free_space(folder: str, need: int) -> None:
     if free < need + margin:
         raise fail(f"not enough free space in {folder}: the output needs {need / 2**30:.2f} GiB, "
                    f"{free / 2**30:.2f} GiB is free")
+
+
+def write_output(out: str, src: str, jobs, fmt: str, tp: int, source_files, manifest: dict, progress: bool,
+                 known_hashes=None, expected_hashes=None, inputs_key: str = "files") -> dict:
+    """Write all ranks, the strategy file (tp > 1) and the manifest into OUT, atomically.
+
+    `source_files` [(name, path)] are hashed on a background thread while the data streams, except those in
+    `known_hashes` (path -> sha256 already verified, e.g. by `download`), which are recorded as given.
+    An input whose hash differs from `expected_hashes[path]` (its manifest's record) fails the run, and the
+    hashes are recorded under manifest["source"][inputs_key].
+    """
+    from .io.atomic import staging_dir, publish_dir, discard
+    from .manifest import write_manifest
+    stage = staging_dir(out, src)
+    try:
+        total = output_bytes(jobs, tp)
+        check_free_space(stage, total)
+        hasher = hash_files_in_background([p for _, p in source_files], known_hashes)
+        paths, writers = open_rank_writers(stage, fmt, jobs, tp, layout_dir=tp > 1)
+        try:
+            write_jobs(jobs, writers, tp, progress, total)
+            digests = [w.close() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            hasher.stop = True
+            raise
+        files = [{"path": os.path.relpath(p, stage), "size": os.path.getsize(p), "sha256": d}
+                 for p, d in zip(paths, digests)]
+        if tp > 1:
+            from .strategy import write_strategy
+            path = os.path.join(stage, "strategy.ckpt")
+            write_strategy(path, [(j.target.name, j.target.split, j.target.shape) for j in jobs], tp)
+            files.append({"path": "strategy.ckpt", "size": os.path.getsize(path), "sha256": sha256_file(path)})
+        hasher.join()
+        if hasher.error:
+            raise hasher.error
+        for path, sha in (expected_hashes or {}).items():
+            if hasher.result.get(path) != sha:
+                raise fail(f"{path} does not match the sha256 its manifest records: corrupted? "
+                           "(llava-ckpt check names the damage)")
+        source = dict(manifest.get("source", {}))
+        source[inputs_key] = [{"name": n, "size": os.path.getsize(p), "sha256": hasher.result[p]}
+                           for n, p in source_files]
+        manifest = dict(manifest, source=source, tp=tp, format=fmt, files=files)
+        manifest["options"] = dict(manifest.get("options", {}), format=fmt, tp=tp)
+        write_manifest(stage, manifest)
+        publish_dir(stage, out)
+    except BaseException:
+        discard(stage)
+        raise
+    return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(jobs),
+            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

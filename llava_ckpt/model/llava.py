@@ -135,12 +135,16 @@ class Runner:
             result["trace"] = [t.asnumpy() for t in out[3]]
         return result
 
-    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos=()) -> dict:
-        """Greedy decoding with the KV cache; stops after an eos token like transformers' generate."""
+    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos=(), first: dict | None = None) -> dict:
+        """Greedy decoding with the KV cache; stops after an eos token like transformers' generate.
+
+        `first`: this prompt's forward() result, if already computed (saves one prefill)."""
         ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens)
         if ids.shape[0] != 1:
             raise fail("generate takes one prompt at a time")
-        first = self.forward(ids, pixel_values)
+        if max_new_tokens < 1:
+            raise fail("max_new_tokens must be at least 1")
+        first = first or self.forward(ids, pixel_values)
         s, total = ids.shape[1], ids.shape[1] + max_new_tokens
         logits = [first["logits"][0, -1]]
         tokens = [int(np.argmax(logits[-1]))]
