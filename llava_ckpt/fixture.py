@@ -67,8 +67,9 @@ def hub_tensors(cfg: dict, table: dict | None = None) -> list:
 
 def _file_for(name: str, cfg: dict, real_map: dict) -> str:
     """The real checkpoint's file for this name, with layer indices scaled to the real depth."""
-    text_layers = cfg["text_config"]["num_hidden_layers"]
-    vision_layers = cfg["vision_config"]["num_hidden_layers"]
+    full = normalize_config(cfg)
+    text_layers = full["text_config"]["num_hidden_layers"]
+    vision_layers = full["vision_config"]["num_hidden_layers"]
 
     def scale(m):
         n = text_layers if m.group(1).startswith("language") else vision_layers
@@ -154,12 +155,12 @@ def make_fixture(out: str, preset: str = "tiny", dtype: str = "float16", layout:
         for name in COPIED:
             shutil.copyfile(os.path.join(REFERENCE, name), os.path.join(stage, name))
         pre = _reference("preprocessor_config.json")
-        size = cfg["vision_config"].get("image_size", 336)
+        size = normalize_config(cfg)["vision_config"]["image_size"]
         pre["crop_size"] = {"height": size, "width": size}
         pre["size"] = {"shortest_edge": size}
         _write_json(os.path.join(stage, "preprocessor_config.json"), pre)
         proc = _reference("processor_config.json")
-        proc["patch_size"] = cfg["vision_config"].get("patch_size", 14)
+        proc["patch_size"] = normalize_config(cfg)["vision_config"]["patch_size"]
         _write_json(os.path.join(stage, "processor_config.json"), proc)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

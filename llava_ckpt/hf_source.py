@@ -21,9 +21,19 @@ def inside(folder: str, name: str, what: str) -> str:
         raise fail(f"{what}: file name {name!r} is not a plain name inside the checkpoint folder")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
+    if not any(os.path.commonpath([r, path]) == r for r in allowed_roots(folder)):
         raise fail(f"{what}: {name!r} resolves outside the checkpoint folder ({path})")
     return path
+
+
+def allowed_roots(folder: str) -> list:
+    """The folder itself, plus the repo's blob store when the folder is a hub-cache snapshot
+    (models--org--name/snapshots/<commit>/file -> ../../blobs/<hash>)."""
+    roots = [os.path.realpath(folder)]
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.basename(parent) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(parent, "..", "blobs")))
+    return roots
 
 
 def weight_files(folder: str) -> list:

@@ -43,7 +43,7 @@ TOLERANCES = {
     # tiny fixture: ~3e-3 relative. 3e-2 / 0.999 still separates every injected mapping error by >10x.
     "float16": {"logits_rtol": 3e-2, "cosine_min": 0.999, "module_rtol": 3e-2},
 }
-# Precision order for "narrowest stored dtype": rounding through it reproduces the converted values.
+# How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
 _CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
@@ -66,8 +66,10 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     cfg = load_config(hf_src)
     tensors, tp = open_converted(ms_dir)
     stored = stored_dtypes(tensors)
-    narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0} | ({"float16"} if dtype == "float16"
-                                                                               else set()), key=_NARROW.get)
+    # storage rounding first, then the float16 compute cast: the order our side applies them in
+    narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+    if dtype == "float16" and narrow[-1:] != ["float16"]:
+        narrow.append("float16")
     inputs = build_inputs(hf_src, image, prompt)
     n_vision = _vision_layers_run(cfg)
     t0 = time.perf_counter()
@@ -286,11 +288,12 @@ def run_hf(hf_src: str, inputs: dict, round_to: list, max_new_tokens: int, n_vis
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = model.generation_config.pad_token_id
+    # a fresh config: plain greedy, whatever sampling or penalties the checkpoint's generation_config sets
     plain = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             eos_token_id=eos or None, pad_token_id=pad if pad is not None else (eos or [0])[0])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain,
+                             eos_token_id=eos or None, pad_token_id=pad if pad is not None else (eos or [0])[0],
                              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain)
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     step_logits = np.stack([s[0].to(torch.float32).numpy() for s in out.logits])
     del model, out
@@ -367,7 +370,7 @@ def format_report(result: dict) -> str:
         f"stored {'/'.join(result['stored_dtypes'])}, transformers weights rounded to "
         f"{'/'.join(result['hf_weights_rounded_to']) or 'nothing (float32)'}",
         f"  inputs   : {result['positions']} positions ({result['image_tokens']} image tokens), "
-        f"prompt {json.dumps(result['prompt'])}",
+        f"prompt {json.dumps(result['prompt'], ensure_ascii=False)}",
         f"  logits   : max |diff| {result['max_abs_diff']:.3g} (max |logit| {result['max_abs_logit']:.3g}, "
         f"tolerance {result['tolerance_abs']:.3g})  {mark(c['logits'])}",
         f"  cosine   : min {result['cosine_min']:.7f} (>= {result['thresholds']['cosine_min']})  {mark(c['cosine'])}",
@@ -376,8 +379,8 @@ def format_report(result: dict) -> str:
         + ("" if result["greedy_match"] else f", first mismatch at {result['greedy_first_mismatch']}"
            + (f" (margin {result['greedy_mismatch_margin']:.3g})" if result["greedy_mismatch_margin"] is not None
               else "")) + f"  {mark(c['greedy'])}",
-        f"    transformers: {json.dumps(result['text_hf'])}",
-        f"    mindspore   : {json.dumps(result['text_ms'])}",
+        f"    transformers: {json.dumps(result['text_hf'], ensure_ascii=False)}",
+        f"    mindspore   : {json.dumps(result['text_ms'], ensure_ascii=False)}",
     ]
     worst = max((m for m in result["modules"] if m["rel_diff"] is not None), key=lambda m: m["rel_diff"],
                 default=None)

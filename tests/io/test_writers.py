@@ -1,0 +1,53 @@
+import ml_dtypes
+import numpy as np
+
+from llava_ckpt.io import writers
+from llava_ckpt.io.source import FileReader, read_ckpt_index
+
+
+def _write(path, arrays):
+    codes = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
+    w = writers.CkptWriter(str(path))
+    for name, a in arrays.items():
+        w.begin(name, a.shape, codes[a.dtype], a.nbytes)
+        flat = a.reshape(-1).view(np.uint8)
+        for i in range(0, len(flat), 7):  # odd chunk sizes cross record boundaries
+            w.write(flat[i:i + 7])
+        w.end()
+    return w.close()
+
+
+def test_ckpt_splits_large_tensors_like_mindspore(tmp_path, monkeypatch):
+    import mindspore as ms
+    from mindspore.train import serialization
+    rng = np.random.default_rng(1)
+    arrays = {"big": rng.standard_normal((40, 30)).astype(np.float32),  # 4800 bytes: 5 records of 1 KiB
+              "small.bf16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)}
+    monkeypatch.setattr(writers, "CKPT_SLICE", 1024)
+    monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # MindSpore's record size is 1024 * SLICE_SIZE bytes
+    _write(tmp_path / "ours.ckpt", arrays)
+    ms.save_checkpoint([{"name": "big", "data": ms.Tensor(arrays["big"])},
+                        {"name": "small.bf16", "data": ms.Tensor(arrays["small.bf16"].astype(np.float32),
+                                                                 dtype=ms.bfloat16)}], str(tmp_path / "ms.ckpt"))
+    assert (tmp_path / "ours.ckpt").read_bytes() == (tmp_path / "ms.ckpt").read_bytes()
+    index = read_ckpt_index(str(tmp_path / "ours.ckpt"))
+    assert len(index["big"].pieces) == 5
+    with FileReader() as r:
+        assert np.array_equal(r.read(index["big"]), arrays["big"])
+        assert np.array_equal(r.read_rows(index["big"], 7, 33), arrays["big"][7:33])
+    loaded = ms.load_checkpoint(str(tmp_path / "ours.ckpt"))
+    assert np.array_equal(loaded["big"].asnumpy(), arrays["big"])
+
+
+def test_safetensors_output_reads_back_with_the_safetensors_package(tmp_path):
+    from safetensors.numpy import load_file
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((4, 6)).astype(np.float16), rng.standard_normal(5).astype(np.float32)
+    w = writers.SafetensorsWriter(str(tmp_path / "x.safetensors"), [("b", b.shape, "F32"), ("a", a.shape, "F16")])
+    for name, arr, code in (("b", b, "F32"), ("a", a, "F16")):
+        w.begin(name, arr.shape, code, arr.nbytes)
+        w.write(arr.reshape(-1).view(np.uint8))
+        w.end()
+    w.close()
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert np.array_equal(back["a"], a) and np.array_equal(back["b"], b)
