@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 
 import click
@@ -10,23 +11,71 @@ import click
 from .errors import CheckpointError
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C, so every `except BaseException` discards its staging dir."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signame = signal.Signals(signum).name
+
+
+def _on_signal(signum, frame):
+    # Ignore repeats while the first one unwinds: cleanup (closing writers, removing the staging dir) is short
+    # and must not be cut off halfway. SIGKILL still ends the process, which leaves only a hidden staging dir.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _target(kwargs: dict) -> str:
+    """The output (or input) a command works on, to name it in messages that have no file of their own."""
+    for key in ("out", "ms_dir", "local_dir", "converted_dir", "src", "repo"):
+        if kwargs.get(key):
+            return str(kwargs[key])
+    return ""
+
+
 def _clean_errors(fn):
-    """Turn CheckpointError (and the OS errors users cause) into one line and exit code 2."""
+    """Turn CheckpointError, the OS errors users cause and interruptions into one line and exit code 2.
+
+    Interrupted runs (SIGINT, SIGTERM) also exit 2, not 130/143: every failed run of this tool ends the same
+    way, with one `error:` line and exit 2, and leaves no output folder that looks complete.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        target = _target(kwargs)
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (e.g. an embedding app): keep its handlers
+            previous = {}
         try:
             return fn(*args, **kwargs)
         except CheckpointError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
         except OSError as exc:
-            name = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-            click.echo(f"error: {exc.strerror or exc}{':' if name else ''}{name}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was completed", err=True)
-            sys.exit(130)
+            where = exc.filename or (f"while working on {target}" if target else "")
+            what = exc.strerror or str(exc) or exc.__class__.__name__
+            _fail(f"{what}: {where}" if where else what)
+        except KeyboardInterrupt as exc:
+            name = getattr(exc, "signame", "SIGINT")
+            _fail(f"interrupted by {name}: {target or 'the output'} was not completed "
+                  "(its partial files were removed; rerun the same command)")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return wrapper
+
+
+def _fail(message: str):
+    click.echo("error: " + " ".join(str(message).splitlines()), err=True)
+    sys.exit(2)
+
+
+def _progress(as_json: bool) -> bool:
+    """Progress bars only for a person watching: not with --json, not when stderr is a log file or pipe."""
+    return not as_json and sys.stderr.isatty()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +102,7 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, as_json):
     """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
     from .convert import convert as run
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
-                 progress=not as_json)
+                 progress=_progress(as_json))
     _report(result, as_json)
 
 
@@ -66,7 +115,7 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, as_json):
 def shard(converted_dir, out, tp, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
-    _report(run(converted_dir, out, tp=tp, progress=not as_json), as_json)
+    _report(run(converted_dir, out, tp=tp, progress=_progress(as_json)), as_json)
 
 
 @main.command()
@@ -94,7 +143,7 @@ def verify(hf_src, ms_dir, image, prompt, max_new_tokens, as_json):
 def download(repo, revision, local_dir, as_json):
     """Fetch what conversion and verification need from the hub, sha256-checked."""
     from .hub import download as run
-    _report(run(repo, revision=revision, local_dir=local_dir, progress=not as_json), as_json)
+    _report(run(repo, revision=revision, local_dir=local_dir, progress=_progress(as_json)), as_json)
 
 
 @main.command()

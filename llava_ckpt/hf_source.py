@@ -13,6 +13,7 @@ from .io.source import read_safetensors_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+MAX_INDEX = 64 * 1024 * 1024  # the 7B index is 70 KB
 
 
 def inside(folder: str, name: str, what: str) -> str:
@@ -41,11 +42,14 @@ def weight_files(folder: str) -> list:
     if not os.path.isdir(folder):
         raise fail(f"{folder} is not a folder")
     index_path = os.path.join(folder, INDEX)
-    if os.path.exists(index_path):
-        inside(folder, INDEX, index_path)
+    if os.path.lexists(index_path):
+        _regular_file(inside(folder, INDEX, index_path), index_path)
         try:
             with open(index_path, "rb") as f:
-                index = json.loads(f.read().decode("utf-8"))
+                raw = f.read(MAX_INDEX + 1)
+            if len(raw) > MAX_INDEX:
+                raise fail(f"{index_path}: larger than {MAX_INDEX >> 20} MiB, not a safetensors index")
+            index = json.loads(raw.decode("utf-8"))
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
@@ -54,8 +58,12 @@ def weight_files(folder: str) -> list:
         files = sorted(set(weight_map.values()), key=str)
         paths = [inside(folder, name, index_path) for name in files]
         for name, path in zip(files, paths):
-            if not os.path.isfile(path):
+            if name.endswith(PICKLE_SUFFIXES):
+                raise fail(f"{index_path} names {name}, a pickle file: refused, never unpickled "
+                           "(only safetensors weights are read)")
+            if not os.path.lexists(path):
                 raise fail(f"{index_path} names {name}, which is missing from {folder}")
+            _regular_file(path, f"{index_path} names {name}, which")
         return list(zip(files, paths)), weight_map
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not names:
@@ -64,7 +72,16 @@ def weight_files(folder: str) -> list:
             raise fail(f"{folder} holds only pickle weights ({', '.join(pickles)}); they are refused, never "
                        "unpickled: convert them to safetensors first")
         raise fail(f"no safetensors weights in {folder}")
-    return [(n, inside(folder, n, folder)) for n in names], None
+    files = [(n, inside(folder, n, folder)) for n in names]
+    for name, path in files:
+        _regular_file(path, os.path.join(folder, name))
+    return files, None
+
+
+def _regular_file(path: str, what: str) -> None:
+    """Refuse FIFOs, devices and folders before opening them (a FIFO would block forever)."""
+    if not os.path.isfile(path):
+        raise fail(f"{what} is not a regular file")
 
 
 def read_tensors(folder: str) -> tuple:

@@ -244,8 +244,15 @@ def run_hf(hf_src: str, inputs: dict, round_to: list, max_new_tokens: int, n_vis
     """transformers' logits, intermediates (via hooks, named like ours) and greedy tokens, in float32."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(hf_src, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would interleave with our report
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(hf_src, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     torch_dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
     with torch.no_grad():
         for p in model.parameters():

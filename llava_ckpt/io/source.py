@@ -54,8 +54,15 @@ def _prod(shape) -> int:
     return n
 
 
+def _regular_file(path: str) -> None:
+    """Refuse FIFOs, devices and folders before opening them (opening a FIFO blocks; /dev/zero never ends)."""
+    if not os.path.isfile(path):
+        raise fail(f"{path} is not a regular file" if os.path.exists(path) else f"{path} does not exist")
+
+
 def read_safetensors_header(path: str) -> dict:
     """name -> TensorInfo for one .safetensors file; raises CheckpointError on anything malformed."""
+    _regular_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -171,6 +178,7 @@ def read_ckpt_index(path: str) -> dict:
     Concatenated Checkpoint messages parse as one message: a run of `value` (field 1) entries; a tensor
     over 512 MiB is several entries with the same tag, joined here as pieces.
     """
+    _regular_file(path)
     size = os.path.getsize(path)
     if size == 0:
         raise fail(f"{path}: empty .ckpt file")
@@ -225,7 +233,7 @@ class FileReader:
     def read_bytes(self, info: TensorInfo, start: int, stop: int, out=None) -> memoryview:
         """Bytes [start, stop) of the tensor's data, across its pieces, into `out` (a new buffer if None)."""
         need = stop - start
-        buf = bytearray(need) if out is None else out
+        buf = np.empty(need, dtype=np.uint8) if out is None else out  # no zero-fill: every byte is read
         view = memoryview(buf)
         fd = self._fd(info.path)
         pos = 0

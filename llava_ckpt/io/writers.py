@@ -1,7 +1,7 @@
 """Streaming writers for MindSpore .ckpt and safetensors: header, then data as it arrives.
 
-Each writer hashes exactly the bytes it writes (sha256 for the manifest), on a background thread that
-also does the write, so hashing overlaps reading and converting instead of costing an extra pass.
+Each writer hashes exactly the bytes it writes (sha256 for the manifest) as they are handed over, while a
+background thread writes the previous chunks, so hashing overlaps the writes instead of costing an extra pass.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def ckpt_record_header(name: str, shape, code: str, content_len: int) -> bytes:
 
 
 class _Sink:
-    """A file written and hashed by a background thread, fed through a small bounded queue."""
+    """A file written by a background thread, fed through a small bounded queue, hashed as it is fed."""
 
     def __init__(self, path: str, depth: int = 4):
         self.path = path
@@ -68,7 +68,6 @@ class _Sink:
                 continue
             try:
                 view = memoryview(item).cast("B")
-                self._hash.update(view)
                 while view:
                     n = self._f.write(view)
                     view = view[n:]
@@ -76,10 +75,13 @@ class _Sink:
                 self._error = exc
 
     def put(self, data) -> None:
+        """Hash here (the caller's thread), write on the sink's thread: the two overlap on two cores."""
         if self._error is not None:
             raise self._error
-        self.bytes_written += memoryview(data).nbytes
-        self._q.put(data)
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.bytes_written += view.nbytes
+        self._q.put(view)
 
     def close(self) -> str:
         """Drain, fsync, close; return the sha256 of everything written."""

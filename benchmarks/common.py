@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmarks: child-process timing with peak RSS, medians, disk checks."""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LLAVA = [sys.executable, "-m", "llava_ckpt.cli"]
+
+
+def run(cmd, **kw) -> tuple:
+    """(wall seconds, peak RSS in MiB) of a child process; raises if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"benchmark step failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def copy_and_sync(src: str, dst: str) -> tuple:
+    """The baseline: `cp -r SRC DST && sync`, timed as one step."""
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    return run(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
+
+
+def drop_caches() -> bool:
+    """Start each run from a cold page cache where the machine allows it (root, not in a locked container)."""
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def need_free(folder: str, gib: float) -> None:
+    free = shutil.disk_usage(folder).free / 2**30
+    if free < gib:
+        raise SystemExit(f"error: the benchmark needs {gib:.0f} GiB free in {folder}, {free:.0f} GiB is free")
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)

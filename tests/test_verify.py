@@ -1,0 +1,130 @@
+"""`verify` end to end on the tiny fixture: passes on every output flavour, fails (and says where) on
+converted checkpoints with one deliberate mapping mistake each."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from llava_ckpt.cli import main
+from llava_ckpt.convert import convert
+from llava_ckpt.errors import CheckpointError
+from llava_ckpt.io import load_tensors
+from llava_ckpt.verify import format_report, verify
+
+TOKENS = 4  # greedy tokens per run: enough to exercise the KV cache, short enough to keep tests fast
+
+
+@pytest.mark.parametrize("dtype,fmt,fuse", [
+    (None, "ckpt", False),            # source dtype (float16) kept
+    ("float32", "safetensors", True),
+    ("bfloat16", "ckpt", True),
+    ("bfloat16", "safetensors", False),
+])
+def test_verify_passes(tiny, tmp_path, dtype, fmt, fuse):
+    out = str(tmp_path / "ms")
+    convert(tiny, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse, progress=False)
+    r = verify(tiny, out, max_new_tokens=TOKENS)
+    assert r["passed"], format_report(r)
+    assert r["checks"] == {k: True for k in r["checks"]}
+    assert r["tp"] == 1 and r["fused_qkv"] == fuse and r["first_divergence"] is None
+    assert r["greedy_match"] and len(r["tokens_hf"]) == TOKENS and r["tokens_ms"] == r["tokens_hf"]
+    assert r["max_abs_logit"] > 3  # scaled fixture: a mapping mistake would show
+    assert r["rel_diff"] < 1e-4 and r["cosine_min"] > 0.99999 and r["top1_agreement"] == 1.0
+    assert r["image_tokens"] == 16 and r["positions"] > 16
+    assert r["stored_dtypes"] == [dtype or "float16"]
+    assert r["hf_weights_rounded_to"] == ([] if dtype == "float32" else [dtype or "float16"])
+    json.dumps(r)  # the CLI prints it with --json
+
+
+def test_verify_tp2_float16_compute(tiny, tmp_path):
+    """Rank files reassembled by their manifest split kinds; float16 activations within their tolerance."""
+    out = str(tmp_path / "tp2")
+    convert(tiny, out, dtype="bfloat16", fuse_qkv=True, tp=2, progress=False)
+    r = verify(tiny, out, max_new_tokens=TOKENS, dtype="float16", jit=False)
+    assert r["passed"], format_report(r)
+    assert r["tp"] == 2 and r["replica_mismatch"] == []
+    assert r["hf_weights_rounded_to"] == ["bfloat16", "float16"]
+    assert 1e-6 < r["rel_diff"] < r["thresholds"]["logits_rtol"]
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tiny_factory, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("verify") / "fp32")
+    convert(tiny_factory(), out, dtype="float32", fmt="safetensors", progress=False)
+    return out
+
+
+def _variant(src: str, dst: str, edit) -> str:
+    """A copy of a converted folder with `edit(tensors)` applied (a safetensors file is all load_tensors needs)."""
+    loaded = load_tensors(src)
+    tensors = {k: np.array(loaded[k]) for k in loaded}
+    edit(tensors)
+    os.makedirs(dst)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(dst, "llava.safetensors"))
+    return dst
+
+
+def swap_w1_w3(t):
+    p = "language_model.model.layers.1.feed_forward."
+    t[p + "w1.weight"], t[p + "w3.weight"] = t[p + "w3.weight"], t[p + "w1.weight"]
+
+
+def transpose_wo(t):
+    name = "language_model.model.layers.0.attention.wo.weight"
+    assert t[name].shape[0] == t[name].shape[1]
+    t[name] = t[name].T
+
+
+def swap_layers(t):
+    a, b = "language_model.model.layers.0.", "language_model.model.layers.2."
+    for name in [n for n in t if n.startswith(a)]:
+        other = b + name[len(a):]
+        t[name], t[other] = t[other], t[name]
+
+
+def swap_vision_q_k(t):
+    p = "vision_encoder.transformer.resblocks.1.attn.in_proj."
+    for kind in ("weight", "bias"):
+        w = t[p + kind]
+        h = w.shape[0] // 3
+        t[p + kind] = np.concatenate([w[h:2 * h], w[:h], w[2 * h:]])
+
+
+@pytest.mark.parametrize("edit,where", [
+    (swap_w1_w3, "language_model.model.layers.1"),
+    (transpose_wo, "language_model.model.layers.0"),
+    (swap_layers, "language_model.model.layers.0"),
+    (swap_vision_q_k, "vision_encoder.transformer.resblocks.1"),
+], ids=["w1-w3-swapped", "wo-transposed", "layers-swapped", "vision-q-k-swapped"])
+def test_verify_fails_and_names_the_module(tiny, fp32_dir, tmp_path, edit, where):
+    bad = _variant(fp32_dir, str(tmp_path / "bad"), edit)
+    r = verify(tiny, bad, max_new_tokens=TOKENS, jit=False)
+    assert not r["passed"]
+    assert not r["checks"]["logits"]
+    assert r["first_divergence"] == where
+    before = [m for m in r["modules"][:[m["name"] for m in r["modules"]].index(where)]]
+    assert before and all(m["ok"] for m in before)
+    assert f"first divergence: {where}" in format_report(r)
+
+
+def test_cli_exit_codes(tiny, fp32_dir, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", tiny, fp32_dir, "--max-new-tokens", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert "verify: PASSED" in ok.output
+
+    bad = _variant(fp32_dir, str(tmp_path / "bad"), swap_w1_w3)
+    failed = runner.invoke(main, ["verify", tiny, bad, "--max-new-tokens", "2", "--json"])
+    assert failed.exit_code == 1, failed.output
+    result = json.loads(failed.stdout)
+    assert result["passed"] is False and result["first_divergence"] == "language_model.model.layers.1"
+
+    missing = _variant(fp32_dir, str(tmp_path / "missing"),
+                       lambda t: t.pop("language_model.model.layers.2.attention.wv.weight"))
+    with pytest.raises(CheckpointError, match=r"missing 1: language_model\.model\.layers\.2\.attention\.wv"):
+        verify(tiny, missing, max_new_tokens=1, jit=False)
+    err = runner.invoke(main, ["verify", tiny, missing])
+    assert err.exit_code == 2
