@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import fail
+from .io.protobuf import bytes_field, int_field, ints_field, read_varint
 
 KINDS = ("column", "row", "vocab", "replicated")
 
@@ -101,52 +102,23 @@ def _check_tp(tp) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # proto2 wire format, just what ParallelStrategyMap needs
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int32/int64 negatives: ten-byte two's complement, as protobuf does
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
-
-
-def _int(field: int, value: int) -> bytes:
-    return _key(field, 0) + _varint(value)
-
-
-def _len(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _ints(field: int, values: Iterable[int]) -> bytes:
-    # proto2 repeated scalars without [packed=true]: one key per element (what SerializeToString writes)
-    return b"".join(_int(field, v) for v in values)
 
 
 def _layout_bytes(tp: int, tmap: Sequence[int]) -> bytes:
     """ParallelLayouts: dev_matrix=1, tensor_map=2, param_split_shape=3, indices_offset=4, field=5,
     opt_weight_shard_step=6, opt_weight_shard_size=7 (the last three are proto2 `required`)."""
-    return (_len(1, _ints(1, (1, tp)))      # DevMatrix{repeated uint32 dim = 1}
-            + _len(2, _ints(1, tmap))       # TensorMap{repeated int32 dim = 1}
-            + _len(3, b"")                  # ParamSplitShape{} (even split)
-            + _len(4, b"")                  # IndicesOffset{}
-            + _int(5, 0) + _int(6, 0) + _int(7, 0))
+    return (bytes_field(1, ints_field(1, (1, tp)))      # DevMatrix{repeated uint32 dim = 1}
+            + bytes_field(2, ints_field(1, tmap))       # TensorMap{repeated int32 dim = 1}
+            + bytes_field(3, b"")                  # ParamSplitShape{} (even split)
+            + bytes_field(4, b"")                  # IndicesOffset{}
+            + int_field(5, 0) + int_field(6, 0) + int_field(7, 0))
 
 
 def _strategy_item_bytes(name: str, tp: int, tmap: Sequence[int]) -> bytes:
     """ParallelStrategyItem{node_name=1, ParallelStrategys{stage=1, repeated ParallelStrategy{dim=1}}=2}."""
     pieces = [tp if m == 0 else 1 for m in tmap]
-    strategys = _int(1, 0) + _len(2, _ints(1, pieces))
-    return _len(1, name.encode("utf-8")) + _len(2, strategys)
+    strategys = int_field(1, 0) + bytes_field(2, ints_field(1, pieces))
+    return bytes_field(1, name.encode("utf-8")) + bytes_field(2, strategys)
 
 
 def _normalize(params, tp: int) -> list:
@@ -191,9 +163,9 @@ def strategy_bytes(params: Iterable[tuple], tp: int) -> bytes:
     """
     _check_tp(tp)
     entries = _normalize(params, tp)
-    body = [_int(1, 0)]  # current_stage (required)
-    body += [_len(2, _strategy_item_bytes(name, tp, tmap)) for name, tmap in entries]
-    body += [_len(3, _len(1, name.encode("utf-8")) + _len(2, _layout_bytes(tp, tmap)))
+    body = [int_field(1, 0)]  # current_stage (required)
+    body += [bytes_field(2, _strategy_item_bytes(name, tp, tmap)) for name, tmap in entries]
+    body += [bytes_field(3, bytes_field(1, name.encode("utf-8")) + bytes_field(2, _layout_bytes(tp, tmap)))
              for name, tmap in entries]
     return b"".join(body)
 
@@ -262,18 +234,10 @@ class Layout:
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise fail("strategy file is truncated (varint runs past the end)")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, pos
-        if shift > 70:
-            raise fail("strategy file holds a malformed varint")
+    try:
+        return read_varint(buf, pos, len(buf))
+    except ValueError:
+        raise fail("strategy file is truncated or holds a malformed varint") from None
 
 
 def _fields(buf: bytes):

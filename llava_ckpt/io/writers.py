@@ -13,24 +13,9 @@ import struct
 import threading
 
 from .dtypes import ms_type
+from .protobuf import bytes_field, ints_field, key, varint
 
 CKPT_SLICE = 512 * 1024 * 1024  # MindSpore splits tensor data into records of at most 512 MiB
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def ckpt_record_header(name: str, shape, code: str, content_len: int) -> bytes:
@@ -38,12 +23,12 @@ def ckpt_record_header(name: str, shape, code: str, content_len: int) -> bytes:
 
     Checkpoint{value=1: Value{tag=1, tensor=2: TensorProto{dims=1 (unpacked), tensor_type=2, tensor_content=3}}}
     """
-    dims = b"".join(_varint(1 << 3 | 0) + _varint(int(d)) for d in shape)
-    tensor_head = dims + _field(2, ms_type(code).encode()) + _varint(3 << 3 | 2) + _varint(content_len)
+    tensor_head = (ints_field(1, (int(d) for d in shape)) + bytes_field(2, ms_type(code).encode())
+                   + key(3, 2) + varint(content_len))
     tensor_len = len(tensor_head) + content_len
-    value_head = _field(1, name.encode("utf-8")) + _varint(2 << 3 | 2) + _varint(tensor_len)
+    value_head = bytes_field(1, name.encode("utf-8")) + key(2, 2) + varint(tensor_len)
     value_len = len(value_head) + tensor_len
-    return _varint(1 << 3 | 2) + _varint(value_len) + value_head + tensor_head
+    return key(1, 2) + varint(value_len) + value_head + tensor_head
 
 
 class _Sink:
