@@ -55,13 +55,14 @@ def _clean_errors(fn):
         except CheckpointError as exc:
             _fail(str(exc))
         except OSError as exc:
-            where = exc.filename or (f"while working on {target}" if target else "")
             what = exc.strerror or str(exc) or exc.__class__.__name__
-            _fail(f"{what}: {where}" if where else what)
+            if exc.filename:
+                _fail(f"{what}: {exc.filename}")
+            _fail(f"{what} (while working on {target})" if target else what)
         except KeyboardInterrupt as exc:
             name = getattr(exc, "signame", "SIGINT")
-            _fail(f"interrupted by {name}: {target or 'the output'} was not completed "
-                  "(its partial files were removed; rerun the same command)")
+            _fail(f"interrupted by {name} while working on {target or 'the output'}; no partial output was "
+                  "left behind (rerun the same command to finish)")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -11,6 +11,8 @@ import os
 
 from .errors import fail
 
+MAX_CONFIG = 16 << 20
+
 LLAMA_DEFAULTS = {
     "vocab_size": 32000,
     "hidden_size": 4096,
@@ -78,29 +80,36 @@ def normalize_config(raw: dict, where: str = "config.json") -> dict:
         text["vocab_size"] = raw["vocab_size"]
     if text["num_key_value_heads"] is None:
         text["num_key_value_heads"] = text["num_attention_heads"]
-    if text["head_dim"] is None:
-        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
     vision = dict(CLIP_VISION_DEFAULTS)
     vision.update(LLAVA_VISION_OVERRIDES)
     vision.update(vision_raw)
     cfg["text_config"] = text
     cfg["vision_config"] = vision
-    _check_sizes(cfg, where)
+    _check_sizes(cfg, where)  # before any arithmetic on the sizes
+    if text["head_dim"] is None:
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    _check_positive(text, "text_config", "head_dim", where)
     return cfg
+
+
+def _check_positive(d: dict, section: str, key: str, where: str) -> None:
+    value = d.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise fail(f"{where}: {section}.{key} must be a positive integer, got {value!r}")
 
 
 def _check_sizes(cfg: dict, where: str) -> None:
     text, vision = cfg["text_config"], cfg["vision_config"]
     ints = [("text_config", text, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                  "num_hidden_layers", "num_attention_heads",
-                                                 "num_key_value_heads", "head_dim")]
+                                                 "num_key_value_heads")]
     ints += [("vision_config", vision, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                       "num_attention_heads", "image_size", "patch_size",
                                                       "num_channels")]
     for section, d, key in ints:
-        value = d.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise fail(f"{where}: {section}.{key} must be a positive integer, got {value!r}")
+        _check_positive(d, section, key, where)
+    if text["head_dim"] is not None:
+        _check_positive(text, "text_config", "head_dim", where)
     if text["num_attention_heads"] % text["num_key_value_heads"]:
         raise fail(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
     if vision["hidden_size"] % vision["num_attention_heads"]:
@@ -113,11 +122,16 @@ def _check_sizes(cfg: dict, where: str) -> None:
 def load_config(folder: str) -> dict:
     """Read and normalize `folder/config.json`; one clear error if it is missing or not LLaVA."""
     path = os.path.join(folder, "config.json")
+    if not os.path.lexists(path):
+        raise fail(f"no config.json in {folder}")
+    if not os.path.isfile(path):
+        raise fail(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG + 1)
+    if len(data) > MAX_CONFIG:
+        raise fail(f"{path} is larger than {MAX_CONFIG >> 20} MiB: not a config")
     try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise fail(f"no config.json in {folder}") from None
+        raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise fail(f"{path} is not valid JSON ({exc})") from None
     return normalize_config(raw, path)

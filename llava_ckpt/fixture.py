@@ -66,10 +66,10 @@ def hub_tensors(cfg: dict, table: dict | None = None) -> list:
 
 
 def _file_for(name: str, cfg: dict, real_map: dict) -> str:
-    """The real checkpoint's file for this name, with layer indices scaled to the real depth."""
-    full = normalize_config(cfg)
-    text_layers = full["text_config"]["num_hidden_layers"]
-    vision_layers = full["vision_config"]["num_hidden_layers"]
+    """The real checkpoint's file for this name, with layer indices scaled to the real depth.
+    `cfg` is a normalized config (llava_ckpt.config.normalize_config)."""
+    text_layers = cfg["text_config"]["num_hidden_layers"]
+    vision_layers = cfg["vision_config"]["num_hidden_layers"]
 
     def scale(m):
         n = text_layers if m.group(1).startswith("language") else vision_layers
@@ -119,11 +119,12 @@ def make_fixture(out: str, preset: str = "tiny", dtype: str = "float16", layout:
     cfg = preset_config(preset, text_overrides)
     cfg["torch_dtype"] = dtype
     cfg["text_config"]["torch_dtype"] = dtype
+    full = normalize_config(cfg)
     tensors = hub_tensors(cfg, table)
     real_map = _reference("model.safetensors.index.json")["weight_map"]
     by_file: dict = {}
     for name, shape in tensors:
-        by_file.setdefault(_file_for(name, cfg, real_map), []).append((name, shape))
+        by_file.setdefault(_file_for(name, full, real_map), []).append((name, shape))
 
     def rename(name):  # hub spelling -> the layout's spelling, by the table's prefixes
         for hub_prefix, prefix in layouts[layout].items():
@@ -155,12 +156,12 @@ def make_fixture(out: str, preset: str = "tiny", dtype: str = "float16", layout:
         for name in COPIED:
             shutil.copyfile(os.path.join(REFERENCE, name), os.path.join(stage, name))
         pre = _reference("preprocessor_config.json")
-        size = normalize_config(cfg)["vision_config"]["image_size"]
+        size = full["vision_config"]["image_size"]
         pre["crop_size"] = {"height": size, "width": size}
         pre["size"] = {"shortest_edge": size}
         _write_json(os.path.join(stage, "preprocessor_config.json"), pre)
         proc = _reference("processor_config.json")
-        proc["patch_size"] = normalize_config(cfg)["vision_config"]["patch_size"]
+        proc["patch_size"] = full["vision_config"]["patch_size"]
         _write_json(os.path.join(stage, "processor_config.json"), proc)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -92,16 +92,18 @@ def read_tensors(folder: str) -> tuple:
     for name, path in files:
         for tname, info in read_safetensors_header(path).items():
             if tname in tensors:
-                raise fail(f"tensor {tname!r} is in two files: {where[tname]} and {name}")
+                raise fail(f"tensor {tname!r} is in two files: {os.path.join(folder, where[tname])} and "
+                           f"{os.path.join(folder, name)}")
             tensors[tname] = info
             where[tname] = name
     if weight_map is not None:
+        index_path = os.path.join(folder, INDEX)
         for tname, fname in weight_map.items():
             if tname not in tensors:
-                raise fail(f"{INDEX} lists {tname!r} in {fname}, but no file holds it")
+                raise fail(f"{index_path} lists {tname!r} in {fname}, but no file holds it")
             if where[tname] != fname:
-                raise fail(f"{INDEX} lists {tname!r} in {fname}, but it is in {where[tname]}")
+                raise fail(f"{index_path} lists {tname!r} in {fname}, but it is in {where[tname]}")
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
-            raise fail(f"{where[extra[0]]} holds {extra[0]!r}, which {INDEX} does not list")
+            raise fail(f"{os.path.join(folder, where[extra[0]])} holds {extra[0]!r}, which {index_path} does not list")
     return tensors, files

@@ -11,7 +11,7 @@ from .io.load import weights_file
 from .io.source import read_index
 from .manifest import read_manifest
 from .mapping import Target
-from .stream import Job, rank_shape, write_output
+from .stream import SPLIT_DIM, Job, rank_shape, write_output
 
 KNOWN_MAPPINGS = ("llava-1.5-hf-to-mindformers",)
 
@@ -28,7 +28,7 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
         raise fail(f"{converted_dir} is already split into {manifest['tp']} ranks; shard takes a tp-1 output")
     path = weights_file(converted_dir)
     infos = read_index(path)
-    entries = manifest.get("tensors", [])
+    entries = _checked_entries(manifest, os.path.join(converted_dir, "manifest.json"))
     listed = [e["name"] for e in entries]
     if sorted(listed) != sorted(infos):
         extra = sorted(set(infos) - set(listed))
@@ -46,7 +46,7 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     check_tp(jobs, tp, manifest.get("tp_sizes", {}))
     tensors = [dict(e, rank_shape=list(rank_shape(j.target, tp))) for e, j in zip(entries, jobs)]
     fmt = "ckpt" if path.endswith(".ckpt") else "safetensors"
-    recorded = {os.path.realpath(path): f["sha256"] for f in manifest.get("files", [])
+    recorded = {os.path.realpath(path): f["sha256"] for f in manifest["files"]
                 if f.get("path") == os.path.basename(path)}
     new_manifest = {
         "command": "shard",
@@ -58,3 +58,32 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     }
     return write_output(out, converted_dir, jobs, fmt, tp, [(os.path.basename(path), os.path.realpath(path))],
                         new_manifest, progress, expected_hashes=recorded, inputs_key="converted_files")
+
+
+def _checked_entries(manifest: dict, where: str) -> list:
+    """The manifest's tensor entries, refusing any malformed one with a clear error (it is input too)."""
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise fail(f"{where}: 'tensors' is not a list")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise fail(f"{where}: 'files' is not a list of objects")
+    if not isinstance(manifest.get("tp_sizes", {}), dict):
+        raise fail(f"{where}: 'tp_sizes' is not an object")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in manifest.get("tp_sizes", {}).values()):
+        raise fail(f"{where}: 'tp_sizes' values must be positive integers")
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    checks = [("name", lambda e: isinstance(e.get("name"), str)),
+              ("shape", lambda e: isinstance(e.get("shape"), list) and all(map(is_int, e["shape"]))),
+              ("dtype", lambda e: e.get("dtype") in ("float16", "bfloat16", "float32")),
+              ("split", lambda e: e.get("split") in SPLIT_DIM),
+              ("sources", lambda e: isinstance(e.get("sources"), list) and all(isinstance(x, str) for x in e["sources"])),
+              ("layout", lambda e: isinstance(e.get("layout", {}), dict))]
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise fail(f"{where}: tensors[{i}] is not an object")
+        for field, ok in checks:
+            if not ok(e):
+                raise fail(f"{where}: tensors[{i}] has an invalid {field!r}: {e.get(field)!r}")
+    return entries

@@ -79,7 +79,12 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
 
     from .model import build_and_load, Runner, trace_names
     t0 = time.perf_counter()
-    model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device_target)
+    try:
+        model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device_target)
+    finally:
+        for source in getattr(tensors, "ranks", [tensors]):
+            if hasattr(source, "close"):
+                source.close()
     runner = Runner(model, jit=jit)
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]
     ours = runner.forward(ids, pixels, trace=True)

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 
+from llava_ckpt.config import normalize_config
 from llava_ckpt.fixture import REFERENCE, hub_tensors, preset_config, _file_for
 
 
@@ -12,7 +13,8 @@ def test_7b_preset_matches_the_real_index_exactly():
     tensors = hub_tensors(cfg)
     assert {n for n, _ in tensors} == set(real["weight_map"])
     assert sum(int(np.prod(s)) * 2 for _, s in tensors) == real["metadata"]["total_size"]
-    assert {n: _file_for(n, cfg, real["weight_map"]) for n, _ in tensors} == real["weight_map"]
+    full = normalize_config(cfg)
+    assert {n: _file_for(n, full, real["weight_map"]) for n, _ in tensors} == real["weight_map"]
     shapes = dict(tensors)
     assert shapes["language_model.model.embed_tokens.weight"] == (32064, 4096)
     assert shapes["vision_tower.vision_model.embeddings.patch_embedding.weight"] == (1024, 3, 14, 14)

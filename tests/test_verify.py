@@ -17,16 +17,16 @@ from llava_ckpt.verify import format_report, verify
 TOKENS = 4  # greedy tokens per run: enough to exercise the KV cache, short enough to keep tests fast
 
 
-@pytest.mark.parametrize("dtype,fmt,fuse", [
-    (None, "ckpt", False),            # source dtype (float16) kept
-    ("float32", "safetensors", True),
-    ("bfloat16", "ckpt", True),
-    ("bfloat16", "safetensors", False),
+@pytest.mark.parametrize("dtype,fmt,fuse,jit", [
+    (None, "ckpt", False, True),            # source dtype (float16) kept; compiled, as the CLI runs it
+    ("float32", "safetensors", True, False),  # jit=False: same model code, no compile time
+    ("bfloat16", "ckpt", True, True),
+    ("bfloat16", "safetensors", False, False),
 ])
-def test_verify_passes(tiny, tmp_path, dtype, fmt, fuse):
+def test_verify_passes(tiny, tmp_path, dtype, fmt, fuse, jit):
     out = str(tmp_path / "ms")
     convert(tiny, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse, progress=False)
-    r = verify(tiny, out, max_new_tokens=TOKENS)
+    r = verify(tiny, out, max_new_tokens=TOKENS, jit=jit)
     assert r["passed"], format_report(r)
     assert r["checks"] == {k: True for k in r["checks"]}
     assert r["tp"] == 1 and r["fused_qkv"] == fuse and r["first_divergence"] is None
@@ -128,3 +128,19 @@ def test_cli_exit_codes(tiny, fp32_dir, tmp_path):
         verify(tiny, missing, max_new_tokens=1, jit=False)
     err = runner.invoke(main, ["verify", tiny, missing])
     assert err.exit_code == 2
+
+
+def test_verify_flags_ranks_that_disagree_on_a_replicated_tensor(tiny, tmp_path):
+    out = str(tmp_path / "tp2")
+    convert(tiny, out, dtype="float32", fmt="safetensors", tp=2, progress=False)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    name = next(e["name"] for e in manifest["tensors"] if e["split"] == "replicated" and "attention_norm" in e["name"])
+    rank1 = os.path.join(out, "rank_1", "llava.safetensors")
+    loaded = load_tensors(os.path.join(out, "rank_1"))
+    tensors = {k: np.array(loaded[k]) for k in loaded}
+    loaded.close()
+    tensors[name] = tensors[name] * 2
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, rank1)
+    r = verify(tiny, out, max_new_tokens=1, jit=False)
+    assert r["replica_mismatch"] == [name]
+    assert r["checks"]["logits"] and not r["passed"]

@@ -1,14 +1,18 @@
 """Outputs appear complete or not at all: built in a hidden sibling folder, fsynced, then renamed.
 
-A run killed at any point leaves only `.NAME.partial-PID` beside OUT, which the next run for the same
-OUT removes; OUT itself is either absent, the previous complete output, or the new complete output.
+A run killed at any point leaves at most `.NAME.partial-PID` (or `.NAME.old-PID`) beside OUT, which the
+next run for the same OUT removes; OUT itself is either absent, the previous complete output, or the new complete output.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import json
 import os
 import shutil
+import signal
+import threading
 
 from ..errors import fail
 
@@ -41,7 +45,8 @@ def check_out(out: str, src: str | None = None) -> None:
             raise fail(f"output {out} is inside the source checkpoint {src}")
     parent = os.path.dirname(real_out) or "."
     if not os.path.isdir(parent):
-        raise fail(f"the folder that should hold {out} does not exist: {parent}")
+        what = "is not a folder" if os.path.exists(parent) else "does not exist"
+        raise fail(f"the folder that should hold {out} {what}: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise fail(f"cannot write in {parent} (permission denied)")
 
@@ -55,7 +60,8 @@ def staging_dir(out: str, src: str | None = None) -> str:
     """A fresh hidden folder beside OUT to build the output in (stale ones from killed runs are removed)."""
     check_out(out, src)
     prefix = _partial_prefix(out)
-    for stale in glob.glob(glob.escape(prefix) + "*"):
+    old_prefix = prefix[:-len("partial-")] + "old-"
+    for stale in glob.glob(glob.escape(prefix) + "*") + glob.glob(glob.escape(old_prefix) + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     path = f"{prefix}{os.getpid()}"
     os.mkdir(path)
@@ -78,21 +84,62 @@ def fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT / SIGTERM until the block is done, then deliver them (Python handlers run only in the main
+    thread, so swapping the handlers there is enough, whichever thread the kernel picks)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, sigs):
+        yield  # not ours to swap (another thread, or handlers set outside Python)
+        return
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two folders in one step (renameat2 RENAME_EXCHANGE); False where the OS or file system can't."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def publish_dir(stage: str, out: str, synced: bool = False) -> None:
-    """Make the finished `stage` folder OUT, replacing an empty or previous output."""
+    """Make the finished `stage` folder OUT, replacing an empty or previous output.
+
+    OUT is never seen half-written: a new OUT appears in one rename, a previous one is swapped for the new
+    one in one step where the OS allows it. SIGINT / SIGTERM wait until the swap is done (they then still
+    stop the program, with OUT complete).
+    """
     if not synced:
         fsync_tree(stage)
     real = os.path.realpath(out)
     old = None
-    if os.path.isdir(real):
-        old = f"{os.path.dirname(real)}/.{os.path.basename(real)}.old-{os.getpid()}"
-        os.rename(real, old)
-    os.rename(stage, real)
-    fd = os.open(os.path.dirname(real) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with _signals_deferred():
+        if os.path.isdir(real):
+            if _exchange(stage, real):
+                old = stage  # the previous output, now under the staging name
+            else:
+                old = f"{os.path.dirname(real)}/.{os.path.basename(real)}.old-{os.getpid()}"
+                os.rename(real, old)
+                os.rename(stage, real)
+        else:
+            os.rename(stage, real)
+        fd = os.open(os.path.dirname(real) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -56,7 +56,9 @@ class _Sink:
                 while view:
                     n = self._f.write(view)
                     view = view[n:]
-            except BaseException as exc:  # reported on the next put/close
+            except BaseException as exc:  # reported on the next put/close, naming the file
+                if isinstance(exc, OSError) and exc.filename is None:
+                    exc.filename = self.path
                 self._error = exc
 
     def put(self, data) -> None:

@@ -113,6 +113,10 @@ class Runner:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        vc = self.model.cfg["vision_config"]
+        want_px = (ids.shape[0], vc["num_channels"], vc["image_size"], vc["image_size"])
+        if tuple(np.shape(pixel_values)) != want_px:
+            raise fail(f"pixel_values shape {tuple(np.shape(pixel_values))}, the vision tower needs {want_px}")
         want = ids.shape[0] * patch_count(self.model.cfg)
         got = int((ids == self.model.image_token).sum())
         if got != want:

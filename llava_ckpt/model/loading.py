@@ -91,4 +91,7 @@ def set_device(device_target: str) -> None:
     """CPU for tests here; Ascend (or GPU) is where the 7B model is meant to run."""
     import mindspore as ms
     if ms.get_context("device_target") != device_target:
-        ms.set_context(device_target=device_target)
+        if hasattr(ms, "set_device"):
+            ms.set_device(device_target)
+        else:
+            ms.set_context(device_target=device_target)

@@ -114,6 +114,9 @@ def test_bad_names_and_shapes_raise_one_line_errors(gqa):
     with pytest.raises(CheckpointError, match=r"adapter\.adapter\.bias: checkpoint shape \(3,\)"):
         build_and_load(cfg, wrong)
 
+    with pytest.raises(CheckpointError, match="pixel_values shape"):
+        Runner(build_and_load(cfg, weights)[0], jit=False).forward(prompt_ids(), pixels()[:, :, :28])
+
     model = LlavaVlm(cfg, fused=False)
     with pytest.raises(CheckpointError, match="fused --fuse-qkv layout"):
         load_weights(model, to_ms(hf, fused=True))
@@ -125,6 +128,6 @@ def test_unused_vision_layer_and_ln_post_are_optional(gqa):
     weights = to_ms(hf)
     assert "vision_encoder.transformer.resblocks.2.attn.in_proj.weight" in weights  # present, ignored
     slim = {k: v for k, v in weights.items() if "resblocks.2." not in k and "ln_post" not in k}
-    a = Runner(build_and_load(cfg, weights)[0]).forward(prompt_ids(), pixels())["logits"]
-    b = Runner(build_and_load(cfg, slim)[0]).forward(prompt_ids(), pixels())["logits"]
+    a = Runner(build_and_load(cfg, weights)[0], jit=False).forward(prompt_ids(), pixels())["logits"]
+    b = Runner(build_and_load(cfg, slim)[0], jit=False).forward(prompt_ids(), pixels())["logits"]
     np.testing.assert_array_equal(a, b)

@@ -1,0 +1,65 @@
+"""Benchmark `llava-ckpt convert --tp N` (straight from HF, one pass) against `cp -r` + `sync` of the input.
+
+Baseline: copying the input folder and syncing, in the same session, interleaved with our runs.
+Also reported: peak RSS of the convert process. Targets (issue 3): ratio <= 1.5, peak RSS <= 1 GiB.
+
+    python benchmarks/shard.py --preset 7b --tp 2 8 --runs 3    # needs about 50 GB free; cleans up after
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+from common import LLAVA, ROOT, copy_and_sync, dir_bytes, drop_caches, median, need_free, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="7b", choices=["7b-few-layers", "7b", "tiny"])
+    ap.add_argument("--tp", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-work"))
+    ap.add_argument("--extra", default="", help="extra convert options, e.g. '--fuse-qkv'")
+    ap.add_argument("--keep", action="store_true", help="keep the generated input for the next run")
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    src = os.path.join(args.workdir, f"hf-{args.preset}")
+    size_gib = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01}[args.preset]
+    need_free(args.workdir, size_gib * 3.6)
+    if not os.path.isdir(src):
+        print(f"generating the {args.preset} fixture ...", flush=True)
+        t, _ = run(LLAVA + ["make-fixture", src, "--preset", args.preset], cwd=ROOT)
+        print(f"  {dir_bytes(src) / 1e9:.2f} GB in {t:.1f} s")
+    out, copy = os.path.join(args.workdir, "out-tp"), os.path.join(args.workdir, "copy")
+    print(f"input {dir_bytes(src) / 1e9:.2f} GB; page cache dropped before each run: {drop_caches()}")
+    results = {tp: ([], []) for tp in args.tp}
+    base = []
+    try:
+        for i in range(args.runs):
+            drop_caches()
+            t, _ = copy_and_sync(src, copy)
+            base.append(t)
+            shutil.rmtree(copy)
+            for tp in args.tp:
+                drop_caches()
+                t, peak = run(LLAVA + ["convert", src, out, "--tp", str(tp), "--json"] + args.extra.split(), cwd=ROOT)
+                results[tp][0].append(t)
+                results[tp][1].append(peak)
+                print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | convert --tp {tp} {t:.2f} s "
+                      f"({dir_bytes(out) / 1e9:.2f} GB written), peak RSS {peak:.0f} MiB", flush=True)
+                shutil.rmtree(out)
+    finally:
+        for p in (out, copy):
+            shutil.rmtree(p, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+    print()
+    for tp, (times, rss) in results.items():
+        print(f"preset {args.preset} --tp {tp} {args.extra}: median {median(times):.2f} s vs cp -r + sync median "
+              f"{median(base):.2f} s, ratio {median(times) / median(base):.2f} (target <= 1.5); "
+              f"peak RSS max {max(rss):.0f} MiB (target <= 1024)")
+
+
+if __name__ == "__main__":
+    main()
