@@ -252,6 +252,12 @@ def write_output(out: str, src: str, jobs, fmt: str, tp: int, source_files, mani
         manifest["options"] = dict(manifest.get("options", {}), format=fmt, tp=tp)
         write_manifest(stage, manifest)
         publish_dir(stage, out)
+    except OSError as exc:
+        discard(stage)
+        name = exc.filename
+        if isinstance(name, str) and name.startswith(stage + os.sep):  # name the file as it would be in OUT
+            name = os.path.join(out, os.path.relpath(name, stage))
+        raise fail(f"{exc.strerror or exc} while writing {name or out}") from None
     except BaseException:
         discard(stage)
         raise
