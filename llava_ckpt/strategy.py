@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import fail
-from .io.protobuf import bytes_field, int_field, ints_field, read_varint
+from .io.protobuf import bytes_field, fields, int_field, ints_field, read_varint
 
 KINDS = ("column", "row", "vocab", "replicated")
 
@@ -242,24 +242,11 @@ def _read_varint(buf: bytes, pos: int) -> tuple:
 
 def _fields(buf: bytes):
     """Yield (field_number, value) of one message; value is an int (varint) or bytes (length-delimited)."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 2:
-            size, pos = _read_varint(buf, pos)
-            if pos + size > len(buf):
-                raise fail("strategy file is truncated (field runs past the end)")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
-        else:
-            raise fail(f"strategy file holds an unsupported protobuf wire type {wire}")
-        yield field, value
+    try:
+        for number, wire, value in fields(buf):
+            yield number, (buf[value[0]:value[1]] if wire == 2 else value)
+    except ValueError as exc:
+        raise fail(f"strategy file is malformed ({exc})") from None
 
 
 def _repeated_ints(buf: bytes, signed: bool) -> tuple:

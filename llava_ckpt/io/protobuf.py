@@ -47,3 +47,28 @@ def read_varint(buf, pos: int, end: int) -> tuple:
         if not byte & 0x80:
             return result, pos
         shift += 7
+
+
+def fields(buf, start: int = 0, end: int | None = None):
+    """Yield (field number, wire type, value) of one message in buf[start:end]: an int for varint and fixed
+    fields, a (start, stop) span for length-delimited ones (so an mmap'd tensor is never copied).
+    ValueError on anything malformed or running past `end`."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        tag, pos = read_varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = read_varint(buf, pos, end)
+        elif wire == 2:
+            length, pos = read_varint(buf, pos, end)
+            if pos + length > end:
+                raise ValueError("truncated: a field runs past the end of its message")
+            value, pos = (pos, pos + length), pos + length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise ValueError("truncated: a field runs past the end of its message")
+            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import fail
 from .dtypes import DTYPES, BY_MS, numpy_dtype
+from .protobuf import fields, read_varint
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -115,51 +116,20 @@ def read_safetensors_header(path: str) -> dict:
 
 # ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (see NOTES.md) ------------------------------
 
-def _varint(buf, pos: int, end: int):
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, pos: int, end: int):
-    """Yield (field number, wire type, value or (start, stop)) for one protobuf message."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-            yield number, wire, value
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            if pos + length > end:
-                raise ValueError("field runs past its message")
-            yield number, wire, (pos, pos + length)
-            pos += length
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-
-
 def _ckpt_value(buf, span):
     """(tag, dims, tensor_type, content span) of one Checkpoint.Value."""
     tag, dims, ttype, content = None, [], None, None
-    for fnum, fwire, fval in _fields(buf, *span):
+    for fnum, fwire, fval in fields(buf, *span):
         if fnum == 1 and fwire == 2:
             tag = bytes(buf[fval[0]:fval[1]]).decode("utf-8")
         elif fnum == 2 and fwire == 2:
-            for tnum, twire, tval in _fields(buf, *fval):
+            for tnum, twire, tval in fields(buf, *fval):
                 if tnum == 1 and twire == 0:
                     dims.append(tval)
                 elif tnum == 1 and twire == 2:  # packed dims
                     p, q = tval
                     while p < q:
-                        d, p = _varint(buf, p, q)
+                        d, p = read_varint(buf, p, q)
                         dims.append(d)
                 elif tnum == 2 and twire == 2:
                     ttype = bytes(buf[tval[0]:tval[1]]).decode("ascii")
@@ -186,7 +156,7 @@ def read_ckpt_index(path: str) -> dict:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         end = size - 17 if size >= 17 and buf[size - 17:size - 10] == b"crc_num" else size
         try:
-            for vnum, vwire, vspan in _fields(buf, 0, end):
+            for vnum, vwire, vspan in fields(buf, 0, end):
                 if vnum != 1 or vwire != 2:
                     raise ValueError("not a Checkpoint.value record")
                 tag, dims, ttype, content = _ckpt_value(buf, vspan)
