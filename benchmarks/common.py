@@ -55,3 +55,26 @@ def median(xs):
 
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+SIZES_GIB = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01}
+
+
+def prepare_input(workdir: str, preset: str, space_factor: float) -> str:
+    """The preset's HF fixture in WORKDIR (generated if absent), after checking the disk has room."""
+    os.makedirs(workdir, exist_ok=True)
+    src = os.path.join(workdir, f"hf-{preset}")
+    need_free(workdir, SIZES_GIB[preset] * space_factor)
+    if not os.path.isdir(src):
+        print(f"generating the {preset} fixture ...", flush=True)
+        t, _ = run(LLAVA + ["make-fixture", src, "--preset", preset], cwd=ROOT)
+        print(f"  {dir_bytes(src) / 1e9:.2f} GB in {t:.1f} s")
+    return src
+
+
+def add_common_args(ap, preset: str) -> None:
+    ap.add_argument("--preset", default=preset, choices=list(SIZES_GIB))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-work"))
+    ap.add_argument("--extra", default="", help="extra convert options, e.g. '--fuse-qkv --dtype bfloat16'")
+    ap.add_argument("--keep", action="store_true", help="keep the generated input for the next run")

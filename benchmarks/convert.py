@@ -16,27 +16,16 @@ import os
 import shutil
 import sys
 
-from common import LLAVA, ROOT, copy_and_sync, dir_bytes, drop_caches, median, need_free, run
+from common import LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, prepare_input, run
 
 sys.path.insert(0, ROOT)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="7b-few-layers", choices=["7b-few-layers", "7b", "tiny"])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-work"))
-    ap.add_argument("--extra", default="", help="extra convert options, e.g. '--fuse-qkv --dtype bfloat16'")
-    ap.add_argument("--keep", action="store_true", help="keep the generated input for the next run")
+    add_common_args(ap, "7b-few-layers")
     args = ap.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    src = os.path.join(args.workdir, f"hf-{args.preset}")
-    size_gib = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01}[args.preset]
-    need_free(args.workdir, size_gib * 3.3)
-    if not os.path.isdir(src):
-        print(f"generating the {args.preset} fixture ...", flush=True)
-        t, _ = run(LLAVA + ["make-fixture", src, "--preset", args.preset], cwd=ROOT)
-        print(f"  {dir_bytes(src) / 1e9:.2f} GB in {t:.1f} s")
+    src = prepare_input(args.workdir, args.preset, 3.3)
     in_bytes = dir_bytes(src)
     out = os.path.join(args.workdir, "out")
     copy = os.path.join(args.workdir, "copy")

@@ -86,14 +86,17 @@ def bench_forward(repeats: int, layers: int, text_tokens: int) -> dict:
     t = time.perf_counter()
     runner.generate(ids, pixels, n_new, first=first)
     ours_gen2 = time.perf_counter() - t
-    def hf_generate(n):
-        with torch.no_grad():
-            t = time.perf_counter()
-            hf.generate(input_ids=tids, pixel_values=tpix, attention_mask=mask, max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - t
+    from transformers import LogitsProcessorList
+    stamps = []
 
-    theirs_gen = hf_generate(n_new) - hf_generate(1)  # n_new - 1 cached steps
+    def stamp(input_ids, scores):  # called once per generated token: the gaps are the cached steps
+        stamps.append(time.perf_counter())
+        return scores
+
+    with torch.no_grad():
+        hf.generate(input_ids=tids, pixel_values=tpix, attention_mask=mask, max_new_tokens=n_new,
+                    min_new_tokens=n_new, do_sample=False, logits_processor=LogitsProcessorList([stamp]))
+    theirs_gen = stamps[-1] - stamps[0]  # n_new - 1 cached steps
     med_o, med_t = statistics.median(ours_t), statistics.median(theirs_t)
     return {"positions": int(ids.shape[1]), "compile_s": compile_s, "rel_diff": diff,
             "ours_s": med_o, "theirs_s": med_t, "ratio": med_o / med_t,

@@ -11,26 +11,15 @@ import argparse
 import os
 import shutil
 
-from common import LLAVA, ROOT, copy_and_sync, dir_bytes, drop_caches, median, need_free, run
+from common import LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, prepare_input, run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="7b", choices=["7b-few-layers", "7b", "tiny"])
+    add_common_args(ap, "7b")
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-work"))
-    ap.add_argument("--extra", default="", help="extra convert options, e.g. '--fuse-qkv'")
-    ap.add_argument("--keep", action="store_true", help="keep the generated input for the next run")
     args = ap.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    src = os.path.join(args.workdir, f"hf-{args.preset}")
-    size_gib = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01}[args.preset]
-    need_free(args.workdir, size_gib * 3.6)
-    if not os.path.isdir(src):
-        print(f"generating the {args.preset} fixture ...", flush=True)
-        t, _ = run(LLAVA + ["make-fixture", src, "--preset", args.preset], cwd=ROOT)
-        print(f"  {dir_bytes(src) / 1e9:.2f} GB in {t:.1f} s")
+    src = prepare_input(args.workdir, args.preset, 3.6)
     out, copy = os.path.join(args.workdir, "out-tp"), os.path.join(args.workdir, "copy")
     print(f"input {dir_bytes(src) / 1e9:.2f} GB; page cache dropped before each run: {drop_caches()}")
     results = {tp: ([], []) for tp in args.tp}

@@ -8,7 +8,7 @@ from mindspore import nn, ops, Tensor
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
 from .llama import LanguageModel
-from .vision import VisionEncoder, patch_count
+from .vision import VisionEncoder, layers_run, patch_count
 
 
 class Adapter(nn.Cell):
@@ -127,7 +127,7 @@ class Runner:
         return ids.astype(np.int32)
 
     def forward(self, input_ids, pixel_values, trace: bool = False) -> dict:
-        """Logits for every position (numpy float32), the k/v caches, and with trace the intermediates:
+        """Logits for every position (numpy float32), per-layer k/v tuples, and with trace the intermediates:
         vision embeddings, ln_pre, each resblock, adapter, merged embeddings, each decoder layer, norm_out."""
         ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1])
         s = ids.shape[1]
@@ -152,25 +152,24 @@ class Runner:
         s, total = ids.shape[1], ids.shape[1] + max_new_tokens
         logits = [first["logits"][0, -1]]
         tokens = [int(np.argmax(logits[-1]))]
-        k, v = first["k"], first["v"]
-        pad = list(k.shape)
-        pad[3] = total - s
-        k = ops.concat((k, ops.zeros(tuple(pad), k.dtype)), 3)
-        v = ops.concat((v, ops.zeros(tuple(pad), v.dtype)), 3)
+        def pad(t):  # [B, kv, S, d] -> [B, kv, total, d]
+            return ops.concat((t, ops.zeros(t.shape[:2] + (total - s,) + t.shape[3:], t.dtype)), 2)
+
+        # mutable: a plain tuple of tensors is a compile-time constant (one recompile per step)
+        k, v = ms.mutable(tuple(pad(t) for t in first["k"])), ms.mutable(tuple(pad(t) for t in first["v"]))
         slots = np.arange(total)
         while len(tokens) < max_new_tokens and tokens[-1] not in eos:
             pos = s + len(tokens) - 1
             out = self._step(Tensor(np.array([[tokens[-1]]], dtype=np.int32)), Tensor(np.array([pos], np.int32)),
                              Tensor((slots <= pos)[None]), Tensor((slots == pos).reshape(1, 1, total, 1)), k, v)
             logits.append(out[0].asnumpy()[0, -1])
-            k, v = out[1], out[2]
+            k, v = ms.mutable(tuple(out[1])), ms.mutable(tuple(out[2]))
             tokens.append(int(np.argmax(logits[-1])))
         return {"tokens": tokens, "logits": np.stack(logits), "prompt_logits": first["logits"]}
 
 
 def trace_names(cfg: dict) -> list:
-    """Module names for Runner.forward(trace=True)'s intermediates, in order, then the logits' module."""
-    from .vision import layers_run
+    """Module names for Runner.forward(trace=True)'s intermediates, in execution order."""
     names = ["vision_encoder.embeddings", "vision_encoder.ln_pre"]
     names += [f"vision_encoder.transformer.resblocks.{i}" for i in range(layers_run(cfg))]
     names += ["adapter", "language_model.model.tok_embeddings"]
