@@ -125,12 +125,17 @@ def shard(converted_dir, out, tp, as_json):
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file (default: bundled).")
 @click.option("--prompt", default=None, help="Question about the image (default: a caption request).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Compute dtype of the reference model (float32 for the tightest comparison).")
+@click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
+              help="MindSpore device target of the reference model.")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def verify(hf_src, ms_dir, image, prompt, max_new_tokens, as_json):
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, as_json):
     """Run the converted weights in MS_DIR and compare logits with transformers on HF_SRC."""
     from .verify import verify as run, format_report
-    result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens)
+    result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
+                 device_target=device)
     click.echo(json.dumps(result) if as_json else format_report(result))
     sys.exit(0 if result["passed"] else 1)
 

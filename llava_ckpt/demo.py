@@ -12,6 +12,11 @@ def _step(title: str) -> None:
     click.echo(f"\n== {title}", err=False)
 
 
+def _summary(result: dict) -> None:
+    click.echo(f"wrote {result['tensors']} tensors, {result['bytes']:,} bytes, tp={result['tp']}, "
+               f"format {result['format']}: {', '.join(result['files'])} (+ manifest.json) in {result['out']}")
+
+
 def demo(workdir: str | None = None) -> int:
     """Run every stage on a tiny synthetic checkpoint in `workdir` (default ./demo-output); return exit code."""
     from .convert import convert
@@ -29,9 +34,9 @@ def demo(workdir: str | None = None) -> int:
     _step("make-fixture: a tiny HF LLaVA-1.5 checkpoint (real names, file split, tokenizer)")
     make_fixture(hf, preset="tiny")
     _step("convert: HF -> MindSpore .ckpt (MindFormers LlavaVlm names, fused qkv layout)")
-    click.echo(convert(hf, ms_dir, fuse_qkv=True, progress=False))
+    _summary(convert(hf, ms_dir, fuse_qkv=True, progress=False))
     _step("shard: 2-way tensor parallel + strategy.ckpt")
-    click.echo(shard(ms_dir, tp_dir, tp=2, progress=False))
+    _summary(shard(ms_dir, tp_dir, tp=2, progress=False))
     passed = True
     try:
         from .verify import verify, format_report
