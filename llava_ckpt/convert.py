@@ -14,7 +14,7 @@ from .hf_source import read_tensors
 from .io.dtypes import code_for, dtype_name
 from .manifest import tensor_entries, write_manifest
 from .mapping import load_table, plan, detect_layout, to_canonical, unused_names, op_groups
-from .stream import Job, tp_problems, write_output
+from .stream import Job, in_file_order, tp_problems, write_output
 
 
 def _listing(names, limit=8, sort=True) -> str:
@@ -61,7 +61,7 @@ def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, 
         code = out_code or infos[0].dtype
         jobs.append(Job(t, infos, code, op_groups(t, cfg), tuple(i.name for i in infos), dtype_name(code)))
     context = {"cfg": cfg, "table": table, "layout": layout_name, "files": files, "tensors": tensors}
-    return jobs, context
+    return in_file_order(jobs, [p for _, p in files]), context
 
 
 def tp_sizes(cfg: dict) -> dict:
