@@ -32,6 +32,12 @@ def copy_and_sync(src: str, dst: str) -> tuple:
     return run(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
 
 
+def read_floor(src: str) -> tuple:
+    """Reading every input byte once (`cat SRC/* > /dev/null`): the least any converter must do; shown beside
+    the baseline because `cp -r` + `sync` speed varies a lot with this VM's write-back."""
+    return run(["bash", "-c", f"cat '{src}'/* > /dev/null"])
+
+
 def drop_caches() -> bool:
     """Start each run from a cold page cache where the machine allows it (root, not in a locked container)."""
     try:

@@ -94,8 +94,8 @@ def _eval_dim(expr, sizes: dict, where: str) -> int:
 
 
 def plan(table: dict, cfg: dict, options: dict | None = None) -> list:
-    """Every Target of the conversion, in write order: entries in table order, and runs of adjacent
-    entries over the same layer set written layer by layer (so a layer's tensors sit together)."""
+    """Every Target of the conversion: entries in table order, runs of adjacent entries over the same layer
+    set expanded layer by layer. (convert then writes them in the order their sources sit on disk.)"""
     options = options or {}
     sizes = config_dims(cfg)
     sets = layer_sets(cfg)
