@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_faults import staged_bytes
+
 EXE = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
 S1, S2, S3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 INDEX = "model.safetensors.index.json"
@@ -499,15 +501,7 @@ def _wait_for_bytes(out: Path, proc, at_least: int, timeout=30):
     """Wait until the staging folder beside OUT holds `at_least` bytes of weights; False if the run ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        total = 0
-        for stage in out.parent.glob(f".{out.name}.partial-*"):
-            for root, _, files in os.walk(stage):
-                for f in files:
-                    try:
-                        total += os.path.getsize(os.path.join(root, f))
-                    except OSError:
-                        pass
-        if total >= at_least:
+        if staged_bytes(out)[1] >= at_least:
             return True
         time.sleep(0.002)
     return False
