@@ -51,3 +51,24 @@ def test_safetensors_output_reads_back_with_the_safetensors_package(tmp_path):
     w.close()
     back = load_file(str(tmp_path / "x.safetensors"))
     assert np.array_equal(back["a"], a) and np.array_equal(back["b"], b)
+
+
+def test_falls_back_to_buffered_writes_where_o_direct_is_refused(tmp_path, monkeypatch):
+    """tmpfs and some network filesystems refuse O_DIRECT: the output must be the same bytes regardless."""
+    import errno
+    import os
+    rng = np.random.default_rng(3)
+    arrays = {"w": rng.standard_normal((700, 9)).astype(np.float32)}  # not a multiple of the 4 KiB alignment
+    direct = _write(tmp_path / "direct.ckpt", arrays)
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", refuse_direct)
+    buffered = _write(tmp_path / "buffered.ckpt", arrays)
+    assert direct == buffered
+    assert (tmp_path / "direct.ckpt").read_bytes() == (tmp_path / "buffered.ckpt").read_bytes()
+    with FileReader() as r:
+        assert np.array_equal(r.read(read_ckpt_index(str(tmp_path / "direct.ckpt"))["w"]), arrays["w"])

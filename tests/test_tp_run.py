@@ -1,0 +1,69 @@
+"""Tensor-parallel outputs run as real ranks under msrun (each rank loads only its own rank_<r>/ file) give
+the single-process reference model's logits; a damaged rank file does not."""
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from llava_ckpt.config import load_config
+from llava_ckpt.convert import convert
+from llava_ckpt.io import load_tensors
+from llava_ckpt.model import Runner, build_and_load
+from llava_ckpt.model.vision import patch_count
+from llava_ckpt.tp_run import run_ranks
+
+
+def _inputs(cfg):
+    rng = np.random.default_rng(1)
+    vocab = cfg["text_config"]["vocab_size"]
+    text = [t for t in rng.integers(2, vocab, 40) if t != cfg["image_token_index"]]
+    ids = np.array([[1] + text[:5] + [cfg["image_token_index"]] * patch_count(cfg) + text[5:17]], dtype=np.int64)
+    vc = cfg["vision_config"]
+    pixels = rng.standard_normal((1, vc["num_channels"], vc["image_size"], vc["image_size"])).astype(np.float32)
+    return ids, pixels
+
+
+def _damage_wo(rank_dir):
+    """Swap the two halves (row blocks) of layer 0's wo in this rank's file."""
+    (path,) = glob.glob(os.path.join(rank_dir, "*.safetensors"))
+    src = load_tensors(rank_dir)
+    tensors = {n: np.ascontiguousarray(np.array(src[n])) for n in src.keys()}
+    if hasattr(src, "close"):
+        src.close()
+    name = "language_model.model.layers.0.attention.wo.weight"
+    w = tensors[name]
+    half = w.shape[0] // 2
+    tensors[name] = np.ascontiguousarray(np.concatenate([w[half:], w[:half]], axis=0))
+    assert not np.array_equal(tensors[name], w)
+    save_file(tensors, path)
+
+
+@pytest.mark.slow
+def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
+    cfg = load_config(tiny)
+    ids, pixels = _inputs(cfg)
+    one = str(tmp_path / "tp1")
+    convert(tiny, one, fuse_qkv=False, progress=False)
+    model, _ = build_and_load(cfg, load_tensors(one))
+    ref = Runner(model, jit=False).forward(ids, pixels)["logits"]
+    scale = float(np.abs(ref).max())
+    assert scale > 0
+
+    for fuse in (True, False):
+        out = str(tmp_path / f"tp2-{fuse}")
+        convert(tiny, out, fmt="safetensors", fuse_qkv=fuse, tp=2, progress=False)
+        got = run_ranks(out, cfg, ids, pixels)
+        assert got["world"] == 2
+        assert got["logits"].shape == ref.shape
+        err = float(np.abs(got["logits"] - ref).max())
+        assert err <= 1e-4 * scale, (fuse, err, scale)
+
+    bad = str(tmp_path / "tp2-damaged")
+    shutil.copytree(out, bad)
+    _damage_wo(os.path.join(bad, "rank_1"))
+    got = run_ranks(bad, cfg, ids, pixels)
+    err = float(np.abs(got["logits"] - ref).max())
+    assert err > 1e-2 * scale, (err, scale)
