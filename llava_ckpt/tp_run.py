@@ -63,7 +63,11 @@ def _tail(work: str, log_dir: str, limit: int = 3000) -> str:
         for name in sorted(os.listdir(d)):
             if name.startswith("error_rank_") or (d == log_dir and name.endswith(".log")):
                 with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
-                    texts.append(f"--- {name}\n" + f.read()[-limit:])
+                    text = f.read()
+                if d == work:  # a worker's traceback: its last line names the problem
+                    lines = [line for line in text.splitlines() if line.strip()]
+                    text = lines[-1] if lines else text
+                texts.append(f"[{name}] " + text[-limit:])
         if texts and d == work:
             break
     return "\n".join(texts)[-2 * limit:]

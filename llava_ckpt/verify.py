@@ -65,7 +65,9 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         raise fail(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     hf_src = _resolve_source(hf_src)
     from .config import load_config
+    from .hf_source import read_tensors
     cfg = load_config(hf_src)
+    read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
     tensors, tp = open_converted(ms_dir)
     stored = stored_dtypes(tensors)
     # storage rounding first, then the float16 compute cast: the order our side applies them in
@@ -255,7 +257,7 @@ def run_hf(hf_src: str, inputs: dict, round_to: list, max_new_tokens: int, n_vis
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would interleave with our report
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(hf_src, dtype=torch.float32,
+        model = LlavaForConditionalGeneration.from_pretrained(hf_src, dtype=torch.float32, use_safetensors=True,
                                                               attn_implementation="eager").eval()
     finally:
         if bar:

@@ -144,3 +144,29 @@ def test_verify_flags_ranks_that_disagree_on_a_replicated_tensor(tiny, tmp_path)
     r = verify(tiny, out, max_new_tokens=1, jit=False)
     assert r["replica_mismatch"] == [name]
     assert r["checks"]["logits"] and not r["passed"]
+
+
+def test_verify_refuses_pickle_only_sources(tmp_path, tiny):
+    """verify loads HF_SRC with transformers: a pickle must be refused before torch could ever read it."""
+    import pickle
+    import shutil
+    from llava_ckpt.verify import verify
+    convert(tiny, str(tmp_path / "ms"), progress=False)
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "model.safetensors.index.json").unlink()
+    marker = tmp_path / "unpickled"
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(CheckpointError, match="pickle weights"):
+        verify(str(src), str(tmp_path / "ms"))
+    assert not marker.exists()
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
