@@ -129,13 +129,14 @@ def shard(converted_dir, out, tp, as_json):
               help="Compute dtype of the reference model (float32 for the tightest comparison).")
 @click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
               help="MindSpore device target of the reference model.")
+@click.option("--msrun", is_flag=True, help="Also run a --tp output as real tensor-parallel ranks under msrun.")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, as_json):
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, as_json):
     """Run the converted weights in MS_DIR and compare logits with transformers on HF_SRC."""
     from .verify import verify as run, format_report
     result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
-                 device_target=device)
+                 device_target=device, msrun=msrun)
     click.echo(json.dumps(result) if as_json else format_report(result))
     sys.exit(0 if result["passed"] else 1)
 

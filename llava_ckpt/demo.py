@@ -43,9 +43,9 @@ def demo(workdir: str | None = None) -> int:
     except ImportError as exc:  # pragma: no cover - verify ships with the package
         click.echo(f"verify unavailable: {exc}")
     else:
-        for label, path in (("convert", ms_dir), ("shard tp=2", tp_dir)):
+        for label, path, msrun in (("convert", ms_dir, False), ("shard tp=2, ranks under msrun", tp_dir, True)):
             _step(f"verify ({label}): reference MindSpore model vs transformers, same image and prompt")
-            result = verify(hf, path, max_new_tokens=8)
+            result = verify(hf, path, max_new_tokens=8, msrun=msrun)
             click.echo(format_report(result))
             passed = passed and result["passed"]
     _step(f"outputs in {workdir}")

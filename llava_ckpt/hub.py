@@ -1,11 +1,16 @@
 """Fetch a LLaVA-1.5 checkpoint from the Hugging Face Hub: pinned to a commit, hash-checked, cache-reusing.
 
-huggingface_hub does the transfer (HEAD/GET, redirects, auth, cache layout, in-run resume with Range) but it
-checks only file sizes, never contents, on plain HTTP. So this module resolves the revision to a commit,
-takes the expected hashes from the hub's tree listing (lfs sha256 for LFS files, git blob sha1 otherwise),
-hashes every file it fetched, deletes a file that does not match, and writes a record of what it verified
+huggingface_hub does the transfer of small files (HEAD/GET, redirects, auth, cache layout) but it checks only
+file sizes, never contents, on plain HTTP. So this module resolves the revision to a commit, takes the expected
+hashes from the hub's tree listing (lfs sha256 for LFS files, git blob sha1 otherwise), hashes every file it
+fetched, deletes a file that does not match, and writes a record of what it verified
 (`<record dir>/<commit>.json`). A later run, online or offline, trusts a file whose (size, mtime, inode)
 still match that record and re-hashes any other.
+
+LFS files (the weights) are streamed here instead, into a partial file with a stable name (`blobs/<sha256>.incomplete`
+in the hub cache, `<local_dir>/.cache/llava-ckpt/incomplete/<sha256>.incomplete` for a --local-dir) that survives a
+failed or killed run: the next run hashes the bytes already there and asks only for the rest (`Range: bytes=N-`),
+hashing as bytes arrive, then moves the verified file to where hf_hub_download would have put it.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ SMALL_FILES = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 HASH_CHUNK = 16 << 20
 RETRY_DELAYS = (1.0, 3.0)  # metadata calls: waits between attempts on network errors
+STREAM_RETRIES = 5  # LFS transfers: in-run resumptions in a row without a byte received, as huggingface_hub does
+STREAM_RETRY_DELAY = 1.0
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _REPO_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")
 
@@ -114,13 +121,16 @@ def _online(where: _Where, revision: str, progress: bool, endpoint: str, token: 
             i = 0
             while i < len(names):  # the index, once fetched, appends its shards to `names`
                 name = names[i]
-                path = fetch(name)
+                path, entry = fetch(name, tree[name])
                 if name == "config.json":
                     _check_config(path, repo)
                 if name == "model.safetensors.index.json":
                     names[i + 1:] = _with_index_shards(names[i + 1:], path, tree, repo)
                 i += 1
-                pending.append(hasher.submit(_verified, path, tree[name], repo, commit, where))
+                if entry is not None:  # streamed here and hashed on the way in
+                    pending.append(_done(entry))
+                else:
+                    pending.append(hasher.submit(_verified, path, tree[name], repo, commit, where))
                 _raise_first_failure(pending)
             for job in pending:
                 entry = job.result()
@@ -130,16 +140,229 @@ def _online(where: _Where, revision: str, progress: bool, endpoint: str, token: 
 
 
 class _Fetcher:
-    """hf_hub_download of one file at a pinned commit (no network when the cache already has it)."""
+    """Fetch one file at a pinned commit (no network when it is already in place).
+
+    Returns (path, entry): entry is the verified record entry when the file was streamed and hashed here, None
+    when the caller still has to verify the file (small files via hf_hub_download, files already on disk).
+    """
 
     def __init__(self, where, commit, endpoint, token, progress):
         self.where, self.commit, self.endpoint, self.token, self.progress = where, commit, endpoint, token, progress
 
-    def __call__(self, name: str) -> str:
+    def __call__(self, name: str, want: dict) -> tuple[str, dict | None]:
+        if want.get("lfs_sha256") and want.get("size") is not None:
+            return self._resumable(name, want)
         from huggingface_hub import hf_hub_download
         return hf_hub_download(self.where.repo, name, revision=self.commit, cache_dir=self.where.cache_dir,
                                local_dir=self.where.local_dir, endpoint=self.endpoint, token=self.token,
-                               tqdm_class=_bar_class(name, self.progress))
+                               tqdm_class=_bar_class(name, self.progress)), None
+
+    # -- LFS files: resumable across runs --------------------------------------------------------------
+
+    def _resumable(self, name: str, want: dict) -> tuple[str, dict | None]:
+        from huggingface_hub.utils import WeakFileLock
+        sha = want["lfs_sha256"]
+        if self.where.local_dir:
+            found = self._local_dir_existing(name, sha)
+            if found:
+                return found, None
+            from huggingface_hub._local_folder import get_local_download_paths
+            paths = get_local_download_paths(_Path(self.where.local_dir), name)
+            final, lock = str(paths.file_path), str(paths.lock_path)
+            partial = os.path.join(self.where.records, "incomplete", f"{sha}.incomplete")
+        else:
+            storage = os.path.join(self.where.cache_dir, "models--" + self.where.repo.replace("/", "--"))
+            final = os.path.join(storage, "snapshots", self.commit, *name.split("/"))
+            blob = os.path.join(storage, "blobs", sha)
+            lock = os.path.join(self.where.cache_dir, ".locks", os.path.basename(storage), f"{sha}.lock")
+            partial = blob + ".incomplete"
+            if os.path.exists(final):
+                return final, None
+            if os.path.exists(blob):  # same content under another commit: link it, the caller verifies it
+                self._link(blob, final, new_blob=False, lock=lock)
+                return final, None
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        with WeakFileLock(lock):
+            got = self._stream(name, want["size"], partial)
+            if got != sha:
+                _remove(partial)
+                raise fail(f"{name}: sha256 {got} does not match the hub's {sha} ({self.where.repo}@{self.commit}); "
+                           "the file was deleted, run again to re-download")
+            self._place(name, sha, partial, final)
+        return final, {**want, "sha256": got, "stat": _stat_key(final)}
+
+    def _local_dir_existing(self, name: str, sha: str) -> str | None:
+        """A --local-dir file that is already there (as hf_hub_download would reuse it), or a cached copy of it."""
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub._local_folder import read_download_metadata, write_download_metadata
+        local_dir = _Path(self.where.local_dir)
+        path = os.path.join(self.where.local_dir, *name.split("/"))
+        meta = read_download_metadata(local_dir, name)
+        if os.path.isfile(path) and meta is not None and (meta.commit_hash == self.commit or meta.etag == sha):
+            if meta.commit_hash != self.commit:
+                write_download_metadata(local_dir, name, commit_hash=self.commit, etag=sha)
+            return path
+        cached = try_to_load_from_cache(self.where.repo, name, cache_dir=self.where.cache_dir, revision=self.commit)
+        if isinstance(cached, str):
+            import shutil
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            shutil.copyfile(cached, tmp)
+            os.replace(tmp, path)
+            write_download_metadata(local_dir, name, commit_hash=self.commit, etag=sha)
+            return path
+        return None
+
+    def _stream(self, name: str, size: int, partial: str) -> str:
+        """Bring `partial` to `size` bytes, resuming from what it holds; return the sha256 of the whole file."""
+        import httpx2
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        url = hf_hub_url(self.where.repo, name, revision=self.commit, endpoint=self.endpoint)
+        os.makedirs(os.path.dirname(partial), exist_ok=True)
+        with open(partial, "ab"):
+            pass
+        with open(partial, "r+b") as f:
+            have = os.fstat(f.fileno()).st_size
+            if have > size:  # not a prefix of this file
+                f.truncate(0)
+                have = 0
+            sha256 = _hash_prefix(f, have)
+            bar_class = _bar_class(name, self.progress)
+            with bar_class(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                failures, restarted = 0, False
+                while have < size:
+                    headers = build_hf_headers(token=self.token)
+                    headers["Accept-Encoding"] = "identity"  # a compressed reply would not honour Range
+                    if have:
+                        headers["Range"] = f"bytes={have}-"
+                    got_bytes = False
+                    try:
+                        with get_session().stream("GET", url, headers=headers,
+                                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as reply:
+                            if have and reply.status_code == 416 and not restarted:
+                                restarted = True  # the server disowns our prefix: start over
+                                have, sha256 = _restart(f, bar)
+                                continue
+                            hf_raise_for_status(reply)
+                            if have and not _continues_at(reply, have):
+                                if reply.status_code != 200:  # a 206 from elsewhere: ask again for everything
+                                    have, sha256 = _restart(f, bar)
+                                    continue
+                                have, sha256 = _restart(f, bar)  # a 200 is the whole file: take it from byte 0
+                            for chunk in reply.iter_bytes():
+                                if not chunk:
+                                    continue
+                                if have + len(chunk) > size:
+                                    f.close()
+                                    _remove(partial)
+                                    raise fail(f"{name}: the hub sent more than the {size} bytes it lists "
+                                               f"({self.where.repo}@{self.commit}); the partial file was deleted, "
+                                               "run again to re-download")
+                                f.write(chunk)
+                                sha256.update(chunk)
+                                have += len(chunk)
+                                bar.update(len(chunk))
+                                got_bytes = True
+                        if have < size and not got_bytes:
+                            raise httpx2.RemoteProtocolError(f"{name}: the reply ended at byte {have} of {size}")
+                    except (httpx2.NetworkError, httpx2.TimeoutException, httpx2.RemoteProtocolError):
+                        failures = 0 if got_bytes else failures + 1
+                        if failures > STREAM_RETRIES:
+                            raise
+                        time.sleep(STREAM_RETRY_DELAY)
+                        continue
+                    failures = 0
+            f.flush()
+            os.fsync(f.fileno())
+        return sha256.hexdigest()
+
+    def _place(self, name: str, sha: str, partial: str, final: str) -> None:
+        """Move a verified partial file to where hf_hub_download would have put it."""
+        if self.where.local_dir:
+            from huggingface_hub._local_folder import write_download_metadata
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(partial, final)
+            write_download_metadata(_Path(self.where.local_dir), name, commit_hash=self.commit, etag=sha)
+        else:
+            blob = partial[:-len(".incomplete")]
+            os.replace(partial, blob)
+            self._link(blob, final, new_blob=True)
+        _fsync_dir(os.path.dirname(partial))
+
+    def _link(self, blob: str, pointer: str, new_blob: bool, lock: str | None = None) -> None:
+        from huggingface_hub.file_download import _create_symlink
+        os.makedirs(os.path.dirname(pointer), exist_ok=True)
+        if lock is None:
+            _create_symlink(blob, pointer, new_blob=new_blob)
+            return
+        from huggingface_hub.utils import WeakFileLock
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        with WeakFileLock(lock):
+            if not os.path.exists(pointer):
+                _create_symlink(blob, pointer, new_blob=new_blob)
+
+
+def _Path(p):
+    from pathlib import Path
+    return Path(p)
+
+
+def _hash_prefix(f, n: int):
+    """sha256 of the first n bytes of an open file (the part of a partial download already on disk)."""
+    sha256 = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left:
+        block = f.read(min(HASH_CHUNK, left))
+        if not block:
+            break
+        sha256.update(block)
+        left -= len(block)
+    f.seek(n)
+    return sha256
+
+
+def _restart(f, bar):
+    f.seek(0)
+    f.truncate(0)
+    bar.reset(total=bar.total)
+    return 0, hashlib.sha256()
+
+
+def _continues_at(reply, offset: int) -> bool:
+    """True when a reply to `Range: bytes=<offset>-` carries exactly the bytes from `offset` on."""
+    if reply.status_code != 206:
+        return False
+    m = re.match(r"\s*bytes\s+(\d+)-", reply.headers.get("Content-Range", ""))
+    return bool(m) and int(m.group(1)) == offset
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _done(value):
+    from concurrent.futures import Future
+    job = Future()
+    job.set_result(value)
+    return job
 
 
 def _bar_class(name: str, show: bool):

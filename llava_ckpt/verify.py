@@ -52,7 +52,7 @@ _CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
            max_new_tokens: int = 16, dtype: str = "float32", device_target: str = "CPU",
-           jit: bool = True) -> dict:
+           jit: bool = True, msrun: bool = False) -> dict:
     """Compare the converted checkpoint in `ms_dir` with the HF checkpoint `hf_src`; returns a JSON-able dict.
 
     `dtype` is the reference model's compute dtype (float32 or float16). Raises CheckpointError for bad
@@ -69,6 +69,9 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     cfg = load_config(hf_src)
     read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
     tensors, tp = open_converted(ms_dir)
+    if msrun:
+        from .tp_run import rank_count
+        rank_count(ms_dir)  # a tp-1 folder is refused before the slow part
     stored = stored_dtypes(tensors)
     # storage rounding first, then the float16 compute cast: the order our side applies them in
     narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
@@ -96,6 +99,14 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     t_ms = time.perf_counter() - t0
 
     tol = TOLERANCES[dtype]
+    parallel = None
+    if msrun:  # the real thing: N ranks under msrun, each loading only its own rank file
+        from .tp_run import run_ranks
+        par = run_ranks(ms_dir, cfg, ids, pixels, dtype=dtype, jit=jit)
+        parallel = compare_logits(hf["logits"][0], par["logits"][0], tol)
+        parallel_ok = parallel.pop("logits_ok") and parallel.pop("cosine_ok") and parallel.pop("top1_ok")
+        parallel.update(world=par["world"], seconds=round(par["seconds"], 2), attempts=par["attempts"],
+                        passed=bool(parallel_ok))
     result = compare_logits(hf["logits"][0], ours["logits"][0], tol)
     modules = compare_modules(trace_names(cfg), hf["trace"], ours["trace"], tol["module_rtol"])
     greedy = compare_greedy(hf["tokens"], hf["step_logits"], gen["tokens"], result["tolerance_abs"])
@@ -103,6 +114,8 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     replicas = sorted(getattr(tensors, "replica_mismatch", ()))
     checks = {"logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"), "top1": result.pop("top1_ok"),
               "greedy": greedy.pop("greedy_ok"), "modules": first is None, "replicas": not replicas}
+    if parallel is not None:
+        checks["msrun_logits"] = parallel["passed"]
     decode = inputs["decode"]
     result.update(greedy)
     result.update({
@@ -111,6 +124,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         "first_divergence": first,
         "modules": modules,
         "tp": tp,
+        "msrun": parallel,
         "fused_qkv": model.fused,
         "compute_dtype": dtype,
         "stored_dtypes": sorted(set(stored.values())),
@@ -410,6 +424,11 @@ def format_report(result: dict) -> str:
                      f"(largest {worst['rel_diff']:.3g} at {worst['name']})")
     if result["replica_mismatch"]:
         lines.append(f"  replicas : ranks disagree on {', '.join(result['replica_mismatch'][:5])}")
+    par = result.get("msrun")
+    if par:
+        lines.append(f"  msrun    : {par['world']} tensor-parallel ranks, each loading only its rank file: max |diff| "
+                     f"{par['max_abs_diff']:.3g}, cosine {par['cosine_min']:.7f}, top-1 "
+                     f"{100 * par['top1_agreement']:.1f}%  {mark(par['passed'])} ({par['seconds']} s)")
     lines.append(f"  time     : transformers {result['seconds']['transformers']} s, "
                  f"mindspore {result['seconds']['mindspore']} s")
     return "\n".join(lines)

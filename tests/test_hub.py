@@ -80,6 +80,7 @@ def hub(served, tmp_path, monkeypatch):
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hubmod, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(hubmod, "STREAM_RETRY_DELAY", 0.0)
     yield server
     server.stop()
 

@@ -14,6 +14,7 @@ from llava_ckpt.io import load_tensors
 from llava_ckpt.model import Runner, build_and_load
 from llava_ckpt.model.vision import patch_count
 from llava_ckpt.tp_run import run_ranks
+from llava_ckpt.verify import verify
 
 
 def _inputs(cfg):
@@ -52,14 +53,19 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
     scale = float(np.abs(ref).max())
     assert scale > 0
 
-    for fuse in (True, False):
-        out = str(tmp_path / f"tp2-{fuse}")
-        convert(tiny, out, fmt="safetensors", fuse_qkv=fuse, tp=2, progress=False)
-        got = run_ranks(out, cfg, ids, pixels)
-        assert got["world"] == 2
-        assert got["logits"].shape == ref.shape
-        err = float(np.abs(got["logits"] - ref).max())
-        assert err <= 1e-4 * scale, (fuse, err, scale)
+    out = str(tmp_path / "tp2-fused")
+    convert(tiny, out, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
+    result = verify(tiny, out, msrun=True, max_new_tokens=2)  # the user's path: `verify --msrun`
+    assert result["passed"] and result["checks"]["msrun_logits"] and result["msrun"]["world"] == 2
+    assert result["msrun"]["max_abs_diff"] <= 1e-4 * result["max_abs_logit"]
+
+    out = str(tmp_path / "tp2-unfused")
+    convert(tiny, out, fmt="safetensors", fuse_qkv=False, tp=2, progress=False)
+    got = run_ranks(out, cfg, ids, pixels)
+    assert got["world"] == 2
+    assert got["logits"].shape == ref.shape
+    err = float(np.abs(got["logits"] - ref).max())
+    assert err <= 1e-4 * scale, (err, scale)
 
     bad = str(tmp_path / "tp2-damaged")
     shutil.copytree(out, bad)
