@@ -2,8 +2,9 @@
 
 For each target tensor, output rows are produced in chunks of about CHUNK bytes by gathering source rows
 through the op's row map (llava_ckpt/mapping.py), cast, cut for each rank by the target's split kind,
-and handed to the rank's writer, whose thread hashes and writes them. Memory holds a few chunks, never
-a whole tensor, whatever the model size.
+and handed to the rank's writer (a plain rename is read straight into the writer's blocks). Writers hash
+what they are given and write it on a thread of their own. Memory holds a few chunks, never a whole
+tensor, whatever the model size.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .errors import fail
 from .io.dtypes import numpy_dtype, itemsize
-from .io.source import FileReader, TensorInfo
+from .io.source import FileReader
 from .io.writers import open_writer
 from .mapping import Target, row_map
 
@@ -134,7 +135,7 @@ def _gather(reader: FileReader, job: Job, src: np.ndarray, row: np.ndarray, a: i
     return out
 
 
-def _direct_run(job: Job, src, row, out_np, dim) -> bool:
+def _direct_run(job: Job, row, out_np, dim) -> bool:
     """True when the target is its one source's bytes unchanged (rename, no cast, not cut along dim 1)."""
     return (dim != 1 and len(job.infos) == 1 and numpy_dtype(job.infos[0].dtype) == out_np
             and bool((row == np.arange(len(row))).all()))
@@ -143,6 +144,14 @@ def _direct_run(job: Job, src, row, out_np, dim) -> bool:
 def _chunk_rows(job: Job) -> int:
     row_bytes = max(1, job.infos[0].row_bytes, itemsize(job.out_dtype) * int(np.prod(job.target.shape[1:] or (1,))))
     return max(1, CHUNK // row_bytes)
+
+
+def _spans(n_rows: int, step: int, dim, tp: int) -> list:
+    """(rank or None for every rank, first row, end row) chunks; under a dim-0 split no chunk crosses ranks."""
+    if dim == 0:
+        per = n_rows // tp
+        return [(r, a, min(a + step, (r + 1) * per)) for r in range(tp) for a in range(r * per, (r + 1) * per, step)]
+    return [(None, a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
 
 
 def write_jobs(jobs, writers, tp: int, progress: bool = True, total_bytes: int | None = None) -> None:
@@ -164,14 +173,8 @@ def write_jobs(jobs, writers, tp: int, progress: bool = True, total_bytes: int |
             rbytes = int(np.prod(rshape)) * out_np.itemsize
             for w in writers:
                 w.begin(t.name, rshape, job.out_dtype, rbytes)
-            n_rows = len(src)
-            step = _chunk_rows(job)
-            if dim == 0:
-                per = n_rows // tp
-                spans = [(r, a, min(a + step, (r + 1) * per)) for r in range(tp) for a in range(r * per, (r + 1) * per, step)]
-            else:
-                spans = [(None, a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
-            direct = _direct_run(job, src, row, out_np, dim)
+            spans = _spans(len(src), _chunk_rows(job), dim, tp)
+            direct = _direct_run(job, row, out_np, dim)
             for rank, a, b in spans:
                 if direct:  # same dtype, one contiguous source run: pread straight into the writers' blocks
                     info = job.infos[0]
