@@ -12,7 +12,7 @@ from .config import load_config
 from .errors import fail
 from .hf_source import read_tensors
 from .io.dtypes import code_for, dtype_name
-from .manifest import tensor_entries, write_manifest
+from .manifest import tensor_entries
 from .mapping import load_table, plan, detect_layout, to_canonical, unused_names, op_groups
 from .stream import Job, in_file_order, tp_problems, write_output
 

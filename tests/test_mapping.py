@@ -4,7 +4,7 @@ import pytest
 from llava_ckpt.config import load_config, normalize_config
 from llava_ckpt.errors import CheckpointError
 from llava_ckpt.fixture import REFERENCE
-from llava_ckpt.mapping import apply, invert, load_table, plan, row_map, detect_layout, to_canonical
+from llava_ckpt.mapping import apply, invert, load_table, plan, detect_layout, to_canonical
 
 
 def test_ops_have_exact_inverses():
