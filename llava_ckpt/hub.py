@@ -182,14 +182,30 @@ class _Fetcher:
                 self._link(blob, final, new_blob=False, lock=lock)
                 return final, None
         os.makedirs(os.path.dirname(lock), exist_ok=True)
+        waited_from = time.time_ns()
         with WeakFileLock(lock):
+            if self._placed_meanwhile(final, partial, waited_from):  # another process finished it first
+                return final, None  # the caller verifies it
             got = self._stream(name, want["size"], partial)
             if got != sha:
                 _remove(partial)
                 raise fail(f"{name}: sha256 {got} does not match the hub's {sha} ({self.where.repo}@{self.commit}); "
                            "the file was deleted, run again to re-download")
-            self._place(name, sha, partial, final)
+            self._place(partial, final)
+        if self.where.local_dir:  # takes the same lock itself
+            from huggingface_hub._local_folder import write_download_metadata
+            write_download_metadata(_Path(self.where.local_dir), name, commit_hash=self.commit, etag=sha)
         return final, {**want, "sha256": got, "stat": _stat_key(final)}
+
+    def _placed_meanwhile(self, final: str, partial: str, since_ns: int) -> bool:
+        if self.where.local_dir:
+            return os.path.isfile(final) and os.stat(final).st_mtime_ns >= since_ns
+        blob = partial[:-len(".incomplete")]
+        if not os.path.exists(blob):
+            return False
+        if not os.path.lexists(final):
+            self._link(blob, final, new_blob=False)
+        return True
 
     def _local_dir_existing(self, name: str, sha: str) -> str | None:
         """A --local-dir file that is already there (as hf_hub_download would reuse it), or a cached copy of it."""
@@ -277,13 +293,11 @@ class _Fetcher:
             os.fsync(f.fileno())
         return sha256.hexdigest()
 
-    def _place(self, name: str, sha: str, partial: str, final: str) -> None:
+    def _place(self, partial: str, final: str) -> None:
         """Move a verified partial file to where hf_hub_download would have put it."""
         if self.where.local_dir:
-            from huggingface_hub._local_folder import write_download_metadata
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(partial, final)
-            write_download_metadata(_Path(self.where.local_dir), name, commit_hash=self.commit, etag=sha)
         else:
             blob = partial[:-len(".incomplete")]
             os.replace(partial, blob)
@@ -326,6 +340,7 @@ def _hash_prefix(f, n: int):
 def _restart(f, bar):
     f.seek(0)
     f.truncate(0)
+    bar.initial = 0  # so the rate shown does not count the discarded prefix
     bar.reset(total=bar.total)
     return 0, hashlib.sha256()
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,8 @@ class LoopbackHub:
         self.corrupt: set[str] = set()          # repo paths served with one byte flipped (size unchanged)
         self.drop: dict[str, int] = {}          # repo path -> byte offset at which the next GET is cut (once)
         self.fail_after_drop = 0                # after a drop, answer the next N GETs of that file with 503
+        self.slow: dict[str, float] = {}        # repo path -> seconds of pause after each 16 KiB block of a GET
+        self.ignore_range: set[str] = set()     # repo paths answered 200 with the whole file even to a Range GET
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self._failing: dict[str, int] = {}
@@ -163,7 +166,7 @@ class LoopbackHub:
                     return self._error(503, message="temporarily unavailable")
                 start = 0
                 rng = self.headers.get("Range")
-                if rng and rng.startswith("bytes=") and not head:
+                if rng and rng.startswith("bytes=") and not head and rel not in hub.ignore_range:
                     start = int(rng[6:].split("-")[0])
                 body = data[start:]
                 self.send_response(206 if start else 200)
@@ -184,6 +187,16 @@ class LoopbackHub:
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)  # the client sees the body end early
+                    return
+                pause = hub.slow.get(rel)
+                if pause:
+                    try:
+                        for i in range(0, len(body), 16 << 10):
+                            self.wfile.write(body[i:i + (16 << 10)])
+                            self.wfile.flush()
+                            time.sleep(pause)
+                    except (BrokenPipeError, ConnectionResetError):  # the client went away (killed)
+                        self.close_connection = True
                     return
                 self.wfile.write(body)
 

@@ -320,3 +320,111 @@ def test_convert_repo_id_end_to_end(hub, served, tmp_path):
     gets = len(hub.file_gets())
     convert(REPO, str(tmp_path / "out2"), fmt="safetensors", progress=False)
     assert len(hub.file_gets()) == gets  # the second conversion reuses the verified cache
+
+
+# --- resume across runs (LFS files stream into a partial file with a stable name) ---------------------------
+
+def _partial_path(served, shard, local_dir=None):
+    sha = _sha256(os.path.join(served, shard))
+    if local_dir:
+        return os.path.join(local_dir, ".cache", "llava-ckpt", "incomplete", f"{sha}.incomplete")
+    return os.path.join(os.environ["HF_HOME"], "hub", "models--llava-hf--llava-1.5-7b-hf", "blobs",
+                        f"{sha}.incomplete")
+
+
+def _fail_mid_file(hub, served, shard, local_dir=None):
+    """One run whose connection drops mid-file and whose in-run resume gets a 503: it leaves a partial file."""
+    size = os.path.getsize(os.path.join(served, shard))
+    hub.drop[shard] = size // 2
+    hub.fail_after_drop = 1
+    with pytest.raises(CheckpointError, match="HTTP 503"):
+        hubmod.download(REPO, local_dir=local_dir, progress=False)
+    hub.fail_after_drop = 0
+    partial = _partial_path(served, shard, local_dir)
+    assert os.path.getsize(partial) == size // 2
+    return partial
+
+
+@pytest.mark.parametrize("use_local_dir", [False, True])
+def test_failed_run_is_resumed_by_the_next_run_with_range(hub, served, tmp_path, monkeypatch, use_local_dir):
+    shard = largest_shard(served)
+    size = os.path.getsize(os.path.join(served, shard))
+    local_dir = str(tmp_path / "local") if use_local_dir else None
+    partial = _fail_mid_file(hub, served, shard, local_dir)
+    hub.requests.clear()
+    result = hubmod.download(REPO, local_dir=local_dir, progress=False)
+    assert [r[2] for r in hub.file_gets(shard)] == [f"bytes={size // 2}-"]  # only the missing half moved
+    assert not os.path.exists(partial)
+    with open(os.path.join(result["path"], shard), "rb") as a, open(os.path.join(served, shard), "rb") as b:
+        assert a.read() == b.read()
+    entry = next(f for f in result["files"] if f["path"] == shard)
+    assert entry["sha256"] == _sha256(os.path.join(served, shard)) and entry["size"] == size
+    if not use_local_dir:  # laid out as hf_hub_download would: snapshot symlink into blobs/<sha256>
+        link = os.path.join(result["path"], shard)
+        assert os.path.islink(link) and os.path.basename(os.path.realpath(link)) == entry["sha256"]
+    hub.requests.clear()  # the record covers the resumed file: offline, nothing is re-hashed or fetched
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hubmod.download(REPO, local_dir=local_dir, progress=False) == result
+    assert hub.requests == []
+
+
+def test_corrupted_partial_is_caught_deleted_and_refetched(hub, served):
+    shard = largest_shard(served)
+    partial = _fail_mid_file(hub, served, shard)
+    with open(partial, "r+b") as f:  # wrong bytes in what the next run resumes from
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    hub.requests.clear()
+    with pytest.raises(CheckpointError, match=f"{shard}: sha256 .* does not match") as info:
+        hubmod.download(REPO, progress=False)
+    assert "\n" not in str(info.value)
+    assert [r[2] for r in hub.file_gets(shard)][0].startswith("bytes=")
+    assert not os.path.exists(partial) and not os.path.exists(partial[:-len(".incomplete")])
+    hub.requests.clear()
+    result = hubmod.download(REPO, progress=False)
+    assert [r[2] for r in hub.file_gets(shard)] == [None]  # from byte 0
+    assert _sha256(os.path.join(result["path"], shard)) == _sha256(os.path.join(served, shard))
+
+
+def test_server_ignoring_range_restarts_from_zero(hub, served):
+    shard = largest_shard(served)
+    _fail_mid_file(hub, served, shard)
+    hub.ignore_range.add(shard)  # answers the Range GET with 200 and the whole file
+    hub.requests.clear()
+    result = hubmod.download(REPO, progress=False)
+    assert len(hub.file_gets(shard)) == 1
+    assert _sha256(os.path.join(result["path"], shard)) == _sha256(os.path.join(served, shard))
+
+
+def test_killed_run_is_resumed_by_the_next_run(hub, served):
+    import signal
+    import time
+    shard = largest_shard(served)
+    size = os.path.getsize(os.path.join(served, shard))
+    partial = _partial_path(served, shard)
+    hub.slow[shard] = 0.01  # 16 KiB every 10 ms: a few seconds for the shard
+    code = f"from llava_ckpt.hub import download; download({REPO!r}, progress=False)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(partial) and os.path.getsize(partial) >= 64 << 10):
+            assert proc.poll() is None, "the download ended before it could be killed"
+            assert time.monotonic() < deadline, "no partial file appeared"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    have = os.path.getsize(partial)
+    assert 0 < have < size
+    hub.slow.clear()
+    hub.requests.clear()
+    result = hubmod.download(REPO, progress=False)
+    assert [r[2] for r in hub.file_gets(shard)] == [f"bytes={have}-"]
+    assert not os.path.exists(partial)
+    entry = next(f for f in result["files"] if f["path"] == shard)
+    assert entry["sha256"] == _sha256(os.path.join(served, shard))
+    with open(os.path.join(result["path"], shard), "rb") as a, open(os.path.join(served, shard), "rb") as b:
+        assert a.read() == b.read()
