@@ -25,16 +25,28 @@ def run(cmd, **kw) -> tuple:
     return wall, usage.ru_maxrss / 1024
 
 
-def copy_and_sync(src: str, dst: str) -> tuple:
-    """The baseline: `cp -r SRC DST && sync`, timed as one step."""
+def copy_and_sync(src: str, dst: str) -> float:
+    """The baseline, from a cold page cache: `cp -r SRC DST && sync` timed as one step; DST removed after."""
     if os.path.exists(dst):
         shutil.rmtree(dst)
-    return run(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
+    drop_caches()
+    seconds, _ = run(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
+    shutil.rmtree(dst)
+    return seconds
+
+
+def cold_run(cmd, out: str) -> tuple:
+    """(seconds, peak RSS MiB) of one command from a cold page cache; its output folder removed after."""
+    drop_caches()
+    result = run(cmd, cwd=ROOT)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def read_floor(src: str) -> tuple:
     """Reading every input byte once (`cat SRC/* > /dev/null`): the least any converter must do; shown beside
     the baseline because `cp -r` + `sync` speed varies a lot with this VM's write-back."""
+    drop_caches()
     return run(["bash", "-c", f"cat '{src}'/* > /dev/null"])
 
 

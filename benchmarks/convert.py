@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 
-from common import (LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, prepare_input,
-                    read_floor, run)
+from common import (LLAVA, ROOT, add_common_args, cold_run, copy_and_sync, dir_bytes, drop_caches, median,
+                    prepare_input, read_floor)
 
 sys.path.insert(0, ROOT)
 
@@ -35,19 +35,13 @@ def main() -> None:
     ours, base, rss, floor = [], [], [], []
     try:
         for i in range(args.runs):
-            drop_caches()
-            t, _ = copy_and_sync(src, copy)
-            base.append(t)
-            shutil.rmtree(copy)
-            drop_caches()
+            base.append(copy_and_sync(src, copy))
             floor.append(read_floor(src)[0])
-            drop_caches()
-            t, peak = run(LLAVA + ["convert", src, out, "--json"] + args.extra.split(), cwd=ROOT)
+            t, peak = cold_run(LLAVA + ["convert", src, out, "--json"] + args.extra.split(), out)
             ours.append(t)
             rss.append(peak)
-            print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | cold read {floor[-1]:.2f} s | convert {ours[-1]:.2f} s, peak RSS {peak:.0f} MiB",
-                  flush=True)
-            shutil.rmtree(out)
+            print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | cold read {floor[-1]:.2f} s | convert {t:.2f} s, "
+                  f"peak RSS {peak:.0f} MiB", flush=True)
     finally:
         for p in (out, copy):
             shutil.rmtree(p, ignore_errors=True)

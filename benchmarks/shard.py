@@ -26,18 +26,17 @@ def main() -> None:
     base = []
     try:
         for i in range(args.runs):
-            drop_caches()
-            t, _ = copy_and_sync(src, copy)
-            base.append(t)
-            shutil.rmtree(copy)
+            base.append(copy_and_sync(src, copy))
             for tp in args.tp:
+                cmd = LLAVA + ["convert", src, out, "--tp", str(tp), "--json"] + args.extra.split()
                 drop_caches()
-                t, peak = run(LLAVA + ["convert", src, out, "--tp", str(tp), "--json"] + args.extra.split(), cwd=ROOT)
+                t, peak = run(cmd, cwd=ROOT)
+                written = dir_bytes(out)
+                shutil.rmtree(out)
                 results[tp][0].append(t)
                 results[tp][1].append(peak)
                 print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | convert --tp {tp} {t:.2f} s "
-                      f"({dir_bytes(out) / 1e9:.2f} GB written), peak RSS {peak:.0f} MiB", flush=True)
-                shutil.rmtree(out)
+                      f"({written / 1e9:.2f} GB written), peak RSS {peak:.0f} MiB", flush=True)
     finally:
         for p in (out, copy):
             shutil.rmtree(p, ignore_errors=True)
