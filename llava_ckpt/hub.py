@@ -23,13 +23,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import CheckpointError, fail
+from .hf_source import PICKLE_SUFFIXES
 
 SMALL_FILES = (
     "config.json", "model.safetensors.index.json", "generation_config.json",
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
 )
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 HASH_CHUNK = 16 << 20
 RETRY_DELAYS = (1.0, 3.0)  # metadata calls: waits between attempts on network errors
 STREAM_RETRIES = 5  # LFS transfers: in-run resumptions in a row without a byte received, as huggingface_hub does

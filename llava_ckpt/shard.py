@@ -6,7 +6,7 @@ import os
 
 from .convert import check_tp
 from .errors import fail
-from .io.dtypes import code_for
+from .io.dtypes import BY_NAME, code_for
 from .io.load import weights_file
 from .io.source import read_index
 from .manifest import read_manifest
@@ -21,14 +21,17 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     if not os.path.isdir(converted_dir):
         raise fail(f"{converted_dir} is not a folder")
     manifest = read_manifest(converted_dir)
-    mapping = manifest.get("mapping", {}).get("name")
+    where = os.path.join(converted_dir, "manifest.json")
+    if not isinstance(manifest.get("mapping"), dict):
+        raise fail(f"{where}: 'mapping' is not an object")
+    mapping = manifest["mapping"].get("name")
     if mapping not in KNOWN_MAPPINGS:
         raise fail(f"{converted_dir} was converted with mapping {mapping!r}; shard knows {', '.join(KNOWN_MAPPINGS)}")
     if manifest.get("tp", 1) != 1:
         raise fail(f"{converted_dir} is already split into {manifest['tp']} ranks; shard takes a tp-1 output")
     path = weights_file(converted_dir)
     infos = read_index(path)
-    entries = _checked_entries(manifest, os.path.join(converted_dir, "manifest.json"))
+    entries = _checked_entries(manifest, where)
     listed = [e["name"] for e in entries]
     if sorted(listed) != sorted(infos):
         extra = sorted(set(infos) - set(listed))
@@ -68,15 +71,14 @@ def _checked_entries(manifest: dict, where: str) -> list:
     files = manifest.get("files")
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise fail(f"{where}: 'files' is not a list of objects")
-    if not isinstance(manifest.get("tp_sizes", {}), dict):
-        raise fail(f"{where}: 'tp_sizes' is not an object")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in manifest.get("tp_sizes", {}).values()):
-        raise fail(f"{where}: 'tp_sizes' values must be positive integers")
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    sizes = manifest.get("tp_sizes", {})
+    if not isinstance(sizes, dict) or not all(is_int(v) and v > 0 for v in sizes.values()):
+        raise fail(f"{where}: 'tp_sizes' is not an object of positive integers")
     checks = [("name", lambda e: isinstance(e.get("name"), str)),
               ("shape", lambda e: isinstance(e.get("shape"), list) and all(map(is_int, e["shape"]))),
-              ("dtype", lambda e: e.get("dtype") in ("float16", "bfloat16", "float32")),
+              ("dtype", lambda e: e.get("dtype") in BY_NAME),
               ("split", lambda e: e.get("split") in SPLIT_DIM),
               ("sources", lambda e: isinstance(e.get("sources"), list) and all(isinstance(x, str) for x in e["sources"])),
               ("layout", lambda e: isinstance(e.get("layout", {}), dict))]

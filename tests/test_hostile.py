@@ -615,6 +615,11 @@ def manifest_unknown_split(conv, tmp):
     return ["manifest.json", "diagonal"]
 
 
+def manifest_mapping_not_an_object(conv, tmp):
+    edit_json(conv / "manifest.json", lambda m: m.update(mapping="llava"))
+    return ["manifest.json", "'mapping' is not an object"]
+
+
 def manifest_already_split(conv, tmp):
     edit_json(conv / "manifest.json", lambda m: m.update(tp=2))
     return [str(conv), "already split"]
@@ -623,7 +628,7 @@ def manifest_already_split(conv, tmp):
 SHARD_CASES = [ckpt_truncated, ckpt_garbage, ckpt_empty, ckpt_flipped_data_byte, ckpt_missing, manifest_missing,
                manifest_not_json, manifest_not_ours, manifest_lists_absent_tensor, manifest_wrong_shape,
                manifest_already_split, manifest_tensors_not_a_list, manifest_entry_without_shape,
-               manifest_unknown_split]
+               manifest_unknown_split, manifest_mapping_not_an_object]
 
 
 @pytest.mark.parametrize("damage", SHARD_CASES, ids=[_name(c) for c in SHARD_CASES])
