@@ -286,7 +286,7 @@ def write_output(out: str, src: str, jobs, fmt: str, tp: int, source_files, mani
         manifest = dict(manifest, source=source, tp=tp, format=fmt, files=files)
         manifest["options"] = dict(manifest.get("options", {}), format=fmt, tp=tp)
         write_manifest(stage, manifest)
-        publish_dir(stage, out)
+        publish_dir(stage, out, synced=True)  # writers, strategy and manifest each fsynced their file
     except OSError as exc:
         discard(stage)
         name = exc.filename

@@ -68,10 +68,10 @@ def staging_dir(out: str, src: str | None = None) -> str:
     return path
 
 
-def fsync_tree(path: str) -> None:
-    """fsync every file and folder under `path` (files first, then their folders)."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
+def fsync_tree(path: str, files: bool = True) -> None:
+    """fsync every file (unless the writer already did) and every folder under `path`, files first."""
+    for root, _, names in os.walk(path, topdown=False):
+        for name in names if files else ():
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -115,14 +115,14 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def publish_dir(stage: str, out: str, synced: bool = False) -> None:
-    """Make the finished `stage` folder OUT, replacing an empty or previous output.
+    """Make the finished `stage` folder OUT, replacing an empty or previous output. `synced`: every file
+    in it was fsynced by its writer already.
 
     OUT is never seen half-written: a new OUT appears in one rename, a previous one is swapped for the new
     one in one step where the OS allows it. SIGINT / SIGTERM wait until the swap is done (they then still
     stop the program, with OUT complete).
     """
-    if not synced:
-        fsync_tree(stage)
+    fsync_tree(stage, files=not synced)  # folders always: their entries must be durable before the rename
     real = os.path.realpath(out)
     old = None
     with _signals_deferred():
