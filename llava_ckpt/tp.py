@@ -1,0 +1,150 @@
+"""Tensor parallelism, in one place: the split kinds a mapping table may name and every rule about them.
+
+A split kind says how `--tp N` cuts a tensor (Megatron's rules):
+  column      dim 0: output rows of an [out, in] weight, and its bias
+  row         dim 1: input columns of an [out, in] weight; a 1-D row bias is added after the all-reduce,
+              so every rank holds it whole
+  vocab       dim 0 of an embedding or lm_head (rows = vocabulary entries)
+  replicated  every rank holds the whole tensor
+Rank r holds the r-th of N equal contiguous blocks along the split dim. Convert, shard, the strategy file,
+the manifest, verify, export and the tensor-parallel model all import these functions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import fail
+
+SPLIT_DIMS = {"column": 0, "vocab": 0, "row": 1, "replicated": None}
+SPLIT_KINDS = tuple(SPLIT_DIMS)
+
+
+def check_kind(kind: str) -> str:
+    if kind not in SPLIT_DIMS:
+        raise fail(f"unknown split kind {kind!r} (one of {', '.join(SPLIT_KINDS)})")
+    return kind
+
+
+def check_degree(tp) -> int:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise fail(f"tensor-parallel degree must be a positive integer, got {tp!r}")
+    return tp
+
+
+def split_dim(kind: str, ndim: int) -> int | None:
+    """The dim `kind` cuts on a tensor of `ndim` dims, or None when every rank holds it whole
+    (replicated, or a 1-D bias under a row split)."""
+    dim = SPLIT_DIMS[check_kind(kind)]
+    if not isinstance(ndim, int) or ndim < 0:
+        raise fail(f"bad number of dims {ndim!r} for split kind {kind!r}")
+    if dim is None or dim >= ndim:
+        if kind in ("column", "vocab") and ndim == 0:
+            raise fail(f"split kind {kind!r} needs a tensor of at least 1 dim, got a 0-d tensor")
+        return None
+    if kind == "row" and ndim != 2:
+        raise fail(f"split kind 'row' needs a 2-D [out, in] weight or a 1-D bias, got {ndim} dims")
+    return dim
+
+
+def rank_shape(shape: Sequence[int], kind: str, tp: int) -> tuple:
+    """The shape one rank holds."""
+    shape = [int(d) for d in shape]
+    dim = split_dim(kind, len(shape))
+    if dim is not None and tp > 1:
+        shape[dim] //= tp
+    return tuple(shape)
+
+
+def rank_slice(shape: Sequence[int], kind: str, tp: int, rank: int) -> tuple:
+    """Index tuple that cuts rank `rank`'s block out of a full tensor of `shape` (a view: copy it before
+    writing it anywhere)."""
+    check_degree(tp)
+    if not 0 <= rank < tp:
+        raise fail(f"rank {rank} is outside 0..{tp - 1}")
+    shape = tuple(int(d) for d in shape)
+    dim = split_dim(kind, len(shape))
+    index = [slice(None)] * len(shape)
+    if dim is not None:
+        if shape[dim] % tp:
+            raise fail(f"dim {dim} of size {shape[dim]} does not split into {tp} equal parts ({kind} split)")
+        step = shape[dim] // tp
+        index[dim] = slice(rank * step, (rank + 1) * step)
+    return tuple(index)
+
+
+def full_shape(rank_shape_: Sequence[int], kind: str, tp: int) -> tuple:
+    """The whole tensor's shape from one rank's."""
+    shape = [int(d) for d in rank_shape_]
+    dim = split_dim(kind, len(shape))
+    if dim is not None:
+        shape[dim] *= tp
+    return tuple(shape)
+
+
+def merge(parts: Sequence[np.ndarray], kind: str, name: str = "tensor") -> np.ndarray:
+    """The whole tensor from its rank pieces (in rank order). Replicas must be bit-identical: a difference
+    is an error naming the tensor and the ranks, since there would be no right answer to pick."""
+    if not parts:
+        raise fail(f"{name}: no rank pieces to merge")
+    dim = split_dim(kind, parts[0].ndim)
+    if dim is None:
+        first = np.ascontiguousarray(parts[0]).view(np.uint8)
+        for r, p in enumerate(parts[1:], 1):
+            if p.shape != parts[0].shape or not np.array_equal(np.ascontiguousarray(p).view(np.uint8), first):
+                raise fail(f"{name}: replicated tensor differs between rank 0 and rank {r}")
+        return parts[0]
+    return np.concatenate(parts, axis=dim)
+
+
+def replicas_equal(parts: Sequence[np.ndarray]) -> bool:
+    first = np.ascontiguousarray(parts[0]).view(np.uint8)
+    return all(p.shape == parts[0].shape and np.array_equal(np.ascontiguousarray(p).view(np.uint8), first)
+               for p in parts[1:])
+
+
+def tensor_map(kind: str, ndim: int) -> list:
+    """MindSpore's tensor_map for `kind` with dev_matrix [1, N]: per dim, 0 = the model-parallel axis
+    (indexed from the right of dev_matrix), -1 = not split."""
+    dim = split_dim(kind, ndim)
+    tmap = [-1] * ndim
+    if dim is not None:
+        tmap[dim] = 0
+    return tmap
+
+
+def kind_of_tensor_map(tmap: Sequence[int]) -> str:
+    """The split kind a strategy file's tensor_map describes (inverse of tensor_map; column and vocab look
+    the same there: both are dim 0)."""
+    tmap = list(tmap)
+    if all(t == -1 for t in tmap):
+        return "replicated"
+    if tmap[0] == 0 and all(t == -1 for t in tmap[1:]):
+        return "column"
+    if len(tmap) == 2 and tmap == [-1, 0]:
+        return "row"
+    raise fail(f"tensor_map {tmap} is not a column, row or replicated layout")
+
+
+def indivisible(units: Sequence[tuple], tp: int) -> list:
+    """The (what, size) pairs that `tp` does not divide; `units` lists every size a degree must divide."""
+    return [f"{what} ({size})" for what, size in units if size % tp]
+
+
+def valid_degrees(units: Sequence[tuple], limit: int = 128) -> list:
+    """Every degree up to `limit` that divides all `units`."""
+    return [n for n in range(1, limit + 1) if not indivisible(units, n)]
+
+
+def check_divides(units: Sequence[tuple], tp) -> None:
+    """Exit early, naming what `tp` does not divide and the valid degrees."""
+    check_degree(tp)
+    if tp == 1:
+        return
+    bad = indivisible(units, tp)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        names = ", ".join(dict.fromkeys(what.split(" of ")[0] for what, _ in units))
+        raise fail(f"--tp {tp} must divide every split size ({names}); it does not divide {shown}. "
+                   f"Valid: {', '.join(map(str, valid_degrees(units)))}")
