@@ -4,12 +4,12 @@ The API is lazy so `import llava_ckpt` stays fast (MindSpore and torch load only
 """
 __version__ = "0.1.0"
 
-__all__ = ["convert", "shard", "verify", "download", "make_fixture", "check", "load_tensors"]
+__all__ = ["convert", "export", "shard", "verify", "download", "make_fixture", "check", "load_tensors"]
 
 
 def __getattr__(name):
     import importlib
-    homes = {"convert": "convert", "shard": "shard", "verify": "verify", "download": "hub",
+    homes = {"convert": "convert", "export": "export", "shard": "shard", "verify": "verify", "download": "hub",
              "make_fixture": "fixture", "check": "check", "load_tensors": "io"}
     if name in homes:
         return getattr(importlib.import_module(f".{homes[name]}", __name__), name)
