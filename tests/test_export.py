@@ -270,3 +270,11 @@ def test_cli_export(tiny, tmp_path):
                                 "model-00003-of-00003.safetensors", INDEX]
     check = subprocess.run([exe, "check", str(tmp_path / "hf")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_shard_output_round_trips(tiny, tmp_path):
+    from llava_ckpt.shard import shard
+    convert(tiny, str(tmp_path / "ms"), fuse_qkv=True, progress=False)
+    shard(str(tmp_path / "ms"), str(tmp_path / "tp4"), tp=4, progress=False)
+    export(str(tmp_path / "tp4"), str(tmp_path / "hf"), progress=False)
+    assert differing(read_folder(tmp_path / "hf"), read_folder(tiny)) == []
