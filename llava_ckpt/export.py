@@ -260,6 +260,8 @@ def choose_config(source: Source, config: str | None) -> tuple:
     where = config if config and os.path.isfile(config) else (
         os.path.join(config, "config.json") if config else os.path.join(source.path, "config.json"))
     raw = read_json(side["config.json"], where, MAX_CONFIG)
+    if not isinstance(raw, dict):
+        raise fail(f"{where} is not a JSON object")
     return raw, where, list(side.items()), from_source
 
 

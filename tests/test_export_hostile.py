@@ -96,6 +96,12 @@ def config_option_contradicts_shapes(made, tmp):
     return made / "one", ["--config", cfg], ["tok_embeddings", "[32064, 64]", "implies [32000, 64]"]
 
 
+def config_not_an_object(made, tmp):
+    src = bare(made, tmp)
+    (src / "config.json").write_text("[1, 2]")
+    return src, [], ["config.json", "not a JSON object"]
+
+
 def no_config(made, tmp):
     src = bare(made, tmp)
     (src / "config.json").unlink()
@@ -242,10 +248,11 @@ def bad_shard_size(made, tmp):
 
 
 CASES = [missing_tensor, wrong_shape, unknown_tensor, unknown_integer_tensor, config_contradicts_shapes,
-         config_option_contradicts_shapes, no_config, config_option_missing, flipped_data_byte, damaged_rank_file,
-         missing_rank_file, missing_rank_folder, replicas_differ, rank_lacks_tensor, no_strategy, strategy_garbage,
-         strategy_for_other_rank_count, manifest_source_file_escapes, rank_file_symlink_escapes, out_inside_src, src_missing, src_not_a_checkpoint, src_is_an_export,
-         bad_shard_size]
+         config_option_contradicts_shapes, config_not_an_object, no_config, config_option_missing,
+         flipped_data_byte, damaged_rank_file, missing_rank_file, missing_rank_folder, replicas_differ,
+         rank_lacks_tensor, no_strategy, strategy_garbage, strategy_for_other_rank_count,
+         manifest_source_file_escapes, rank_file_symlink_escapes, out_inside_src, src_missing,
+         src_not_a_checkpoint, src_is_an_export, bad_shard_size]
 
 
 @pytest.mark.parametrize("damage", CASES, ids=[c.__name__ for c in CASES])
