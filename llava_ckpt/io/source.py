@@ -114,7 +114,7 @@ def read_safetensors_header(path: str) -> dict:
     return tensors
 
 
-# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (see NOTES.md) ------------------------------
+# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (the format save_checkpoint writes) ---------
 
 def _ckpt_value(buf, span):
     """(tag, dims, tensor_type, content span) of one Checkpoint.Value."""
