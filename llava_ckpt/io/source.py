@@ -115,7 +115,7 @@ def read_safetensors_header(path: str, other_dtypes: bool = False) -> dict:
     return tensors
 
 
-# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (see NOTES.md) ------------------------------
+# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (the format save_checkpoint writes) ---------
 
 def _ckpt_value(buf, span):
     """(tag, dims, tensor_type, content span) of one Checkpoint.Value."""
