@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from common import (LLAVA, ROOT, add_common_args, cold_run, copy_and_sync, dir_bytes, drop_caches, median,
+from common import (LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median,
                     need_free, prepare_input, read_floor, run)
 
 sys.path.insert(0, ROOT)

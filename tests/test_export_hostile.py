@@ -1,7 +1,6 @@
 """Bad and hostile inputs to `export`, each made on the fly from converted tiny checkpoints and run through the
 real CLI. Every case must end with exit code 2, one `error: ...` line naming the problem, no traceback and
 nothing at HF_OUT that looks complete (test_hostile.assert_clean_failure)."""
-import os
 import shutil
 import struct
 from pathlib import Path
