@@ -328,10 +328,12 @@ def plan_export(source: Source, table: dict, cfg: dict, dtype: str | None, where
         entry = source.entries.get(t.name)
         hf_names, files, code = t.sources, [None] * len(t.sources), out_code or rt.dtype
         if entry is not None:
-            if entry["op"] != t.op or entry["split"] != t.split or len(entry["sources"]) != len(t.sources):
+            recorded_shapes = entry.get("source_shapes", [list(s) for s in t.source_shapes])
+            if (entry["op"] != t.op or entry["split"] != t.split or len(entry["sources"]) != len(t.sources)
+                    or recorded_shapes != [list(s) for s in t.source_shapes]):
                 raise fail(f"{source.path}/{MANIFEST}: {t.name!r} was made by {entry['op']} of "
-                           f"{len(entry['sources'])} source(s), split {entry['split']}; the table says {t.op} of "
-                           f"{len(t.sources)}, split {t.split}")
+                           f"{len(entry['sources'])} source(s) {recorded_shapes}, split {entry['split']}; the table "
+                           f"says {t.op} of {len(t.sources)} {[list(s) for s in t.source_shapes]}, split {t.split}")
             hf_names = entry["sources"]
             if isinstance(entry.get("source_files"), list) and len(entry["source_files"]) == len(t.sources):
                 files = [_plain_file(f, source) for f in entry["source_files"]]

@@ -233,6 +233,17 @@ def manifest_source_file_escapes(made, tmp):
     return src, [], ["manifest.json", "../evil.safetensors", "not a plain"]
 
 
+def manifest_op_contradicts_table(made, tmp):
+    src = tmp / "src"
+    shutil.copytree(made / "one", src)
+
+    def lie(m):
+        entry = next(e for e in m["tensors"] if e["name"] == WO)
+        entry["op"] = "concat_rows"
+    edit_json(src / "manifest.json", lie)
+    return src, [], ["manifest.json", WO, "concat_rows", "the table says rename"]
+
+
 def rank_file_symlink_escapes(made, tmp):
     src = tmp / "src"
     shutil.copytree(made / "ranks", src)
@@ -250,7 +261,8 @@ CASES = [missing_tensor, wrong_shape, unknown_tensor, unknown_integer_tensor, co
          config_option_contradicts_shapes, config_not_an_object, no_config, config_option_missing,
          flipped_data_byte, damaged_rank_file, missing_rank_file, missing_rank_folder, replicas_differ,
          rank_lacks_tensor, no_strategy, strategy_garbage, strategy_for_other_rank_count,
-         manifest_source_file_escapes, rank_file_symlink_escapes, out_inside_src, src_missing,
+         manifest_source_file_escapes, manifest_op_contradicts_table,
+         rank_file_symlink_escapes, out_inside_src, src_missing,
          src_not_a_checkpoint, src_is_an_export, bad_shard_size]
 
 
