@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from test_hostile import _limit_memory, assert_clean_failure, edit_header, edit_json, read_st, run, write_st
+from test_hostile import (_limit_memory, assert_clean_failure, edit_header, edit_json, read_st, run,
+                          write_st)
+from test_hostile import big  # noqa: F401  (a fixture: a model large enough to interrupt mid-write)
 
 L1 = "language_model.model.layers.1."
 NORM = L1 + "attention_norm.weight"       # replicated, 1-D [64]
@@ -289,3 +291,25 @@ def test_disk_full_while_exporting(made, tmp_path):
     out = tmp_path / "out"
     proc = run("export", made / "tp2", out, preexec_fn=_file_size_limit(1 << 20))
     assert_clean_failure(proc, out, "File too large", str(out))
+
+
+def test_sigterm_mid_export_leaves_nothing(big, tmp_path):
+    """Interrupted while writing: one error line, exit 2, no HF_OUT and no staging folder (shared signal handling)."""
+    import signal
+    import subprocess
+    from test_hostile import EXE, _wait_for_bytes
+    ms = tmp_path / "ms"
+    assert run("convert", big, ms, "--tp", 2).returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([EXE, "export", str(ms), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert _wait_for_bytes(out, proc, 20 << 20), "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_clean_failure(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out,
+                         "interrupted by SIGTERM", str(out))
