@@ -53,6 +53,9 @@ def test_ranks_hold_expected_slices(tiny, tmp_path, tp, fmt, fuse, direct):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tp"] == tp and (out / "strategy.ckpt").exists()
     assert {f["path"] for f in manifest["files"]} >= {f"rank_{r}/llava.{fmt}" for r in range(tp)}
+    # the output stands alone: config, tokenizer and processor files travel (through shard too)
+    for name in ("config.json", "tokenizer.model", "preprocessor_config.json", "chat_template.json"):
+        assert (out / name).read_bytes() == open(os.path.join(tiny, name), "rb").read()
 
 
 def test_replicated_tensors_are_byte_identical_across_ranks(tiny, tmp_path):
