@@ -110,3 +110,12 @@ def test_shard_refuses_a_corrupted_input(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="does not match the sha256"):
         shard(str(tmp_path / "one"), str(tmp_path / "tp"), tp=2, progress=False)
     assert not (tmp_path / "tp").exists()
+
+
+def test_shard_refuses_a_changed_side_file(tiny, tmp_path):
+    convert(tiny, str(tmp_path / "one"), progress=False)
+    with open(tmp_path / "one" / "tokenizer_config.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json does not match the sha256"):
+        shard(str(tmp_path / "one"), str(tmp_path / "tp"), tp=2, progress=False)
+    assert not (tmp_path / "tp").exists()
