@@ -12,5 +12,9 @@ def __getattr__(name):
     homes = {"convert": "convert", "export": "export", "shard": "shard", "verify": "verify", "download": "hub",
              "make_fixture": "fixture", "check": "check", "load_tensors": "io"}
     if name in homes:
-        return getattr(importlib.import_module(f".{homes[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{homes[name]}", __name__), name)
+        # importing the submodule bound its name here to the module (convert, shard, export share their
+        # module's name): bind the function instead, so the next llava_ckpt.export(...) is the function too
+        globals()[name] = value
+        return value
     raise AttributeError(name)

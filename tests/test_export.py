@@ -308,3 +308,14 @@ def test_grouped_query_attention_round_trips(tiny_factory, tmp_path):
     convert(src, str(tmp_path / "ms"), fuse_qkv=True, tp=2, progress=False)
     export(str(tmp_path / "ms"), str(tmp_path / "hf"), progress=False)
     assert differing(read_folder(tmp_path / "hf"), read_folder(src)) == []
+
+
+def test_the_python_api_names_stay_functions():
+    """llava_ckpt.export / convert are functions on every access, not only the first (their modules share the
+    names). A fresh interpreter: the tests here import the submodules directly."""
+    code = ("import llava_ckpt\n"
+            "for name in ('export', 'convert', 'shard', 'export'):\n"
+            "    assert callable(getattr(llava_ckpt, name)), name\n"
+            "    assert callable(getattr(llava_ckpt, name)), name\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
