@@ -32,7 +32,7 @@ from .io.load import weights_file
 from .io.ranks import RankedTensor, rank_dirs, rank_weight_file, ranked_tensor, single
 from .io.source import FileReader, read_index
 from .io.writers import SafetensorsWriter, write_safetensors_index
-from .manifest import NAME as MANIFEST, read_manifest, write_manifest
+from .manifest import NAME as MANIFEST, checked_entries, read_manifest, write_manifest
 from .mapping import detect_options, plan, table_for
 from .ops import get as get_op, row_map
 from .strategy import read_strategy
@@ -132,7 +132,6 @@ def _float_only(info) -> None:
 
 def _converted(folder: str) -> Source:
     """A convert / shard output: its manifest names every tensor, its split and its HF source files."""
-    from .shard import _checked_entries
     where = os.path.join(folder, MANIFEST)
     manifest = read_manifest(folder)
     command = manifest.get("command")
@@ -140,7 +139,7 @@ def _converted(folder: str) -> Source:
         raise fail(f"{folder} is an output of llava-ckpt export (a Hugging Face folder), not a MindSpore checkpoint")
     if command not in ("convert", "shard"):
         raise fail(f"{where}: command {command!r} is not convert or shard")
-    entries = _checked_entries(manifest, where)
+    entries = checked_entries(manifest, where)
     tp = manifest.get("tp", 1)
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise fail(f"{where}: 'tp' is not a positive integer: {tp!r}")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from llava_ckpt.fixture import REFERENCE, make_fixture  # noqa: F401 - REFERENCE: the packaged real metadata
+from llava_ckpt.fixture import make_fixture
 
 
 @pytest.fixture(scope="session")
