@@ -131,14 +131,16 @@ def shard(converted_dir, out, tp, as_json):
               help="Cast every tensor (default: the HF source's dtype a convert output records, else as stored).")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Cut files at this size when MS_SRC does not record its HF files (5GB, 500MB, 2GiB, bytes).")
+@click.option("--mapping", default=None, metavar="FILE",
+              help="The mapping table MS_SRC was converted with, if not the packaged one (convert --mapping).")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def export(ms_src, hf_out, config, dtype, max_shard_size, as_json):
+def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, as_json):
     """Export a MindSpore checkpoint MS_SRC (convert/shard output, .ckpt/.safetensors file, or rank_<r>/ folders
     with a strategy file) to a Hugging Face folder HF_OUT."""
     from .export import export as run
     _report(run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
-                progress=_progress(as_json)), as_json)
+                progress=_progress(as_json), mapping=mapping), as_json)
 
 
 @main.command()

@@ -33,7 +33,7 @@ from .io.ranks import RankedTensor, rank_dirs, rank_weight_file, ranked_tensor, 
 from .io.source import FileReader, read_index
 from .io.writers import SafetensorsWriter, write_safetensors_index
 from .manifest import NAME as MANIFEST, checked_entries, read_manifest, write_manifest
-from .mapping import detect_options, plan, table_for
+from .mapping import detect_options, load_table, plan, table_for
 from .ops import get as get_op, row_map
 from .strategy import read_strategy
 from .stream import CHUNK, check_free_space, copy_side_files, hash_files_in_background
@@ -443,19 +443,20 @@ def write_tensor(o: OutTensor, writer, reader: FileReader, maps: dict, bar) -> N
 # ---- the command ---------------------------------------------------------------------------------------------
 
 def export(ms_src: str, hf_out: str, config: str | None = None, dtype: str | None = None,
-           max_shard_size="5GB", progress: bool = True) -> dict:
+           max_shard_size="5GB", progress: bool = True, mapping: str | None = None) -> dict:
     """Export the MindSpore checkpoint `ms_src` into the Hugging Face folder `hf_out`; returns a summary.
 
     `config`: an HF folder (its config, tokenizer and processor files are copied) or a config.json, used when
     given, else the files MS_SRC carries. `dtype`: cast every tensor (default: the HF source's dtype recorded by
     convert, else the stored dtype). `max_shard_size`: where files are cut when MS_SRC does not record its HF
-    files ('5GB', '500MB', '2GiB' or bytes)."""
+    files ('5GB', '500MB', '2GiB' or bytes). `mapping`: the table (name or .toml path) MS_SRC was made with,
+    when it is not the packaged one that accepts config.json (`convert --mapping`)."""
     if dtype is not None and dtype not in BY_NAME:
         raise fail(f"unsupported dtype {dtype!r} (use float16, bfloat16 or float32)")
     max_bytes = parse_size(max_shard_size)
     source = open_source(ms_src)
     raw, where, side, from_source = choose_config(source, config)
-    table = table_for(raw, where)
+    table = load_table(mapping) if mapping else table_for(raw, where)
     cfg = normalize_config(raw, where, table)
     outs = plan_export(source, table, cfg, dtype, where)
     groups = assign_files(outs, max_bytes)

@@ -156,6 +156,12 @@ def test_mapping_option_uses_a_copied_and_edited_table(tiny, tmp_path):
     assert mismatches(got, want) == []
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["mapping"]["name"] == "my-variant" and manifest["mapping"]["file"] == "my-variant.toml"
+    # and back through the same edited table: the source's weight files, byte for byte
+    back = subprocess.run([exe, "export", str(tmp_path / "out"), str(tmp_path / "hf"), "--mapping", str(table)],
+                          capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    for name in (n for n in os.listdir(tiny) if n.endswith(".safetensors")):
+        assert open(os.path.join(tiny, name), "rb").read() == (tmp_path / "hf" / name).read_bytes(), name
     missing = subprocess.run([exe, "convert", tiny, str(tmp_path / "x"), "--mapping", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: mapping table not found")
