@@ -143,10 +143,9 @@ def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, 
 
 @main.command()
 @click.argument("ms_dir")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
-              help="Image file; repeatable, paired in order with --prompt.")
+@click.option("--image", "images", multiple=True, help="Image file; repeatable, paired in order with --prompt.")
 @click.option("--prompt", "prompts", multiple=True, help="Question about the image (repeatable).")
-@click.option("--requests", "requests_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--requests", "requests_file", default=None,
               help='JSON lines: {"image": path, "prompt": text} (paths relative to the file\'s folder).')
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Requests per forward pass.")
