@@ -97,13 +97,15 @@ FORMATS = click.Choice(["ckpt", "safetensors"])
 @click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Write N tensor-parallel rank folders.")
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
+@click.option("--mapping", default=None, metavar="FILE",
+              help="Mapping table (.toml) to use instead of the packaged one that accepts SRC's config.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_clean_errors
-def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, as_json):
+def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
     """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
     from .convert import convert as run
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
-                 progress=_progress(as_json))
+                 progress=_progress(as_json), mapping=mapping)
     _report(result, as_json)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
+from llava_ckpt.hf_source import SIDE_FILES
 from llava_ckpt.io import load_tensors
 
 from expected import expected, load_config, mismatches, read_hf, read_with_mindspore
@@ -63,7 +64,7 @@ def test_a_wrong_table_entry_is_caught(tiny, tmp_path):
     assert swapped != table
     bad = tmp_path / "bad.toml"
     bad.write_text(swapped)
-    convert(tiny, str(tmp_path / "out"), table=str(bad), progress=False)
+    convert(tiny, str(tmp_path / "out"), mapping=str(bad), progress=False)
     want = expected(read_hf(tiny), load_config(tiny))
     got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
     wrong = mismatches(got, want)
@@ -129,8 +130,32 @@ def test_cli_convert_and_bad_input(tiny, tmp_path):
     ok = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--format", "safetensors", "--json"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"]
+    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"] + [n for n in SIDE_FILES if os.path.exists(os.path.join(tiny, n))]
     bad = subprocess.run([exe, "convert", str(tmp_path / "nope"), str(tmp_path / "out2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_mapping_option_uses_a_copied_and_edited_table(tiny, tmp_path):
+    """A user's variant table: same architecture, one target renamed, no Python changed."""
+    from llava_ckpt.mapping import load_table
+    text = open(load_table()["path"], encoding="utf-8").read()
+    edited = text.replace('ms = "language_model.model.norm_out.weight"', 'ms = "language_model.model.final_norm.weight"')
+    edited = edited.replace('name = "llava-1.5-hf-to-mindformers"', 'name = "my-variant"')
+    assert edited.count("final_norm") == 1
+    table = tmp_path / "my-variant.toml"
+    table.write_text(edited, encoding="utf-8")
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    run = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--mapping", str(table), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
+    want = expected(read_hf(tiny), load_config(tiny))
+    want["language_model.model.final_norm.weight"] = want.pop("language_model.model.norm_out.weight")
+    assert mismatches(got, want) == []
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["mapping"]["name"] == "my-variant" and manifest["mapping"]["file"] == "my-variant.toml"
+    missing = subprocess.run([exe, "convert", tiny, str(tmp_path / "x"), "--mapping", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: mapping table not found")
