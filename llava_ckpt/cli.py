@@ -233,7 +233,7 @@ def make_fixture(out, preset, dtype, layout, seed):
 @click.argument("workdir", required=False)
 @_clean_errors
 def demo(workdir):
-    """Download-free demo: tiny checkpoint -> convert -> shard -> verify, then list the outputs."""
+    """Download-free demo: tiny checkpoint -> convert -> shard -> verify -> generate, then list the outputs."""
     from .demo import demo as run
     sys.exit(run(workdir))
 

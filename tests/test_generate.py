@@ -23,17 +23,11 @@ from llava_ckpt.generate import generate
 N = 6
 QUESTIONS = ["What is this?", "Describe everything you can see in this picture, left to right, in detail.", "Hi"]
 SIZES = [(64, 48), (120, 200), (333, 90)]
-# What convert copies beside the weights (issue 10 part 1); copied here until main's convert does it.
-SOURCE_FILES = ["config.json", "generation_config.json", "added_tokens.json", "chat_template.json",
-                "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                "processor_config.json", "preprocessor_config.json"]
 
 
 def converted(src, out, **kw):
+    """convert's output holds the source's config, tokenizer, processor and chat template: all generate needs."""
     convert(src, out, progress=False, **kw)
-    for name in SOURCE_FILES:
-        if not os.path.exists(os.path.join(out, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
     return out
 
 
