@@ -29,7 +29,7 @@ def _on_signal(signum, frame):
 
 def _target(kwargs: dict) -> str:
     """The output (or input) a command works on, to name it in messages that have no file of their own."""
-    for key in ("out", "ms_dir", "local_dir", "converted_dir", "src", "repo"):
+    for key in ("out", "hf_out", "ms_dir", "local_dir", "converted_dir", "src", "repo"):
         if kwargs.get(key):
             return str(kwargs[key])
     return ""
@@ -119,6 +119,26 @@ def shard(converted_dir, out, tp, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
     _report(run(converted_dir, out, tp=tp, progress=_progress(as_json)), as_json)
+
+
+@main.command()
+@click.argument("ms_src")
+@click.argument("hf_out")
+@click.option("--config", "config", default=None,
+              help="HF folder (config, tokenizer, processor files are copied) or config.json; "
+                   "default: the files MS_SRC carries.")
+@click.option("--dtype", type=DTYPES, default=None,
+              help="Cast every tensor (default: the HF source's dtype a convert output records, else as stored).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Cut files at this size when MS_SRC does not record its HF files (5GB, 500MB, 2GiB, bytes).")
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def export(ms_src, hf_out, config, dtype, max_shard_size, as_json):
+    """Export a MindSpore checkpoint MS_SRC (convert/shard output, .ckpt/.safetensors file, or rank_<r>/ folders
+    with a strategy file) to a Hugging Face folder HF_OUT."""
+    from .export import export as run
+    _report(run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
+                progress=_progress(as_json)), as_json)
 
 
 @main.command()

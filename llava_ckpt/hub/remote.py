@@ -104,7 +104,11 @@ def plan(tree: dict, repo: str, revision: str) -> list[str]:
 
 def with_index_shards(rest: list[str], index_path: str, tree: dict, repo: str) -> list[str]:
     """`rest` plus the shards the fetched index names, each of which must be in the repo."""
-    shards = sorted(set(read_json(index_path, INDEX).get("weight_map", {}).values()))
+    index = read_json(index_path, INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise fail(f"{repo}: {INDEX} is not a safetensors index (needs a weight_map object of file names)")
+    shards = sorted(set(weight_map.values()))
     if not shards:
         raise fail(f"{repo}: {INDEX} has no weight_map")
     missing = [s for s in shards if s not in tree]
