@@ -11,8 +11,8 @@ collects rank 0's results as they appear, so a caller can show each one as soon 
   between results): a long generate is fine, a hang is not.
 - At the end, on success, error, timeout or Ctrl-C, every process of the run is killed: msrun's process
   group (msrun, its scheduler), its descendants, and any process whose command line names the run's folder
-  (msrun starts each worker in its own session, so a group kill alone misses them); the ranks also ask the
-  kernel to kill them when msrun dies.
+  (msrun starts each worker in its own session, so a group kill alone misses them). If the launcher itself is
+  killed outright, the kernel kills msrun (parent-death signal), and the ranks die with msrun the same way.
 """
 from __future__ import annotations
 
@@ -81,6 +81,16 @@ def _tail(work: str, log_dir: str, limit: int = 3000) -> str:
     return "\n".join(texts)[-2 * limit:]
 
 
+def _die_with_launcher() -> None:
+    """In msrun's process before exec (Linux): SIGKILL it when this launcher dies, even by SIGKILL, so its
+    ranks (which die with msrun, see tp_worker) never outlive the run."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def kill_run(proc: subprocess.Popen, work: str) -> None:
     """SIGKILL every process of one msrun run (see the module docstring) and reap msrun."""
     import psutil
@@ -136,7 +146,7 @@ def _attempt(ms_dir: str, world: int, work: str, pending: list, timeout: float, 
     why = ""
     with open(os.path.join(work, "msrun.out"), "wb") as out:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_launcher)
         try:
             last_progress = time.monotonic()
             while todo:

@@ -107,3 +107,28 @@ def test_kill_run_reaches_ranks_in_their_own_session(tmp_path):
     kill_run(launcher, work)
     assert launcher.returncode is not None
     assert not psutil.pid_exists(children[0].pid) or children[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_msrun_dies_with_a_launcher_killed_outright(tmp_path):
+    """The launcher SIGKILLed (no finally runs): the process it started as msrun is killed by the kernel."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    marker = str(tmp_path / "msrun-stand-in")
+    code = ("import subprocess, sys, time; from llava_ckpt.tp_run import _die_with_launcher; "
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', {marker!r}], "
+            "start_new_session=True, preexec_fn=_die_with_launcher); time.sleep(120)")
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    child = None
+    while time.monotonic() < deadline and child is None:
+        child = next((p for p in psutil.Process(launcher.pid).children() if marker in " ".join(p.cmdline())), None)
+        time.sleep(0.1)
+    assert child is not None
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs([child], timeout=10)
+    assert not alive
