@@ -1,4 +1,5 @@
-"""The download-free demo: a tiny LLaVA-1.5 checkpoint made on the spot, converted, sharded, verified."""
+"""The download-free demo: a tiny LLaVA-1.5 checkpoint made on the spot, converted, sharded, verified, and
+asked a question (one process, then two tensor-parallel ranks)."""
 from __future__ import annotations
 
 import os
@@ -48,6 +49,20 @@ def demo(workdir: str | None = None) -> int:
             result = verify(hf, path, max_new_tokens=8, msrun=msrun)
             click.echo(format_report(result))
             passed = passed and result["passed"]
+    from .generate import format_outputs, generate
+    from .verify import DEFAULT_IMAGE
+    question = [{"image": DEFAULT_IMAGE, "prompt": "What is in the picture?"}]
+    answers = []
+    for label, path in (("one process", ms_dir), ("tp=2, two ranks under msrun", tp_dir)):
+        _step(f"generate ({label}): answer a question about the bundled image (random weights: gibberish)")
+        result = generate(path, question, max_new_tokens=12)
+        click.echo(format_outputs(result["outputs"]))
+        click.echo(f"({result['outputs'][0]['token_ids']}, prefill {result['prefill_s']} s, "
+                   f"{result['decode_tokens_per_s']} tokens/s)")
+        answers.append(result["outputs"][0]["token_ids"])
+    same = answers[0] == answers[1]
+    click.echo(f"tp 1 and tp 2 give {'the same' if same else 'DIFFERENT'} tokens")
+    passed = passed and same
     _step(f"outputs in {workdir}")
     for root, _, files in sorted(os.walk(workdir)):
         for name in sorted(files):

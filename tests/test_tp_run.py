@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from llava_ckpt.config import load_config
 from llava_ckpt.convert import convert
 from llava_ckpt.io import load_tensors
-from llava_ckpt.model import Runner, build_and_load
+from llava_ckpt.model import Runner, build_and_load, trace_names
 from llava_ckpt.model.vision import patch_count
 from llava_ckpt.tp_run import run_ranks
 from llava_ckpt.verify import verify
@@ -49,9 +49,12 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
     one = str(tmp_path / "tp1")
     convert(tiny, one, fuse_qkv=False, progress=False)
     model, _ = build_and_load(cfg, load_tensors(one))
-    ref = Runner(model, jit=False).forward(ids, pixels)["logits"]
+    runner = Runner(model, jit=False)
+    traced = runner.forward(ids, pixels, trace=True)
+    ref = traced["logits"]
     scale = float(np.abs(ref).max())
     assert scale > 0
+    want_tokens = runner.generate(ids, pixels, 3, first=traced)["tokens"]
 
     out = str(tmp_path / "tp2-fused")
     convert(tiny, out, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
@@ -61,11 +64,17 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
 
     out = str(tmp_path / "tp2-unfused")
     convert(tiny, out, fmt="safetensors", fuse_qkv=False, tp=2, progress=False)
-    got = run_ranks(out, cfg, ids, pixels)
+    got = run_ranks(out, cfg, ids, pixels, trace=True, max_new_tokens=3, device="CPU", timeout=240)
     assert got["world"] == 2
     assert got["logits"].shape == ref.shape
     err = float(np.abs(got["logits"] - ref).max())
     assert err <= 1e-4 * scale, (err, scale)
+    assert got["tokens"] == want_tokens  # greedy decoding on the ranks: the verify helper's use
+    names = trace_names(cfg)
+    assert len(got["trace"]) == len(traced["trace"]) == len(names)
+    for name, mine, theirs in zip(names, got["trace"], traced["trace"]):
+        assert mine.shape == theirs.shape, name
+        assert np.abs(mine - theirs).max() <= 1e-4 * max(float(np.abs(theirs).max()), 1e-6), name
 
     bad = str(tmp_path / "tp2-damaged")
     shutil.copytree(out, bad)
@@ -73,3 +82,53 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
     got = run_ranks(bad, cfg, ids, pixels)
     err = float(np.abs(got["logits"] - ref).max())
     assert err > 1e-2 * scale, (err, scale)
+
+
+def test_kill_run_reaches_ranks_in_their_own_session(tmp_path):
+    """msrun starts each rank with setsid: killing msrun's process group alone would leave it running."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from llava_ckpt.tp_run import kill_run
+
+    work = str(tmp_path / "llava-tp-run")
+    rank = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', "
+            f"{work!r}], start_new_session=True); time.sleep(120)")
+    launcher = subprocess.Popen([sys.executable, "-c", rank], start_new_session=True)
+    deadline = time.monotonic() + 30
+    children = []
+    while time.monotonic() < deadline and not children:
+        children = psutil.Process(launcher.pid).children()
+        time.sleep(0.1)
+    assert children and children[0].pid != launcher.pid
+    assert os.getpgid(children[0].pid) != os.getpgid(launcher.pid)  # its own session, like msrun's ranks
+    kill_run(launcher, work)
+    assert launcher.returncode is not None
+    assert not psutil.pid_exists(children[0].pid) or children[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_msrun_dies_with_a_launcher_killed_outright(tmp_path):
+    """The launcher SIGKILLed (no finally runs): the process it started as msrun is killed by the kernel."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    marker = str(tmp_path / "msrun-stand-in")
+    code = ("import subprocess, sys, time; from llava_ckpt.tp_run import _die_with_launcher; "
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', {marker!r}], "
+            "start_new_session=True, preexec_fn=_die_with_launcher); time.sleep(120)")
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    child = None
+    while time.monotonic() < deadline and child is None:
+        child = next((p for p in psutil.Process(launcher.pid).children() if marker in " ".join(p.cmdline())), None)
+        time.sleep(0.1)
+    assert child is not None
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs([child], timeout=10)
+    assert not alive
