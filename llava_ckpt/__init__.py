@@ -4,13 +4,14 @@ The API is lazy so `import llava_ckpt` stays fast (MindSpore and torch load only
 """
 __version__ = "0.1.0"
 
-__all__ = ["convert", "shard", "verify", "download", "make_fixture", "check", "load_tensors"]
+__all__ = ["convert", "shard", "verify", "download", "make_fixture", "check", "load_tensors", "generate"]
 
 
 def __getattr__(name):
     import importlib
     homes = {"convert": "convert", "shard": "shard", "verify": "verify", "download": "hub",
-             "make_fixture": "fixture", "check": "check", "load_tensors": "io"}
+             "make_fixture": "fixture", "check": "check", "load_tensors": "io",
+             "generate": "generate"}
     if name in homes:
         return getattr(importlib.import_module(f".{homes[name]}", __name__), name)
     raise AttributeError(name)

@@ -142,6 +142,54 @@ def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, 
 
 
 @main.command()
+@click.argument("ms_dir")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Image file; repeatable, paired in order with --prompt.")
+@click.option("--prompt", "prompts", multiple=True, help="Question about the image (repeatable).")
+@click.option("--requests", "requests_file", type=click.Path(dir_okay=False), default=None,
+              help='JSON lines: {"image": path, "prompt": text} (paths relative to the file\'s folder).')
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Requests per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True)
+@click.option("--raw", is_flag=True, help="TEXT is the whole prompt (must contain <image>); no chat template.")
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for --do-sample (same seed, same tokens).")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds the msrun ranks of a --tp output may take per batch before the run is retried.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+@_clean_errors
+def generate(ms_dir, images, prompts, requests_file, max_new_tokens, batch_size, dtype, device, raw, do_sample,
+             temperature, top_p, seed, timeout, as_json):
+    """Answer questions about images with the converted checkpoint in MS_DIR."""
+    from .generate import format_outputs, generate as run, pair_requests, read_requests
+    if requests_file and (images or prompts):
+        raise CheckpointError("give either --requests or --image/--prompt pairs, not both")
+    requests = read_requests(requests_file) if requests_file else pair_requests(images, prompts)
+    show = _progress(as_json)
+    first = [True]
+
+    def on_batch(batch, done, total, stats):
+        if not as_json:
+            if not first[0]:
+                click.echo("")
+            first[0] = False
+            click.echo(format_outputs(batch))
+        if show:
+            rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] else 0.0
+            click.echo(f"[generate] {done}/{total} requests, {rate:.1f} tokens/s", err=True)
+
+    result = run(ms_dir, requests, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                 device=device, raw=raw, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+                 timeout=timeout, on_batch=on_batch)
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+@main.command()
 @click.argument("repo")
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
 @click.option("--local-dir", type=click.Path(file_okay=False), default=None)

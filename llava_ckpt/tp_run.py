@@ -1,9 +1,18 @@
-"""Run a tensor-parallel output (rank_<r>/ folders) as N real ranks under msrun and return rank 0's logits.
+"""Run a tensor-parallel output (rank_<r>/ folders) as N real ranks under msrun.
 
-Each rank (tp_worker.py) loads only its own rank_<r>/ file into Megatron-style parallel cells
-(model/parallel.py); communication is MindSpore's (mccl backend on CPU). Inputs go to a temporary folder as
-.npy files, msrun runs on 127.0.0.1 with a free port, and a failed or hung run is retried once (a large
-AllReduce on CPU rarely fails and then teardown hangs).
+Each rank (`python -m llava_ckpt.tp_worker`) loads only its own rank_<r>/ file into Megatron-style parallel
+cells (model/parallel.py); communication is MindSpore's (mccl backend on CPU). The launcher writes the jobs
+(inputs as .npz, options in jobs.json) to a temporary folder, starts msrun on 127.0.0.1 with a free port and
+collects rank 0's results as they appear, so a caller can show each one as soon as it is ready.
+
+- A failed or hung run is retried once with the jobs not done yet (a large AllReduce on CPU rarely fails
+  and then teardown hangs); a rank that fails on bad input (CheckpointError) is not retried.
+- `timeout` is how long the ranks may go without finishing a job (from the start to the first result, then
+  between results): a long generate is fine, a hang is not.
+- At the end, on success, error, timeout or Ctrl-C, every process of the run is killed: msrun's process
+  group (msrun, its scheduler), its descendants, and any process whose command line names the run's folder
+  (msrun starts each worker in its own session, so a group kill alone misses them); the ranks also ask the
+  kernel to kill them when msrun dies.
 """
 from __future__ import annotations
 
@@ -22,8 +31,7 @@ import numpy as np
 
 from .errors import fail
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def rank_count(ms_dir: str) -> int:
@@ -73,65 +81,132 @@ def _tail(work: str, log_dir: str, limit: int = 3000) -> str:
     return "\n".join(texts)[-2 * limit:]
 
 
-def _attempt(ms_dir: str, world: int, work: str, dtype: str, jit: bool, timeout: float):
-    """One msrun run; returns (logits or None, diagnostic text)."""
+def kill_run(proc: subprocess.Popen, work: str) -> None:
+    """SIGKILL every process of one msrun run (see the module docstring) and reap msrun."""
+    import psutil
+    victims = {}
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            victims[p.pid] = p
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(work in part for part in (p.info["cmdline"] or [])):
+                victims[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in victims.values():
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    proc.wait()
+    psutil.wait_procs(list(victims.values()), timeout=10)
+
+
+def _read_result(work: str, index: int) -> dict:
+    with open(os.path.join(work, f"result_{index}.json"), encoding="utf-8") as f:
+        result = json.load(f)
+    with np.load(os.path.join(work, f"result_{index}.npz"), allow_pickle=False) as data:
+        for key in data.files:
+            result[key] = data[key]
+    return result
+
+
+def _attempt(ms_dir: str, world: int, work: str, pending: list, timeout: float, results: dict, on_result):
+    """One msrun run over the pending jobs; fills `results` as rank 0 writes them. Returns "" when every
+    pending job finished, else a diagnostic."""
     for name in os.listdir(work):
-        if name.startswith(("error_rank_", "logits")):
+        if name.startswith(("error_rank_", "result_")) and not any(
+                name.startswith(f"result_{i}.") for i in results):
             os.remove(os.path.join(work, name))
     log_dir = tempfile.mkdtemp(prefix="logs-", dir=work)
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = _msrun() + [f"--worker_num={world}", f"--local_worker_num={world}", "--master_addr=127.0.0.1",
                       f"--master_port={free_port()}", "--join=True", f"--log_dir={log_dir}",
-                      WORKER, os.path.abspath(ms_dir), work, "--dtype", dtype] + ([] if jit else ["--no-jit"])
+                      "python", "-m", "llava_ckpt.tp_worker", os.path.abspath(ms_dir), work]
+    todo = list(pending)
+    why = ""
     with open(os.path.join(work, "msrun.out"), "wb") as out:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
+            last_progress = time.monotonic()
+            while todo:
+                if os.path.exists(os.path.join(work, f"result_{todo[0]}.json")):
+                    index = todo.pop(0)
+                    results[index] = _read_result(work, index)
+                    last_progress = time.monotonic()
+                    if on_result is not None:
+                        on_result(index, results[index])
+                    continue
+                if any(n.startswith("error_rank_") for n in os.listdir(work)):
+                    time.sleep(1.0)  # let the other ranks write theirs
+                    why = "a rank failed"
+                    break
+                if proc.poll() is not None:
+                    if os.path.exists(os.path.join(work, f"result_{todo[0]}.json")):
+                        continue
+                    why = f"msrun exit code {proc.returncode}"
+                    break
+                if time.monotonic() - last_progress > timeout:
+                    why = f"msrun timed out ({timeout:.0f} s without a finished job)"
+                    break
+                time.sleep(0.1)
+            if not todo:
+                try:  # give the ranks a moment to exit cleanly; teardown on CPU can hang, hence the kill below
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
-            # msrun and its workers share the new session's process group: end exactly that group
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-    path = os.path.join(work, "logits.npy")
-    if os.path.exists(path) and not any(n.startswith("error_rank_") for n in os.listdir(work)):
-        return np.load(path), ""
-    why = f"timed out after {timeout:.0f} s" if rc is None else f"exit code {rc}"
-    return None, f"msrun {why}\n{_tail(work, log_dir)}"
+            kill_run(proc, work)
+    if not todo:
+        return ""
+    return f"{why}\n{_tail(work, log_dir)}"
 
 
-def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "float32", jit: bool = True,
-              timeout: float = 300.0, retries: int = 1) -> dict:
-    """Run `ms_dir`'s ranks under msrun on these inputs; returns {"logits", "world", "seconds", "attempts"}.
+def run_jobs(ms_dir: str, cfg: dict, jobs: list, dtype: str = "float32", jit: bool = True, device: str = "CPU",
+             timeout: float = 300.0, retries: int = 1, on_result=None) -> dict:
+    """Run jobs on `ms_dir`'s ranks in one msrun launch (the model is loaded once).
 
-    `cfg` is the normalized LLaVA config (config.load_config of the HF source). jit=True compiles each rank's
-    forward (graph mode, AllReduce/AllGather inside the graph); jit=False runs PyNative. Both were checked
-    with communication on CPU.
+    jobs: list of {"kind": "forward" | "generate", "arrays": {name: np.ndarray}, ...options} (see tp_worker).
+    on_result(index, result) is called in job order as each finishes. Returns {"results": list in job order,
+    "world", "seconds", "attempts"}.
     """
     world = rank_count(ms_dir)
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if not jobs:
+        raise fail("no jobs to run")
+    if not timeout or timeout <= 0:
+        raise fail(f"timeout must be a positive number of seconds, got {timeout!r}")
     work = tempfile.mkdtemp(prefix="llava-tp-")
     t0 = time.perf_counter()
     try:
-        np.save(os.path.join(work, "input_ids.npy"), ids.astype(np.int32))
-        np.save(os.path.join(work, "pixel_values.npy"), np.asarray(pixel_values, dtype=np.float32))
+        specs = []
+        for i, job in enumerate(jobs):
+            arrays = dict(job["arrays"])
+            with open(os.path.join(work, f"job_{i}.npz"), "wb") as f:
+                np.savez(f, **arrays)
+            specs.append({k: v for k, v in job.items() if k != "arrays"})
         with open(os.path.join(work, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f)
-        errors = []
+        results, errors = {}, []
         for attempt in range(1 + retries):
-            logits, why = _attempt(ms_dir, world, work, dtype, jit, timeout)
-            if logits is not None:
-                return {"logits": logits, "world": world, "attempts": attempt + 1,
-                        "seconds": round(time.perf_counter() - t0, 2)}
+            pending = [i for i in range(len(jobs)) if i not in results]
+            plan = {"dtype": dtype, "jit": bool(jit), "device": device, "package": PACKAGE, "jobs": specs,
+                    "pending": pending}
+            with open(os.path.join(work, "jobs.json"), "w", encoding="utf-8") as f:
+                json.dump(plan, f)
+            why = _attempt(ms_dir, world, work, pending, timeout, results, on_result)
+            if not why:
+                return {"results": [results[i] for i in range(len(jobs))], "world": world,
+                        "attempts": attempt + 1, "seconds": round(time.perf_counter() - t0, 2)}
             errors.append(why)
             if "CheckpointError" in why:  # bad input, not a flaky run: retrying cannot help
                 break
@@ -139,3 +214,33 @@ def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "flo
                    f"({len(errors)} attempt(s)):\n{errors[-1]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "float32", jit: bool = True,
+              device: str = "CPU", timeout: float = 300.0, retries: int = 1, trace: bool = False,
+              max_new_tokens: int = 0, eos=()) -> dict:
+    """One prompt batch on `ms_dir`'s ranks under msrun: {"logits" (rank 0's full-vocab prompt logits
+    [B, S, V] float32), "trace" (list of arrays in model.trace_names(cfg) order, if trace), "tokens" (greedy
+    new tokens of a batch-1 prompt, stopping after an eos token, if max_new_tokens > 0), "world", "seconds",
+    "attempts"}.
+
+    `cfg` is the normalized LLaVA config (config.load_config). jit=True compiles each rank's forward (graph
+    mode, AllReduce/AllGather inside the graph); jit=False runs PyNative. Both were checked with
+    communication on CPU. `device` is every rank's MindSpore device target.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if max_new_tokens and ids.shape[0] != 1:
+        raise fail("greedy tokens are for one prompt at a time (generate runs batches)")
+    job = {"kind": "forward", "trace": bool(trace), "max_new_tokens": int(max_new_tokens),
+           "eos": [int(e) for e in eos],
+           "arrays": {"input_ids": ids.astype(np.int32), "pixel_values": np.asarray(pixel_values, np.float32)}}
+    run = run_jobs(ms_dir, cfg, [job], dtype=dtype, jit=jit, device=device, timeout=timeout, retries=retries)
+    r = run["results"][0]
+    out = {"logits": r["logits"], "world": run["world"], "seconds": run["seconds"], "attempts": run["attempts"]}
+    if trace:
+        out["trace"] = [r[k] for k in sorted(k for k in r if k.startswith("trace_"))]
+    if max_new_tokens > 0:
+        out["tokens"] = list(r["tokens"])
+    return out

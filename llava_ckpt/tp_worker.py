@@ -1,39 +1,94 @@
-"""One tensor-parallel rank, started by msrun (see tp_run.py): loads ONLY rank_<r>/ of the converted folder,
-runs the parallel forward, and rank 0 writes the full-vocab logits of every prompt position.
+"""One tensor-parallel rank, started by msrun (see tp_run.py) as `python -m llava_ckpt.tp_worker MS_DIR WORK_DIR`.
 
-    msrun ... tp_worker.py MS_DIR WORK_DIR [--dtype float32] [--no-jit]
+It loads ONLY rank_<r>/ of the converted folder into the parallel cells (model/parallel.py), then runs the
+jobs that WORK_DIR/jobs.json lists as pending, in order, with the same model and compiled graphs:
 
-WORK_DIR holds config.json, input_ids.npy, pixel_values.npy; rank 0 writes logits.npy there, every rank
-that fails writes error_rank_<r>.txt (the launcher reports it).
+- "forward" (verify): the prompt's full-vocab logits, optionally every intermediate (trace) and greedy tokens;
+- "generate": one batch of requests (left-padded), greedy or sampled, as llava_ckpt.generate.run_batch.
+
+Rank 0 writes result_<i>.npz (arrays) then result_<i>.json (the rest; its appearance tells the launcher the
+job is done). Every rank that fails writes error_rank_<r>.txt (the launcher reports it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when msrun (its parent) dies, so an interrupted launcher leaves no rank behind
+    (msrun starts each worker in its own session, out of reach of a process-group kill)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was already gone before prctl
+        os._exit(1)
+
+
+def run_job(runner, job: dict, arrays: dict):
+    """(JSON-able result, arrays to save) of one job on a loaded Runner; the same code runs at tp 1."""
+    import numpy as np
+    if job["kind"] == "generate":
+        from .generate import run_batch
+        return run_batch(runner, arrays, job), {}
+    if job["kind"] != "forward":
+        from .errors import fail
+        raise fail(f"unknown job kind {job['kind']!r}")
+    ids, pixels = arrays["input_ids"], arrays["pixel_values"]
+    fwd = runner.forward(ids, pixels, trace=bool(job.get("trace")))
+    out = {"logits": np.asarray(fwd["logits"], dtype=np.float32)}
+    for i, t in enumerate(fwd.get("trace", [])):
+        out[f"trace_{i:04d}"] = np.asarray(t, dtype=np.float32)
+    meta = {}
+    if int(job.get("max_new_tokens", 0)) > 0:
+        gen = runner.generate(ids, pixels, int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), first=fwd)
+        meta["tokens"] = [int(t) for t in gen["tokens"]]
+    return meta, out
+
+
+def _save(work_dir: str, index: int, meta: dict, arrays: dict) -> None:
+    import numpy as np
+    base = os.path.join(work_dir, f"result_{index}")
+    with open(base + ".tmp.npz", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(base + ".tmp.npz", base + ".npz")
+    with open(base + ".tmp.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(base + ".tmp.json", base + ".json")  # last: the launcher's "done" signal
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("ms_dir")
     ap.add_argument("work_dir")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--no-jit", action="store_true")
     args = ap.parse_args(argv)
+    _die_with_parent()
     rank = None
     try:
         import numpy as np
         import mindspore as ms
         from mindspore.communication import init, get_rank, get_group_size
+        import llava_ckpt
         from llava_ckpt.errors import fail
         from llava_ckpt.io import load_tensors
         from llava_ckpt.model.loading import set_device
         from llava_ckpt.model.llava import Runner
         from llava_ckpt.model.parallel import load_rank
 
-        set_device("CPU")
+        with open(os.path.join(args.work_dir, "jobs.json"), encoding="utf-8") as f:
+            plan = json.load(f)
+        mine = os.path.realpath(os.path.dirname(llava_ckpt.__file__))
+        if plan.get("package") and os.path.realpath(plan["package"]) != mine:
+            raise fail(f"the ranks import llava_ckpt from {mine}, the launcher from {plan['package']}: "
+                       "install the package (pip install -e .) or put it on PYTHONPATH")
+        set_device(plan.get("device", "CPU"))
         init()
         rank, world = get_rank(), get_group_size()
         rank_dir = os.path.join(args.ms_dir, f"rank_{rank}")
@@ -45,17 +100,18 @@ def main(argv=None) -> int:
             cfg = json.load(f)
         tensors = load_tensors(rank_dir)
         try:
-            model = load_rank(cfg, tensors, rank, world, args.dtype)
+            model = load_rank(cfg, tensors, rank, world, plan.get("dtype", "float32"))
         finally:
             if hasattr(tensors, "close"):
                 tensors.close()
-        ids = np.load(os.path.join(args.work_dir, "input_ids.npy"))
-        pixels = np.load(os.path.join(args.work_dir, "pixel_values.npy"))
-        logits = Runner(model, jit=not args.no_jit).forward(ids, pixels)["logits"]
-        if rank == 0:
-            tmp = os.path.join(args.work_dir, "logits.tmp.npy")
-            np.save(tmp, logits.astype(np.float32))
-            os.replace(tmp, os.path.join(args.work_dir, "logits.npy"))
+        runner = Runner(model, jit=bool(plan.get("jit", True)))
+        for index in plan["pending"]:
+            job = plan["jobs"][index]
+            with np.load(os.path.join(args.work_dir, f"job_{index}.npz"), allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            meta, out = run_job(runner, job, arrays)
+            if rank == 0:
+                _save(args.work_dir, index, meta, out)
         del ms
         return 0
     except BaseException:  # noqa: BLE001 - reported to the launcher, then non-zero exit

@@ -48,7 +48,9 @@ class Attention(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
     def qkv(self, x, cos, sin):
-        """q [B, heads, S, d], k and v [B, kv_heads, S, d], RoPE applied to q and k."""
+        """q [B, heads, S, d], k and v [B, kv_heads, S, d], RoPE applied to q and k.
+
+        cos/sin: [S, d] (one position list for the batch) or [B, S, d] (per-row positions: left padding)."""
         b, s, _ = x.shape
         d = self.head_dim
         if self.fused:
@@ -60,6 +62,8 @@ class Attention(nn.Cell):
             k = self.wk(x).reshape(b, s, self.kv_heads, d)
             v = self.wv(x).reshape(b, s, self.kv_heads, d)
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cos.ndim == 3:  # per-row positions: [B, S, d] -> [B, 1, S, d], one table row per head
+            cos, sin = cos.expand_dims(1), sin.expand_dims(1)
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -119,7 +123,8 @@ class DecoderLayer(nn.Cell):
         return x + self.feed_forward(self.ffn_norm(x)), k, v
 
     def step(self, x, cos, sin, keep, slot, k_cache, v_cache):
-        """One new position: write its k/v at `slot` (bool [1, 1, T, 1]) of the fixed-length cache."""
+        """One new position per row: write its k/v at `slot` (bool [1, 1, T, 1], the same cache slot for every
+        row: rows are left-padded to one length) of the fixed-length cache."""
         q, k, v = self.attention.qkv(self.attention_norm(x), cos, sin)
         k_cache = ops.where(slot, ops.broadcast_to(k, k_cache.shape), k_cache)
         v_cache = ops.where(slot, ops.broadcast_to(v, v_cache.shape), v_cache)
@@ -157,16 +162,19 @@ class LanguageModel(nn.Cell):
     def logits(self, x):
         return self.lm_head(self.model.norm_out(x)).astype(ms.float32)
 
-    def prefill(self, x, positions, keep):
-        """x: input embeddings [B, S, H]. Returns logits, per-layer k and v tuples ([B, kv, S, d] each),
-        layer outputs. Tuples, not one stacked tensor: slicing a stacked cache per layer cost ~40 ms a
-        layer on CPU, more than the layer's matmuls at decode time."""
+    def prefill(self, x, positions, keep, last_only=False):
+        """x: input embeddings [B, S, H]; positions [S] or [B, S] (per row); keep: bool broadcastable to
+        [B, heads, S, S]. Returns logits, per-layer k and v tuples ([B, kv, S, d] each), layer outputs.
+        Tuples, not one stacked tensor: slicing a stacked cache per layer cost ~40 ms a layer on CPU, more
+        than the layer's matmuls at decode time. last_only: logits of the last position only ([B, 1, V]),
+        all generation needs (the full-vocab head over every prompt position costs as much as a layer)."""
         cos, sin = ops.gather(self.cos, positions, 0), ops.gather(self.sin, positions, 0)
         ks, vs, states = (), (), ()
         for layer in self.model.layers:
             x, k, v = layer.prefill(x, cos, sin, keep)
             ks, vs, states = ks + (k,), vs + (v,), states + (x,)
-        return self.logits(x), ks, vs, states + (self.model.norm_out(x),)
+        logits = self.logits(x[:, -1:]) if last_only else self.logits(x)
+        return logits, ks, vs, states + (self.model.norm_out(x),)
 
     def step(self, ids, positions, keep, slot, k_caches, v_caches):
         cos, sin = ops.gather(self.cos, positions, 0), ops.gather(self.sin, positions, 0)

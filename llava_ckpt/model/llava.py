@@ -1,6 +1,8 @@
 """The LLaVA-1.5 cell (`vision_encoder`, `adapter`, `language_model`) and its compiled entry points."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
@@ -50,9 +52,9 @@ class LlavaVlm(nn.Cell):
         x = ops.where(is_image.expand_dims(-1), placed, text)
         return x, vision_states, image
 
-    def prefill(self, ids, pixels, positions, keep, trace):
+    def prefill(self, ids, pixels, positions, keep, trace, last_only=False):
         x, vision_states, image = self.embed(ids, pixels)
-        logits, k, v, states = self.language_model.prefill(x, positions, keep)
+        logits, k, v, states = self.language_model.prefill(x, positions, keep, last_only)
         if trace:
             return logits, k, v, vision_states + (image, x) + states
         return logits, k, v
@@ -80,12 +82,12 @@ def check_supported(cfg: dict) -> None:
 class _Prefill(nn.Cell):
     """Compilable wrapper; auto_prefix=False keeps the model's parameter names unchanged."""
 
-    def __init__(self, model, trace):
+    def __init__(self, model, trace, last_only=False):
         super().__init__(auto_prefix=False)
-        self.model, self.trace = model, trace
+        self.model, self.trace, self.last_only = model, trace, last_only
 
     def construct(self, ids, pixels, positions, keep):
-        return self.model.prefill(ids, pixels, positions, keep, self.trace)
+        return self.model.prefill(ids, pixels, positions, keep, self.trace, self.last_only)
 
 
 class _Step(nn.Cell):
@@ -97,8 +99,13 @@ class _Step(nn.Cell):
         return self.model.language_model.step(ids, positions, keep, slot, k_cache, v_cache)
 
 
+def greedy(logits: np.ndarray) -> np.ndarray:
+    """[B, V] -> [B]: the highest logit (the first one on a tie, as torch.argmax)."""
+    return np.argmax(logits, axis=-1)
+
+
 class Runner:
-    """Forward and greedy generation on a loaded model, compiled (graph mode) unless jit=False.
+    """Forward and generation on a loaded model, compiled (graph mode) unless jit=False.
 
     Build it after load_weights: a compiled graph keeps the parameter data it was compiled with.
     """
@@ -107,6 +114,7 @@ class Runner:
         self.model = model
         wrap = ms.jit if jit else (lambda cell: cell)
         self._prefill = {trace: wrap(_Prefill(model, trace)) for trace in (False, True)}
+        self._prefill_last = wrap(_Prefill(model, False, last_only=True))
         self._step = wrap(_Step(model))
 
     def _check(self, input_ids, pixel_values, total):
@@ -117,10 +125,10 @@ class Runner:
         want_px = (ids.shape[0], vc["num_channels"], vc["image_size"], vc["image_size"])
         if tuple(np.shape(pixel_values)) != want_px:
             raise fail(f"pixel_values shape {tuple(np.shape(pixel_values))}, the vision tower needs {want_px}")
-        want = ids.shape[0] * patch_count(self.model.cfg)
-        got = int((ids == self.model.image_token).sum())
-        if got != want:
-            raise fail(f"prompt has {got} image tokens, the vision tower gives {want} features")
+        want = patch_count(self.model.cfg)
+        got = (ids == self.model.image_token).sum(axis=1)
+        if (got != want).any():
+            raise fail(f"prompt has {int(got[got != want][0])} image tokens, the vision tower gives {want} features")
         if total > self.model.language_model.max_positions:
             raise fail(f"sequence length {total} exceeds max_position_embeddings "
                        f"{self.model.language_model.max_positions}")
@@ -140,32 +148,100 @@ class Runner:
         return result
 
     def generate(self, input_ids, pixel_values, max_new_tokens: int, eos=(), first: dict | None = None) -> dict:
-        """Greedy decoding with the KV cache; stops after an eos token like transformers' generate.
+        """Greedy decoding of one prompt with the KV cache; stops after an eos token like transformers' generate.
 
         `first`: this prompt's forward() result, if already computed (saves one prefill)."""
         ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens)
         if ids.shape[0] != 1:
-            raise fail("generate takes one prompt at a time")
+            raise fail("generate takes one prompt at a time (generate_batch takes several)")
         if max_new_tokens < 1:
             raise fail("max_new_tokens must be at least 1")
         first = first or self.forward(ids, pixel_values)
-        s, total = ids.shape[1], ids.shape[1] + max_new_tokens
-        logits = [first["logits"][0, -1]]
-        tokens = [int(np.argmax(logits[-1]))]
+        mask = np.ones(ids.shape, dtype=bool)
+        out = self._decode(first["logits"][:, -1], first["k"], first["v"], mask, max_new_tokens, eos, greedy,
+                           keep_logits=True)
+        return {"tokens": out["tokens"][0], "logits": np.stack(out["logits"])[:, 0],
+                "prompt_logits": first["logits"]}
+
+    def generate_batch(self, input_ids, attention_mask, pixel_values, max_new_tokens: int, eos=(),
+                       choose=greedy, pad_id: int = 0, on_step=None) -> dict:
+        """Several prompts in one forward pass, as transformers' generate does for LLaVA.
+
+        input_ids [B, S] LEFT-padded (padding at the start of a row, so every row's last prompt token is in
+        the last column and every new token goes to the same cache slot); attention_mask [B, S], 1 for real
+        tokens. Each row gets its own positions (counting its real tokens only), so a padded row computes
+        what it would alone. `choose`: [B, V] logits -> [B] token ids (greedy, or model.sampling's sampler).
+        Rows that produced an eos token stop (they are fed pad_id while the others go on).
+        Returns {"tokens": list per row (new tokens, eos included), "finish": "stop"|"length" per row,
+        "prefill_s", "decode_s", "decode_tokens"}.
+        """
+        mask = np.asarray(attention_mask).astype(bool)
+        ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens)
+        if mask.shape != ids.shape:
+            raise fail(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+            raise fail("input_ids must be left-padded: each row's padding before its tokens")
+        if max_new_tokens < 1:
+            raise fail("max_new_tokens must be at least 1")
+        b, s = ids.shape
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        keep = np.tril(np.ones((s, s), dtype=bool))[None, None] & mask[:, None, None, :]
+        t0 = time.perf_counter()
+        out = self._prefill_last(Tensor(ids), Tensor(np.asarray(pixel_values, dtype=np.float32)),
+                                 Tensor(positions), Tensor(keep))
+        last = out[0].asnumpy()[:, -1]
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dec = self._decode(last, out[1], out[2], mask, max_new_tokens, eos, choose, pad_id, on_step=on_step)
+        return {"tokens": dec["tokens"], "finish": dec["finish"], "prefill_s": prefill_s,
+                "decode_s": time.perf_counter() - t0, "decode_tokens": dec["decode_tokens"]}
+
+    def _decode(self, last, k_prompt, v_prompt, mask, max_new_tokens, eos, choose, pad_id=0, keep_logits=False,
+                on_step=None) -> dict:
+        """The KV-cache loop shared by generate and generate_batch. last: [B, V] logits of the last prompt
+        position; k/v_prompt: the prefill's per-layer [B, kv, S, d]; mask: [B, S] bool (left padding)."""
+        b, s = mask.shape
+        total = s + max_new_tokens
+        lengths = mask.sum(axis=1).astype(np.int32)
+
         def pad(t):  # [B, kv, S, d] -> [B, kv, total, d]
             return ops.concat((t, ops.zeros(t.shape[:2] + (total - s,) + t.shape[3:], t.dtype)), 2)
 
         # mutable: a plain tuple of tensors is a compile-time constant (one recompile per step)
-        k, v = ms.mutable(tuple(pad(t) for t in first["k"])), ms.mutable(tuple(pad(t) for t in first["v"]))
-        slots = np.arange(total)
-        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-            pos = s + len(tokens) - 1
-            out = self._step(Tensor(np.array([[tokens[-1]]], dtype=np.int32)), Tensor(np.array([pos], np.int32)),
-                             Tensor((slots <= pos)[None]), Tensor((slots == pos).reshape(1, 1, total, 1)), k, v)
-            logits.append(out[0].asnumpy()[0, -1])
+        k, v = ms.mutable(tuple(pad(t) for t in k_prompt)), ms.mutable(tuple(pad(t) for t in v_prompt))
+        visible = np.zeros((b, total), dtype=bool)
+        visible[:, :s] = mask
+        eos_ids = np.array(sorted({int(e) for e in eos}), dtype=np.int64)
+        done = np.zeros(b, dtype=bool)
+        tokens, logits, decoded = [], [last] if keep_logits else None, 0
+        chosen = np.asarray(choose(last)).astype(np.int64)
+        while True:
+            chosen = np.where(done, pad_id, chosen)
+            tokens.append(chosen)
+            done = done | np.isin(chosen, eos_ids)
+            n = len(tokens)
+            if on_step is not None:
+                on_step(n, int((~done).sum()))
+            if n >= max_new_tokens or done.all():
+                break
+            slot = s + n - 1
+            visible[:, slot] = True
+            decoded += int((~done).sum())
+            out = self._step(Tensor(chosen.reshape(b, 1).astype(np.int32)),
+                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(visible[:, None, None, :]),
+                             Tensor((np.arange(total) == slot).reshape(1, 1, total, 1)), k, v)
+            last = out[0].asnumpy()[:, -1]
+            if keep_logits:
+                logits.append(last)
             k, v = ms.mutable(tuple(out[1])), ms.mutable(tuple(out[2]))
-            tokens.append(int(np.argmax(logits[-1])))
-        return {"tokens": tokens, "logits": np.stack(logits), "prompt_logits": first["logits"]}
+            chosen = np.asarray(choose(last)).astype(np.int64)
+        grid = np.stack(tokens, axis=1)  # [B, n]
+        rows, finish = [], []
+        for row in grid:
+            stop = np.flatnonzero(np.isin(row, eos_ids))
+            rows.append(row[:stop[0] + 1].tolist() if stop.size else row.tolist())
+            finish.append("stop" if stop.size else "length")
+        return {"tokens": rows, "finish": finish, "logits": logits, "decode_tokens": decoded}
 
 
 def trace_names(cfg: dict) -> list:

@@ -1,0 +1,283 @@
+"""`generate`: answer questions about images with a converted checkpoint, in the reference MindSpore model.
+
+Requests are (image, question) pairs. Each question goes inside the checkpoint's own chat template through
+its transformers processor (llava_ckpt.prompts), as Hugging Face users do. Requests run in batches of
+`batch_size`: one forward pass per batch, rows left-padded with an attention mask and per-row positions,
+one KV cache, rows stopping at an eos token of generation_config.json (as transformers' generate does
+for LLaVA); a batch gives the same tokens as its requests one at a time. A converted folder with rank_<r>/
+folders runs as that many tensor-parallel ranks under msrun (llava_ckpt.tp_run), same tokens as tp 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+from .errors import fail
+
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_MAX_NEW_TOKENS = 128
+# Prompt lengths are padded (on the left, masked) up to a multiple of this, so batches of similar prompts
+# reuse one compiled prefill and decode graph instead of compiling one per length.
+LENGTH_BUCKET = 16
+
+
+# ---------------------------------------------------------------- requests
+
+def pair_requests(images, prompts) -> list:
+    """--image/--prompt pairs, in order: [{"image", "prompt"}]."""
+    images, prompts = list(images or ()), list(prompts or ())
+    if len(images) != len(prompts):
+        raise fail(f"{len(images)} --image and {len(prompts)} --prompt: give one --prompt per --image, in order")
+    if not images:
+        raise fail("no requests: give --image IMG --prompt TEXT (repeatable) or --requests FILE.jsonl")
+    return [{"image": i, "prompt": p} for i, p in zip(images, prompts)]
+
+
+def read_requests(path: str) -> list:
+    """A JSON-lines file of {"image": path, "prompt": text}; relative image paths are relative to the file's
+    folder. Blank lines are skipped; a bad line is named by its number."""
+    if not os.path.exists(path):
+        raise fail(f"requests file {path} does not exist")
+    if not os.path.isfile(path):
+        raise fail(f"requests file {path} is not a regular file")
+    folder = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise fail(f"{path} line {number}: not UTF-8 text") from None
+            if not line:
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise fail(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str) \
+                    or not isinstance(item.get("prompt"), str):
+                raise fail(f"{path} line {number}: expected an object {{\"image\": path, \"prompt\": text}}")
+            image = item["image"]
+            out.append({"image": image if os.path.isabs(image) else os.path.join(folder, image),
+                        "prompt": item["prompt"]})
+    if not out:
+        raise fail(f"requests file {path} holds no requests")
+    return out
+
+
+# ---------------------------------------------------------------- the converted folder
+
+def open_output(ms_dir: str) -> dict:
+    """Check `ms_dir` is a convert/shard output with what generate needs; returns {"cfg", "tp"}."""
+    from .config import load_config
+    from .manifest import read_manifest
+    if not os.path.isdir(ms_dir):
+        raise fail(f"{ms_dir} is not a folder")
+    manifest = read_manifest(ms_dir)
+    tp = (manifest.get("options") or {}).get("tp", 1)
+    if not isinstance(tp, int) or tp < 1:
+        raise fail(f"{ms_dir}/manifest.json: options.tp is {tp!r}, not a positive integer")
+    if not os.path.isfile(os.path.join(ms_dir, "config.json")):
+        raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
+                   "copies the source's config, generation config, tokenizer and processor files)")
+    cfg = load_config(ms_dir)
+    ranks = sorted(int(d[5:]) for d in os.listdir(ms_dir)
+                   if re.fullmatch(r"rank_\d+", d) and os.path.isdir(os.path.join(ms_dir, d)))
+    if tp > 1:
+        missing = [f"rank_{r}" for r in range(tp) if r not in ranks]
+        if missing:
+            raise fail(f"{ms_dir} is a --tp {tp} output but {', '.join(missing)} is missing")
+        if ranks != list(range(tp)):
+            raise fail(f"{ms_dir} is a --tp {tp} output but holds rank folders {ranks}")
+    elif ranks:
+        raise fail(f"{ms_dir}: manifest says tp 1 but the folder holds rank_<r>/ folders")
+    return {"cfg": cfg, "tp": tp}
+
+
+def special_ids(ms_dir: str, processor) -> tuple:
+    """(eos ids, pad id) from generation_config.json (as transformers' generate reads them), falling back on
+    the tokenizer's."""
+    from .io.files import read_json
+    gen = {}
+    path = os.path.join(ms_dir, "generation_config.json")
+    if os.path.exists(path):
+        gen = read_json(path)
+        if not isinstance(gen, dict):
+            raise fail(f"{path} is not a JSON object")
+    tok = processor.tokenizer
+    eos = gen.get("eos_token_id", tok.eos_token_id)
+    eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+    pad = gen.get("pad_token_id")
+    if pad is None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+    if not all(isinstance(e, int) for e in eos) or not isinstance(pad, int):
+        raise fail(f"{path}: eos_token_id / pad_token_id must be integers")
+    return tuple(int(e) for e in eos), int(pad)
+
+
+# ---------------------------------------------------------------- batches
+
+def prepare(requests: list, processor, raw: bool = False) -> list:
+    """Every request's image read and prompt formatted and tokenized, before any model is loaded (bad input
+    fails fast). Returns [{"image", "prompt", "prompt_text", "ids", "pixels"}]."""
+    from .prompts import encode, format_prompt, load_image
+    out = []
+    for req in requests:
+        text = format_prompt(processor, req["prompt"], raw)
+        picture = load_image(req["image"])
+        ids, pixels = encode(processor, picture, text)
+        out.append({"image": req["image"], "prompt": req["prompt"], "prompt_text": text, "ids": ids,
+                    "pixels": pixels})
+    return out
+
+
+def pad_left(rows: list, pad_id: int, limit: int | None = None) -> tuple:
+    """Token rows -> (input_ids [B, S] int32, attention_mask [B, S] int8), padded on the left to the longest
+    row rounded up to LENGTH_BUCKET (never past `limit`)."""
+    longest = max(len(r) for r in rows)
+    length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
+    if limit is not None:
+        length = max(longest, min(length, limit))
+    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), length), dtype=np.int8)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def run_batch(runner, arrays: dict, job: dict) -> dict:
+    """One batch on a loaded Runner (tp 1 here, every rank under msrun): {"tokens", "finish", "prefill_s",
+    "decode_s", "decode_tokens"}."""
+    from .model.sampling import chooser
+    choose = chooser(bool(job.get("do_sample")), job.get("temperature", 1.0), job.get("top_p", 1.0),
+                     job.get("seed"))
+    out = runner.generate_batch(arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"],
+                                int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), choose=choose,
+                                pad_id=int(job.get("pad_id", 0)))
+    out["tokens"] = [[int(t) for t in row] for row in out["tokens"]]
+    return out
+
+
+def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed):
+    from .model.sampling import check_sampling
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise fail(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise fail(f"batch_size must be a positive integer, got {batch_size!r}")
+    if dtype not in ("float32", "float16"):
+        raise fail(f"dtype must be float32 or float16, got {dtype!r}")
+    if device not in ("CPU", "Ascend", "GPU"):
+        raise fail(f"device must be CPU, Ascend or GPU, got {device!r}")
+    if do_sample:
+        check_sampling(temperature, top_p)
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise fail(f"seed must be a non-negative integer, got {seed!r}")
+
+
+# ---------------------------------------------------------------- the command
+
+def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32", device: str = "CPU", raw: bool = False,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+             eos=None, jit: bool = True, timeout: float = 600.0, on_batch=None) -> dict:
+    """Answer `requests` ([{"image": path, "prompt": text}]) with the converted checkpoint in `ms_dir`.
+
+    Greedy unless do_sample (then temperature / top-p, reproducible with `seed`). `eos`: token ids that end
+    an answer (default: generation_config.json's). on_batch(outputs, done, total) is called as each batch
+    finishes, outputs in input order. `timeout`: seconds the msrun ranks may take per batch (tp > 1).
+    Returns {"tp", "outputs": [{"image", "prompt", "prompt_text", "token_ids", "text", "finish_reason"}],
+    "prefill_s", "decode_tokens_per_s", ...}.
+    """
+    from .prompts import load_processor
+    _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed)
+    if not requests:
+        raise fail("no requests to answer")
+    t_start = time.perf_counter()
+    info = open_output(ms_dir)
+    cfg, tp = info["cfg"], info["tp"]
+    processor = load_processor(ms_dir)
+    default_eos, pad_id = special_ids(ms_dir, processor)
+    eos = default_eos if eos is None else tuple(int(e) for e in eos)
+    prepared = prepare(requests, processor, raw)
+    if do_sample and seed is None:
+        seed = int(np.random.SeedSequence().entropy % (1 << 63))  # reported, so the run can be repeated
+    limit = int(cfg["text_config"]["max_position_embeddings"]) - max_new_tokens
+    jobs = []
+    for start in range(0, len(prepared), batch_size):
+        chunk = prepared[start:start + batch_size]
+        ids, mask = pad_left([p["ids"] for p in chunk], pad_id, limit)
+        jobs.append({"kind": "generate", "max_new_tokens": max_new_tokens, "eos": list(eos), "pad_id": pad_id,
+                     "do_sample": bool(do_sample), "temperature": float(temperature), "top_p": float(top_p),
+                     "seed": None if seed is None else [int(seed), len(jobs)],
+                     "arrays": {"input_ids": ids, "attention_mask": mask,
+                                "pixel_values": np.stack([p["pixels"] for p in chunk])},
+                     "start": start, "count": len(chunk)})
+    decode = processor.tokenizer.decode
+    outputs = [None] * len(prepared)
+    stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0, "done": 0}
+
+    def finished(index: int, result: dict) -> None:
+        job = jobs[index]
+        batch = []
+        for row, (tokens, finish) in enumerate(zip(result["tokens"], result["finish"])):
+            p = prepared[job["start"] + row]
+            item = {"image": p["image"], "prompt": p["prompt"], "prompt_text": p["prompt_text"],
+                    "token_ids": [int(t) for t in tokens], "finish_reason": finish,
+                    "text": decode([int(t) for t in tokens], skip_special_tokens=True).strip()}
+            outputs[job["start"] + row] = item
+            batch.append(item)
+        stats["prefill_s"] += float(result["prefill_s"])
+        stats["decode_s"] += float(result["decode_s"])
+        stats["decode_tokens"] += int(result["decode_tokens"])
+        stats["done"] += len(batch)
+        if on_batch is not None:
+            on_batch(batch, stats["done"], len(prepared), dict(stats))
+
+    run_info = {}
+    if tp == 1:
+        from .io import load_tensors
+        from .model import Runner, build_and_load
+        tensors = load_tensors(ms_dir)
+        try:
+            model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device)
+        finally:
+            tensors.close()
+        runner = Runner(model, jit=jit)
+        for index, job in enumerate(jobs):
+            finished(index, run_batch(runner, job["arrays"], job))
+    else:
+        from .tp_run import run_jobs
+        specs = [{k: v for k, v in job.items() if k not in ("start", "count")} for job in jobs]
+        run = run_jobs(ms_dir, cfg, specs, dtype=dtype, jit=jit, device=device, timeout=timeout,
+                       on_result=finished)
+        run_info = {"attempts": run["attempts"]}
+    return dict({
+        "tp": tp,
+        "outputs": outputs,
+        "prefill_s": round(stats["prefill_s"], 3),
+        "decode_tokens_per_s": round(stats["decode_tokens"] / stats["decode_s"], 2) if stats["decode_s"] else None,
+        "decode_tokens": stats["decode_tokens"],
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "batch_size": batch_size,
+        "batches": len(jobs),
+        "max_new_tokens": max_new_tokens,
+        "dtype": dtype,
+        "device": device,
+        "do_sample": bool(do_sample),
+        "seed": seed,
+        "ms_dir": os.path.abspath(ms_dir),
+    }, **run_info)
+
+
+def format_outputs(outputs: list) -> str:
+    """One block per request: image, question, answer."""
+    blocks = []
+    for o in outputs:
+        blocks.append(f"image   : {o['image']}\nquestion: {o['prompt']}\nanswer  : {o['text']}"
+                      + ("" if o["finish_reason"] == "stop" else "  [length limit]"))
+    return "\n\n".join(blocks)
