@@ -11,11 +11,11 @@ import os
 import re
 
 from .errors import CheckpointError, fail
+from .io.files import sha256_file
 from .io.source import read_index
 from .manifest import NAME, read_manifest
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".pkl", ".npy", ".npz")
-BLOCK = 8 << 20
 RANK_FILE = re.compile(r"^rank_(\d+)/llava\.(ckpt|safetensors)$")
 
 
@@ -32,24 +32,16 @@ def _inside(root: str, path: str) -> bool:
 
 def _hash_file(path: str, ranges: dict) -> tuple:
     """(sha256 of the file, {name: sha256 of its byte ranges}) in one sequential read."""
-    whole = hashlib.sha256()
     parts = {name: hashlib.sha256() for name in ranges}
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    pos = 0
     spans = sorted((start, start + length, name) for name, pieces in ranges.items() for start, length in pieces)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            whole.update(view[:n])
-            end = pos + n
-            for a, b, name in spans:
-                if a < end and b > pos:
-                    parts[name].update(view[max(a, pos) - pos:min(b, end) - pos])
-            pos = end
-    return whole.hexdigest(), {name: h.hexdigest() for name, h in parts.items()}
+
+    def hash_ranges(pos, view):
+        end = pos + len(view)
+        for a, b, name in spans:
+            if a < end and b > pos:
+                parts[name].update(view[max(a, pos) - pos:min(b, end) - pos])
+    whole = sha256_file(path, on_block=hash_ranges if spans else None)
+    return whole, {name: h.hexdigest() for name, h in parts.items()}
 
 
 def _entries(manifest: dict, where: str) -> list:

@@ -2,11 +2,11 @@
 
 llava-hf/llava-1.5-7b-hf leaves most text and vision sizes to LlamaConfig / CLIPVisionConfig defaults, so
 the mapping engine and the reference model read sizes from here, never from config.json directly.
-Importing transformers just for its defaults costs seconds, so they are written out below.
+Importing transformers just for its defaults costs seconds, so they are written out below, by model_type.
+Which model types are accepted, and which sizes must be valid, is the mapping table's to say.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .errors import fail
@@ -58,37 +58,48 @@ LLAVA_VISION_OVERRIDES = {
 }
 
 
-def normalize_config(raw: dict, where: str = "config.json") -> dict:
-    """Return a new dict: LLaVA top level, `text_config` and `vision_config` with every default applied."""
+# transformers' config classes, by the model_type a config.json names: what each leaves to its defaults.
+DEFAULTS = {"llava": LLAVA_DEFAULTS, "llama": LLAMA_DEFAULTS, "clip_vision_model": CLIP_VISION_DEFAULTS}
+
+
+def normalize_config(raw: dict, where: str = "config.json", table: dict | None = None) -> dict:
+    """Return a new dict: the top level, `text_config` and `vision_config` with transformers' defaults applied,
+    checked against the mapping table (`table`, else the packaged table that accepts this config): model
+    types, and every size the table names a positive integer."""
+    from .mapping import check_model, table_for
     if not isinstance(raw, dict):
         raise fail(f"{where} is not a JSON object")
-    model_type = raw.get("model_type")
-    if model_type != "llava":
-        raise fail(f"{where} is not a LLaVA config (model_type={model_type!r}, expected 'llava')")
-    cfg = dict(LLAVA_DEFAULTS)
-    cfg.update({k: v for k, v in raw.items() if k not in ("text_config", "vision_config")})
     text_raw = raw.get("text_config") or {}
     vision_raw = raw.get("vision_config") or {}
     if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
         raise fail(f"{where}: text_config and vision_config must be objects")
-    text_type = text_raw.get("model_type", "llama")
-    if text_type != "llama":
-        raise fail(f"{where}: text_config.model_type is {text_type!r}; only LLaMA-based LLaVA-1.5 is supported")
-    text = dict(LLAMA_DEFAULTS)
+    table = table or table_for(raw, where)
+    model = table["model"]
+    cfg = dict(DEFAULTS.get(raw.get("model_type"), {}))
+    cfg.update({k: v for k, v in raw.items() if k not in ("text_config", "vision_config")})
+    # LlavaConfig builds a sub-config of the table's first accepted type when config.json names none
+    text_type = text_raw.get("model_type") or (model.get("text_model_types") or [None])[0]
+    vision_type = vision_raw.get("model_type") or (model.get("vision_model_types") or [None])[0]
+    text = dict(DEFAULTS.get(text_type, {}), model_type=text_type)
     text.update(text_raw)
     if "vocab_size" not in text_raw and "vocab_size" in raw:
         text["vocab_size"] = raw["vocab_size"]
-    if text["num_key_value_heads"] is None:
-        text["num_key_value_heads"] = text["num_attention_heads"]
-    vision = dict(CLIP_VISION_DEFAULTS)
-    vision.update(LLAVA_VISION_OVERRIDES)
+    if text.get("num_key_value_heads") is None:
+        text["num_key_value_heads"] = text.get("num_attention_heads")
+    vision = dict(DEFAULTS.get(vision_type, {}), model_type=vision_type)
+    if cfg.get("model_type") == "llava" and vision_type == "clip_vision_model":
+        vision.update(LLAVA_VISION_OVERRIDES)
     vision.update(vision_raw)
     cfg["text_config"] = text
     cfg["vision_config"] = vision
-    _check_sizes(cfg, where)  # before any arithmetic on the sizes
-    if text["head_dim"] is None:
+    for section, d in (("text_config", text), ("vision_config", vision)):
+        for key in ("hidden_size", "num_attention_heads"):
+            _check_positive(d, section, key, where)  # before any arithmetic on them
+    if text.get("head_dim") is None:
         text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
     _check_positive(text, "text_config", "head_dim", where)
+    _check_feature_layer(cfg, where)
+    check_model(table, cfg, where)
     return cfg
 
 
@@ -98,72 +109,23 @@ def _check_positive(d: dict, section: str, key: str, where: str) -> None:
         raise fail(f"{where}: {section}.{key} must be a positive integer, got {value!r}")
 
 
-def _check_sizes(cfg: dict, where: str) -> None:
-    text, vision = cfg["text_config"], cfg["vision_config"]
-    ints = [("text_config", text, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                 "num_hidden_layers", "num_attention_heads",
-                                                 "num_key_value_heads")]
-    ints += [("vision_config", vision, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                      "num_attention_heads", "image_size", "patch_size",
-                                                      "num_channels")]
-    for section, d, key in ints:
-        _check_positive(d, section, key, where)
-    if text["head_dim"] is not None:
-        _check_positive(text, "text_config", "head_dim", where)
-    if text["num_attention_heads"] % text["num_key_value_heads"]:
-        raise fail(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
-    if vision["hidden_size"] % vision["num_attention_heads"]:
-        raise fail(f"{where}: vision hidden_size must be a multiple of its num_attention_heads")
-    layer = cfg["vision_feature_layer"]
-    if not isinstance(layer, int) or not -vision["num_hidden_layers"] <= layer <= vision["num_hidden_layers"]:
+def _check_feature_layer(cfg: dict, where: str) -> None:
+    layer = cfg.get("vision_feature_layer")
+    n = cfg["vision_config"].get("num_hidden_layers")
+    _check_positive(cfg["vision_config"], "vision_config", "num_hidden_layers", where)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer <= n:
         raise fail(f"{where}: vision_feature_layer {layer!r} is not an int within the vision tower's layers")
 
 
-def load_config(folder: str) -> dict:
-    """Read and normalize `folder/config.json`; one clear error if it is missing or not LLaVA."""
+def read_config(folder: str) -> dict:
+    """`folder/config.json` as written (bounded read, one clear error if missing or not JSON)."""
+    from .io.files import read_json
+    return read_json(os.path.join(folder, "config.json"), limit=MAX_CONFIG)
+
+
+def load_config(folder: str, table: dict | None = None) -> dict:
+    """Read and normalize `folder/config.json`; one clear error if it is missing or no table accepts it."""
     path = os.path.join(folder, "config.json")
     if not os.path.lexists(path):
         raise fail(f"no config.json in {folder}")
-    if not os.path.isfile(path):
-        raise fail(f"{path} is not a regular file")
-    with open(path, "rb") as f:
-        data = f.read(MAX_CONFIG + 1)
-    if len(data) > MAX_CONFIG:
-        raise fail(f"{path} is larger than {MAX_CONFIG >> 20} MiB: not a config")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"{path} is not valid JSON ({exc})") from None
-    return normalize_config(raw, path)
-
-
-def dims(cfg: dict) -> dict:
-    """The named sizes that mapping tables use in their `shape` fields."""
-    text, vision = cfg["text_config"], cfg["vision_config"]
-    n_patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    return {
-        "vocab": text["vocab_size"],
-        "hidden": text["hidden_size"],
-        "ffn": text["intermediate_size"],
-        "heads": text["num_attention_heads"],
-        "kv_heads": text["num_key_value_heads"],
-        "head_dim": text["head_dim"],
-        "v_hidden": vision["hidden_size"],
-        "v_ffn": vision["intermediate_size"],
-        "v_heads": vision["num_attention_heads"],
-        "channels": vision["num_channels"],
-        "patch": vision["patch_size"],
-        "positions": n_patches + 1,
-    }
-
-
-def layer_sets(cfg: dict) -> dict:
-    """Layer index ranges a table entry can repeat over (`layers = "text"` etc.)."""
-    n_vision = cfg["vision_config"]["num_hidden_layers"]
-    feature = cfg["vision_feature_layer"]
-    used = feature + n_vision + 1 if feature < 0 else feature  # hidden_states index -> layers run
-    return {
-        "text": list(range(cfg["text_config"]["num_hidden_layers"])),
-        "vision": list(range(n_vision)),
-        "vision_unused": list(range(used, n_vision)),
-    }
+    return normalize_config(read_config(folder), path, table)

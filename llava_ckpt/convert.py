@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 
-from .config import load_config
+from .config import load_config, read_config
 from .errors import fail
-from .hf_source import read_tensors
+from .hf_source import read_tensors, side_files
 from .io.dtypes import code_for, dtype_name
 from .manifest import tensor_entries
-from .mapping import load_table, plan, detect_layout, to_canonical, unused_names, op_groups
-from .stream import Job, in_file_order, tp_problems, write_output
+from .mapping import load_table, plan, detect_layout, table_for, to_canonical, unused_names
+from .stream import Job, in_file_order, write_output
+from .tp import check_divides, distinct_units
 
 
 def _listing(names, limit=8, sort=True) -> str:
@@ -23,10 +24,20 @@ def _listing(names, limit=8, sort=True) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, table_name: str = "llava-1.5"):
+def choose_table(src: str, mapping: str | None = None) -> dict:
+    """`mapping` (a table name or a .toml path) if given, else the packaged table that accepts config.json."""
+    if mapping:
+        return load_table(mapping)
+    path = os.path.join(src, "config.json")
+    if not os.path.lexists(path):
+        raise fail(f"no config.json in {src}")
+    return table_for(read_config(src), path)
+
+
+def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, mapping: str | None = None):
     """Check the checkpoint in `src` against the table and return (jobs, context) without writing anything."""
-    cfg = load_config(src)
-    table = load_table(table_name)
+    table = choose_table(src, mapping)
+    cfg = load_config(src, table)
     targets = plan(table, cfg, {"fuse_qkv": fuse_qkv})
     tensors, files = read_tensors(src)
     expected = [s for t in targets for s in t.sources]
@@ -59,40 +70,23 @@ def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, 
         if len({i.dtype for i in infos}) != 1:
             raise fail(f"{infos[0].path}: tensors fused into {t.name} have different dtypes")
         code = out_code or infos[0].dtype
-        jobs.append(Job(t, infos, code, op_groups(t, cfg), tuple(i.name for i in infos), dtype_name(code)))
-    context = {"cfg": cfg, "table": table, "layout": layout_name, "files": files, "tensors": tensors}
+        jobs.append(Job(t, infos, code, tuple(i.name for i in infos), dtype_name(code)))
+    context = {"cfg": cfg, "table": table, "layout": layout_name, "files": files, "tensors": tensors,
+               "side_files": side_files(src)}
     return in_file_order(jobs, [p for _, p in files]), context
 
 
-def tp_sizes(cfg: dict) -> dict:
-    """The sizes a tensor-parallel degree must divide (recorded in the manifest for `shard`)."""
-    text = cfg["text_config"]
-    return {"text heads": text["num_attention_heads"], "KV heads": text["num_key_value_heads"],
-            "vocab": text["vocab_size"], "intermediate size": text["intermediate_size"],
-            "hidden size": text["hidden_size"]}
-
-
-def check_tp(jobs, tp: int, sizes: dict) -> None:
-    """Exit early, naming the constraint and the valid degrees, when `tp` cannot cut every tensor evenly."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise fail(f"--tp must be a positive integer, got {tp!r}")
-    if tp == 1:
-        return
-    targets = [j.target for j in jobs]
-
-    def fails(n):
-        return [f"{k} ({v})" for k, v in sizes.items() if v % n] + tp_problems(targets, n)
-    problems = fails(tp)
-    if problems:
-        valid = [n for n in range(1, 129) if not fails(n)]
-        need = ", ".join(f"{k} ({v})" for k, v in sizes.items())
-        raise fail(f"--tp {tp} must divide the {need}; it does not divide {_listing(problems, 3, sort=False)}. "
-                   f"Valid: {', '.join(map(str, valid))}")
+def tp_units(targets) -> list:
+    """Every size a tensor-parallel degree must divide (split dims, whole heads / KV groups / gate-up pairs),
+    from the targets' split kinds and ops."""
+    return [u for t in targets for u in t.tp_units()]
 
 
 def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fuse_qkv: bool = False, tp: int = 1,
-            revision: str | None = None, progress: bool = True, table: str = "llava-1.5") -> dict:
-    """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary."""
+            revision: str | None = None, progress: bool = True, mapping: str | None = None) -> dict:
+    """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary.
+
+    `mapping`: a table name or .toml path (default: the packaged table that accepts src's config.json)."""
     if fmt not in ("ckpt", "safetensors"):
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
     provenance = {}
@@ -106,16 +100,18 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fus
         known_hashes = {os.path.realpath(os.path.join(got["path"], f["path"])): f["sha256"]
                         for f in got.get("files", []) if f.get("sha256")}
         src = got["path"]
-    jobs, ctx = plan_conversion(src, dtype, fuse_qkv, table)
-    sizes = tp_sizes(ctx["cfg"])
-    check_tp(jobs, tp, sizes)
+    jobs, ctx = plan_conversion(src, dtype, fuse_qkv, mapping)
+    units = tp_units([j.target for j in jobs])
+    check_divides(units, tp)
+    table = ctx["table"]
     manifest = {
         "command": "convert",
         "source": dict(provenance, path=os.path.abspath(src), layout=ctx["layout"]),
-        "mapping": {"name": ctx["table"]["name"], "version": ctx["table"].get("version"),
-                    "sha256": ctx["table"]["sha256"], "file": os.path.basename(ctx["table"]["path"])},
+        "mapping": {"name": table["name"], "version": table.get("version"),
+                    "sha256": table["sha256"], "file": os.path.basename(table["path"])},
         "options": {"dtype": dtype, "format": fmt, "fuse_qkv": fuse_qkv, "tp": tp},
-        "tp_sizes": sizes,
-        "tensors": tensor_entries(jobs, tp, unused_names(ctx["table"], ctx["cfg"])),
+        "tp_sizes": distinct_units(units),
+        "tensors": tensor_entries(jobs, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
     }
-    return write_output(out, src, jobs, fmt, tp, ctx["files"], manifest, progress, known_hashes)
+    return write_output(out, src, jobs, fmt, tp, ctx["files"], manifest, progress, known_hashes,
+                        side_files=ctx["side_files"])

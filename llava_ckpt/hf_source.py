@@ -14,6 +14,14 @@ from .io.source import read_safetensors_header
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_INDEX = 64 * 1024 * 1024  # the 7B index is 70 KB
+# What a checkpoint folder holds beside its weights, and what an output must carry to stand alone: generate
+# needs the tokenizer, processor and chat template; export needs config.json back.
+SIDE_FILES = (
+    "config.json", "generation_config.json",
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+)
+MAX_SIDE_FILE = 64 * 1024 * 1024  # tokenizer.json of LLaMA is about 2 MB
 
 
 def inside(folder: str, name: str, what: str) -> str:
@@ -107,3 +115,18 @@ def read_tensors(folder: str) -> tuple:
         if extra:
             raise fail(f"{os.path.join(folder, where[extra[0]])} holds {extra[0]!r}, which {index_path} does not list")
     return tensors, files
+
+
+def side_files(folder: str) -> list:
+    """[(name, real path)] of the SIDE_FILES present in `folder`: regular files inside it, of sane size."""
+    out = []
+    for name in SIDE_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.lexists(path):
+            continue
+        real = inside(folder, name, path)
+        _regular_file(real, path)
+        if os.path.getsize(real) > MAX_SIDE_FILE:
+            raise fail(f"{path} is larger than {MAX_SIDE_FILE >> 20} MiB: not a {name}")
+        out.append((name, real))
+    return out

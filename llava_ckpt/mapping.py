@@ -1,27 +1,26 @@
-"""The mapping engine: reads a table from mappings/ and plans every target tensor of a conversion.
+"""The mapping engine: reads a table (mappings/*.toml, shipped inside the package as llava_ckpt/mappings) and
+plans every target tensor of a conversion.
 
-A table entry is data (see the comment at the top of mappings/llava-1.5.toml). Every op is a row
-permutation/concatenation of its sources along dim 0, described by two index arrays (which source, which
-row) for each output row; the inverse op (target -> sources, for export back to HF) reads the same arrays
-backwards, so forward and inverse can never disagree.
+A table is data: which config.json it is for ([model]), the size names its shapes use ([sizes]), its layer
+sets, options and unused tensors, the source layouts it accepts, and one [[tensor]] entry per target (see the
+comment at the top of mappings/llava-1.5.toml). The ops an entry names are the typed kinds of llava_ckpt/ops.py;
+the split kinds are llava_ckpt/tp.py's. Nothing about a particular model is written in Python here.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import operator
 import os
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 
-import numpy as np
-
-from .config import dims as config_dims, layer_sets
+from . import ops
 from .errors import fail
+from .tp import SPLIT_KINDS, split_dim
 
-MAPPINGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mappings")
 DEFAULT_TABLE = "llava-1.5"
-OPS = ("rename", "concat_rows", "qkv_grouped", "interleave_rows")
-SPLITS = ("column", "row", "vocab", "replicated")
-OPTIONS = ("fuse_qkv",)
 
 
 @dataclass(frozen=True)
@@ -33,113 +32,285 @@ class Target:
     split: str
     source_shapes: tuple  # expected shape of each source, from config.json
     layer: int | None = None
+    groups: int | None = None   # the op's group count (qkv_grouped: KV heads), or the entry's `groups`
 
     @property
     def shape(self) -> tuple:
-        return output_shape(self.op, self.source_shapes)
+        return ops.get(self.op).output_shape(self.source_shapes)
+
+    def tp_units(self) -> list:
+        """(what, size) pairs a tensor-parallel degree must divide to cut this target into whole pieces."""
+        dim = split_dim(self.split, len(self.shape))
+        if dim is None:
+            return []
+        units = [(f"dim {dim} of {self.name}", self.shape[dim])]
+        units += [(f"{what} of {self.name}", n) for what, n in
+                  ops.get(self.op).tp_units(self.source_shapes, self.groups, self.split)]
+        if self.groups and self.op != "qkv_grouped":
+            units.append((f"groups of {self.name}", self.groups))
+        return units
+
+    def layout(self) -> dict | None:
+        return ops.get(self.op).layout(self.source_shapes, self.groups)
+
+
+# ---- finding and reading tables ---------------------------------------------------------------------------
+
+def tables_dir():
+    """The packaged tables (the repo's top-level mappings/ folder, installed as llava_ckpt/mappings)."""
+    return resources.files("llava_ckpt").joinpath("mappings")
+
+
+def available_tables() -> list:
+    return sorted(p.name[:-5] for p in tables_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def table_path(name_or_path: str = DEFAULT_TABLE) -> str:
     if os.sep in name_or_path or name_or_path.endswith(".toml"):
         return name_or_path
-    return os.path.join(MAPPINGS_DIR, f"{name_or_path}.toml")
+    return str(tables_dir().joinpath(f"{name_or_path}.toml"))
+
+
+ENTRY_KEYS = {"hf", "ms", "op", "split", "shape", "layers", "when", "unless", "groups"}
 
 
 def load_table(name_or_path: str = DEFAULT_TABLE) -> dict:
-    """Parse and check a mapping table; adds `sha256` (of the file's bytes) and `path`."""
+    """Parse and check a mapping table; adds `sha256` (of the file's bytes) and `path`. Every entry is checked
+    against its op's declaration (source count, allowed split kinds, groups) and named when it does not fit."""
     path = table_path(name_or_path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(16 << 20)
     except FileNotFoundError:
         raise fail(f"mapping table not found: {path}") from None
+    except OSError as exc:
+        raise fail(f"cannot read mapping table {path}: {exc.strerror or exc}") from None
     try:
         table = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise fail(f"{path}: not valid TOML ({exc})") from None
     table["sha256"] = hashlib.sha256(raw).hexdigest()
     table["path"] = path
+    for section in ("model", "sizes", "layer_sets"):
+        if not isinstance(table.get(section), dict):
+            raise fail(f"{path}: no [{section}] section")
+    if not isinstance(table["model"].get("model_type"), str):
+        raise fail(f"{path}: [model] needs model_type")
+    options = table.get("options", {})
+    sizes = table["sizes"]
     for n, entry in enumerate(table.get("tensor", [])):
         where = f"{path}: [[tensor]] #{n + 1} ({entry.get('ms')!r})"
         for key in ("hf", "ms", "split", "shape"):
             if key not in entry:
                 raise fail(f"{where} has no {key!r}")
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:
+            raise fail(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         op = entry.get("op", "rename")
-        if op not in OPS:
-            raise fail(f"{where}: unknown op {op!r} (one of {', '.join(OPS)})")
-        if entry["split"] not in SPLITS:
-            raise fail(f"{where}: unknown split {entry['split']!r} (one of {', '.join(SPLITS)})")
-        for key in ("when", "unless"):
-            if key in entry and entry[key] not in OPTIONS:
-                raise fail(f"{where}: unknown option {entry[key]!r} in {key!r}")
+        if op not in ops.OPS:
+            raise fail(f"{where}: unknown op {op!r} (one of {', '.join(ops.OPS)})")
+        if entry["split"] not in SPLIT_KINDS:
+            raise fail(f"{where}: unknown split {entry['split']!r} (one of {', '.join(SPLIT_KINDS)})")
         n_src = 1 if isinstance(entry["hf"], str) else len(entry["hf"])
-        if (op == "rename") != (n_src == 1):
-            raise fail(f"{where}: op {op!r} does not fit {n_src} source(s)")
+        problem = ops.get(op).check(n_src, entry["split"], entry.get("groups"))
+        if problem:
+            raise fail(f"{where}: {problem}")
+        if "groups" in entry and entry["groups"] not in sizes:
+            raise fail(f"{where}: groups {entry['groups']!r} is not a size name of [sizes]")
+        for key in ("when", "unless"):
+            if key in entry and entry[key] not in options:
+                raise fail(f"{where}: unknown option {entry[key]!r} in {key!r} (options: {', '.join(options)})")
+        layer_set = entry.get("layers")
+        if layer_set is not None and layer_set not in table["layer_sets"]:
+            raise fail(f"{where}: unknown layer set {layer_set!r} (sets: {', '.join(table['layer_sets'])})")
     return table
 
 
-def _eval_dim(expr, sizes: dict, where: str) -> int:
-    if isinstance(expr, int):
+def table_for(raw_cfg: dict, where: str = "config.json") -> dict:
+    """The packaged table whose [model] accepts this config.json (model_type and the text model's type)."""
+    model_type = raw_cfg.get("model_type")
+    text = raw_cfg.get("text_config")
+    text_type = text.get("model_type") if isinstance(text, dict) else None
+    accepted = []
+    for name in available_tables():
+        table = load_table(name)
+        model = table["model"]
+        types = model.get("text_model_types", [])
+        accepted.append(f"{name} ({model['model_type']} + {'/'.join(types) or 'any'})")
+        if model["model_type"] == model_type and (not types or (text_type or types[0]) in types):
+            return table
+    raise fail(f"{where} is not a LLaVA config that a mapping table accepts (model_type={model_type!r}, text "
+               f"model {text_type!r}; tables: {', '.join(accepted)}); --mapping FILE picks another table")
+
+
+def check_model(table: dict, cfg: dict, where: str) -> None:
+    """A table chosen by --mapping must still be for this config; its sizes must all be positive integers."""
+    model = table["model"]
+    if cfg.get("model_type") != model["model_type"]:
+        raise fail(f"{where}: model_type {cfg.get('model_type')!r}, the table {table['path']} is for "
+                   f"{model['model_type']!r}")
+    for section, key in (("text_config", "text_model_types"), ("vision_config", "vision_model_types")):
+        types = model.get(key)
+        got = cfg.get(section, {}).get("model_type")
+        if types and got is not None and got not in types:
+            raise fail(f"{where}: {section}.model_type is {got!r}; the table {os.path.basename(table['path'])} "
+                       f"accepts {', '.join(map(repr, types))}")
+    sizes(table, cfg, where)
+    layer_sets(table, cfg, where)
+
+
+# ---- size names and layer sets: integer expressions over config keys ----------------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+           ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+def _evaluate(expr, cfg: dict, known: dict, what: str, where: str) -> int:
+    """An integer expression of [sizes] / [layer_sets]: ints, size names, config keys (`text_config.x`),
+    + - * // % ** and `/`, which must divide exactly (a check: 'heads / kv_heads' fails on 32 / 5)."""
+    if isinstance(expr, int) and not isinstance(expr, bool):
         return expr
-    value = 1
-    for factor in str(expr).split("*"):
-        factor = factor.strip()
-        if factor.isdigit():
-            value *= int(factor)
-        elif factor in sizes:
-            value *= sizes[factor]
-        else:
-            raise fail(f"{where}: unknown size name {factor!r} (known: {', '.join(sorted(sizes))})")
-    return value
+    if not isinstance(expr, str):
+        raise fail(f"{where}: {what} = {expr!r} is not an integer expression")
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        raise fail(f"{where}: {what} = {expr!r} is not an integer expression") from None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            key = ast.unparse(node)
+            if key in known:
+                return known[key]
+            v = cfg
+            for part in key.split("."):
+                if not isinstance(v, dict) or part not in v:
+                    raise fail(f"{where}: {what} needs {key}, which the config does not have")
+                v = v[part]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise fail(f"{where}: {key} must be an integer, got {v!r}")
+            return v
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            a, b = value(node.left), value(node.right)
+            if b == 0 or a % b:
+                raise fail(f"{where}: {what} = {expr}: {a} / {b} is not a whole number")
+            return a // b
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            a, b = value(node.left), value(node.right)
+            if isinstance(node.op, (ast.FloorDiv, ast.Mod)) and b == 0:
+                raise fail(f"{where}: {what} = {expr} divides by zero")
+            return _BINOPS[type(node.op)](a, b)
+        raise fail(f"{where}: {what} = {expr!r}: only integers, names and + - * / // % ** are allowed")
+    return value(tree)
+
+
+def sizes(table: dict, cfg: dict, where: str = "config.json") -> dict:
+    """The table's size names evaluated on a (defaults-applied) config; each must be a positive integer."""
+    out: dict = {}
+    for name, expr in table["sizes"].items():
+        v = _evaluate(expr, cfg, out, f"size {name}", where)
+        if v <= 0:
+            raise fail(f"{where}: size {name} ({expr}) must be a positive integer, got {v}")
+        out[name] = v
+    return out
+
+
+def layer_sets(table: dict, cfg: dict, where: str = "config.json") -> dict:
+    """name -> list of layer indices. A set is an end (layers 0..end-1) or [first, end]."""
+    known = sizes(table, cfg, where)
+    out = {}
+    for name, spec in table["layer_sets"].items():
+        first, end = (0, spec) if not isinstance(spec, list) else spec
+        a = _evaluate(first, cfg, known, f"layer set {name}", where)
+        b = _evaluate(end, cfg, known, f"layer set {name}", where)
+        out[name] = list(range(a, b))
+    return out
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+
+def active(entry: dict, options: dict) -> bool:
+    return (("when" not in entry or bool(options.get(entry["when"])))
+            and ("unless" not in entry or not options.get(entry["unless"])))
 
 
 def plan(table: dict, cfg: dict, options: dict | None = None) -> list:
     """Every Target of the conversion: entries in table order, runs of adjacent entries over the same layer
     set expanded layer by layer. (convert then writes them in the order their sources sit on disk.)"""
     options = options or {}
-    sizes = config_dims(cfg)
-    sets = layer_sets(cfg)
-    active = [e for e in table.get("tensor", [])
-              if (("when" not in e or options.get(e["when"])) and ("unless" not in e or not options.get(e["unless"])))]
+    unknown = set(k for k, v in options.items() if v) - set(table.get("options", {}))
+    if unknown:
+        raise fail(f"{table['path']}: no option {', '.join(sorted(unknown))}")
+    known = sizes(table, cfg)
+    sets = layer_sets(table, cfg)
+    entries = [e for e in table.get("tensor", []) if active(e, options)]
     targets = []
     i = 0
-    while i < len(active):
-        layer_set = active[i].get("layers")
+    while i < len(entries):
+        layer_set = entries[i].get("layers")
         j = i
-        while j < len(active) and active[j].get("layers") == layer_set:
+        while j < len(entries) and entries[j].get("layers") == layer_set:
             j += 1
-        run = active[i:j]
+        run = entries[i:j]
         if layer_set is None:
-            targets += [_target(e, None, sizes) for e in run]
+            targets += [_target(e, None, known) for e in run]
         else:
-            if layer_set not in sets:
-                raise fail(f"{table['path']}: unknown layer set {layer_set!r}")
             for layer in sets[layer_set]:
-                targets += [_target(e, layer, sizes) for e in run]
+                targets += [_target(e, layer, known) for e in run]
         i = j
     return targets
 
 
-def _target(entry: dict, layer, sizes: dict) -> Target:
+def _target(entry: dict, layer, known: dict) -> Target:
     fill = (lambda s: s.replace("{i}", str(layer))) if layer is not None else (lambda s: s)
     hf = [entry["hf"]] if isinstance(entry["hf"], str) else list(entry["hf"])
     shapes = entry["shape"]
     if not shapes or not isinstance(shapes[0], list):
         shapes = [shapes] * len(hf)
     where = f"mapping entry {entry['ms']!r}"
-    source_shapes = tuple(tuple(_eval_dim(d, sizes, where) for d in shape) for shape in shapes)
-    return Target(fill(entry["ms"]), tuple(fill(h) for h in hf), entry.get("op", "rename"), entry["split"],
-                  source_shapes, layer)
+    source_shapes = tuple(tuple(_evaluate(d, {}, known, "shape", where) for d in shape) for shape in shapes)
+    groups = known[entry["groups"]] if "groups" in entry else None
+    target = Target(fill(entry["ms"]), tuple(fill(h) for h in hf), entry.get("op", "rename"), entry["split"],
+                    source_shapes, layer, groups)
+    target.shape  # noqa: B018 - sources that cannot be joined fail here, naming the op
+    return target
 
 
 def unused_names(table: dict, cfg: dict) -> list:
     """Target names (or name prefixes ending in '.') that MindFormers' LlavaVlm does not build."""
     unused = table.get("unused", {})
     names = list(unused.get("names", []))
-    sets = layer_sets(cfg)
+    sets = layer_sets(table, cfg)
     for set_name, prefix in unused.get("layer_prefix", {}).items():
         names += [prefix.replace("{i}", str(i)) for i in sets.get(set_name, [])]
     return names
+
+
+def is_unused(name: str, unused) -> bool:
+    return name in unused or any(u.endswith(".") and name.startswith(u) for u in unused)
+
+
+def detect_options(table: dict, names) -> dict:
+    """Which options a converted checkpoint was made with, from its tensor names: an option is on when the
+    targets only it produces are there (`when = "fuse_qkv"` entries: w_qkv, w_gate_hidden)."""
+    names = list(names)
+    found = {}
+    for option in table.get("options", {}):
+        patterns = [e["ms"] for e in table.get("tensor", []) if e.get("when") == option]
+        found[option] = any(_matches(p, n) for p in patterns for n in names)
+    return found
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if "{i}" not in pattern:
+        return pattern == name
+    head, tail = pattern.split("{i}", 1)
+    middle = name[len(head):len(name) - len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+    return middle.isdigit()
 
 
 # ---- layouts ----------------------------------------------------------------------------------------------
@@ -152,6 +323,14 @@ def to_canonical(name: str, layout: dict) -> str:
     return name
 
 
+def from_canonical(name: str, layout: dict) -> str:
+    """A hub-layout name spelled in `layout` (inverse of to_canonical)."""
+    for hub_prefix, prefix in sorted(layout.items(), key=lambda kv: -len(kv[0])):
+        if name.startswith(hub_prefix):
+            return prefix + name[len(hub_prefix):]
+    return name
+
+
 def detect_layout(table: dict, names, expected) -> str:
     """The layout under which the most source names are ones the plan expects."""
     expected = set(expected)
@@ -161,70 +340,3 @@ def detect_layout(table: dict, names, expected) -> str:
         if hits > best_hits:
             best, best_hits = layout_name, hits
     return best
-
-
-# ---- ops: rows of the output as (source index, source row) -------------------------------------------------
-
-def output_shape(op: str, shapes) -> tuple:
-    rest = shapes[0][1:]
-    if any(s[1:] != rest for s in shapes):
-        raise fail(f"op {op}: sources disagree beyond dim 0: {shapes}")
-    rows = sum(s[0] for s in shapes) if shapes[0] else 1
-    return (rows,) + tuple(rest) if shapes[0] else ()
-
-
-def row_map(op: str, shapes, n_groups: int | None = None):
-    """(source index, source row) for every output row of `op` applied to sources of `shapes`.
-
-    rename: rows of the one source. concat_rows: [a; b; c]. interleave_rows: a_0, b_0, a_1, b_1, ...
-    qkv_grouped: for each of `n_groups` KV groups g, [q rows of group g; k_g; v_g].
-    """
-    rows = [s[0] if s else 1 for s in shapes]
-    if op in ("rename", "concat_rows"):
-        src = np.concatenate([np.full(n, k, dtype=np.int64) for k, n in enumerate(rows)])
-        row = np.concatenate([np.arange(n, dtype=np.int64) for n in rows])
-    elif op == "interleave_rows":
-        if len(set(rows)) != 1:
-            raise fail(f"interleave_rows needs sources with equal rows, got {rows}")
-        n, k = rows[0], len(rows)
-        src = np.tile(np.arange(k, dtype=np.int64), n)
-        row = np.repeat(np.arange(n, dtype=np.int64), k)
-    elif op == "qkv_grouped":
-        if n_groups is None or any(r % n_groups for r in rows):
-            raise fail(f"qkv_grouped: rows {rows} do not divide into {n_groups} KV groups")
-        parts_src, parts_row = [], []
-        for g in range(n_groups):
-            for k, n in enumerate(rows):
-                per = n // n_groups
-                parts_src.append(np.full(per, k, dtype=np.int64))
-                parts_row.append(np.arange(g * per, (g + 1) * per, dtype=np.int64))
-        src, row = np.concatenate(parts_src), np.concatenate(parts_row)
-    else:
-        raise fail(f"unknown op {op!r}")
-    return src, row
-
-
-def op_groups(target: Target, cfg: dict):
-    """The KV group count a grouped op needs (from config.json), else None."""
-    return cfg["text_config"]["num_key_value_heads"] if target.op == "qkv_grouped" else None
-
-
-def apply(op: str, arrays, n_groups=None) -> np.ndarray:
-    """Forward op on whole arrays (reference semantics; the streaming path uses row_map directly)."""
-    src, row = row_map(op, [a.shape for a in arrays], n_groups)
-    out = np.empty((len(src),) + arrays[0].shape[1:], dtype=arrays[0].dtype)
-    for k, a in enumerate(arrays):
-        out[src == k] = a[row[src == k]]
-    return out
-
-
-def invert(op: str, target: np.ndarray, source_shapes, n_groups=None) -> list:
-    """The inverse op: the sources back from a target, by reading the same row map backwards."""
-    src, row = row_map(op, source_shapes, n_groups)
-    out = []
-    for k, shape in enumerate(source_shapes):
-        sel = src == k
-        part = np.empty(shape, dtype=target.dtype)
-        part.reshape((shape[0] if shape else 1, -1))[row[sel]] = target[sel].reshape(int(sel.sum()), -1)
-        out.append(part)
-    return out

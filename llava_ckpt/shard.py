@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 
-from .convert import check_tp
 from .errors import fail
+from .hf_source import SIDE_FILES, inside
 from .io.dtypes import BY_NAME, code_for
 from .io.load import weights_file
 from .io.source import read_index
 from .manifest import read_manifest
 from .mapping import Target
-from .stream import SPLIT_DIM, Job, rank_shape, write_output
-
-KNOWN_MAPPINGS = ("llava-1.5-hf-to-mindformers",)
+from .stream import Job, target_rank_shape, write_output
+from .tp import SPLIT_KINDS, check_divides
 
 
 def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
@@ -24,9 +23,6 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     where = os.path.join(converted_dir, "manifest.json")
     if not isinstance(manifest.get("mapping"), dict):
         raise fail(f"{where}: 'mapping' is not an object")
-    mapping = manifest["mapping"].get("name")
-    if mapping not in KNOWN_MAPPINGS:
-        raise fail(f"{converted_dir} was converted with mapping {mapping!r}; shard knows {', '.join(KNOWN_MAPPINGS)}")
     if manifest.get("tp", 1) != 1:
         raise fail(f"{converted_dir} is already split into {manifest['tp']} ranks; shard takes a tp-1 output")
     path = weights_file(converted_dir)
@@ -44,10 +40,10 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
             raise fail(f"{path}: tensor {e['name']!r} is {list(info.shape)} {info.dtype}, the manifest says "
                        f"{e['shape']} {e['dtype']}")
         target = Target(e["name"], (e["name"],), "rename", e["split"], (tuple(info.shape),))
-        groups = e.get("layout", {}).get("kv_groups")
-        jobs.append(Job(target, (info,), info.dtype, groups, tuple(e["sources"]), e["dtype"]))
-    check_tp(jobs, tp, manifest.get("tp_sizes", {}))
-    tensors = [dict(e, rank_shape=list(rank_shape(j.target, tp))) for e, j in zip(entries, jobs)]
+        jobs.append(Job(target, (info,), info.dtype, tuple(e["sources"]), e["dtype"]))
+    # the split dims, plus the whole units (heads, KV groups, gate/up pairs) convert recorded from the table
+    check_divides([u for j in jobs for u in j.target.tp_units()] + list(manifest.get("tp_sizes", {}).items()), tp)
+    tensors = [dict(e, rank_shape=list(target_rank_shape(j.target, tp))) for e, j in zip(entries, jobs)]
     fmt = "ckpt" if path.endswith(".ckpt") else "safetensors"
     recorded = {os.path.realpath(path): f["sha256"] for f in manifest["files"]
                 if f.get("path") == os.path.basename(path)}
@@ -59,8 +55,14 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
         "tp_sizes": manifest.get("tp_sizes", {}),
         "tensors": tensors,
     }
+    listed = {f.get("path"): f.get("sha256") for f in manifest["files"]}
+    side = [(n, inside(converted_dir, n, where)) for n in SIDE_FILES if n in listed]
+    missing = [n for n, p in side if not os.path.isfile(p)]
+    if missing:
+        raise fail(f"{converted_dir}: {', '.join(missing)} listed in its manifest but missing")
     return write_output(out, converted_dir, jobs, fmt, tp, [(os.path.basename(path), os.path.realpath(path))],
-                        new_manifest, progress, expected_hashes=recorded, inputs_key="converted_files")
+                        new_manifest, progress, expected_hashes=recorded, inputs_key="converted_files",
+                        side_files=side, expected_side=listed)
 
 
 def _checked_entries(manifest: dict, where: str) -> list:
@@ -79,7 +81,7 @@ def _checked_entries(manifest: dict, where: str) -> list:
     checks = [("name", lambda e: isinstance(e.get("name"), str)),
               ("shape", lambda e: isinstance(e.get("shape"), list) and all(map(is_int, e["shape"]))),
               ("dtype", lambda e: e.get("dtype") in BY_NAME),
-              ("split", lambda e: e.get("split") in SPLIT_DIM),
+              ("split", lambda e: e.get("split") in SPLIT_KINDS),
               ("sources", lambda e: isinstance(e.get("sources"), list) and all(isinstance(x, str) for x in e["sources"])),
               ("layout", lambda e: isinstance(e.get("layout", {}), dict))]
     for i, e in enumerate(entries):

@@ -27,77 +27,13 @@ Rank r's slice of a split tensor is the r-th of N equal contiguous blocks along 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import fail
+from .io.files import write_atomic
 from .io.protobuf import bytes_field, fields, int_field, ints_field, read_varint
-
-KINDS = ("column", "row", "vocab", "replicated")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What is split where
-
-def split_axis(kind: str, ndim: int) -> "int | None":
-    """The tensor dim that `kind` splits for a tensor of `ndim` dims, or None when every rank holds it whole.
-
-    column / vocab -> 0 (rows of an [out, in] weight, of a column bias, of an embedding / lm_head);
-    row -> 1 for a 2-D [out, in] weight, None for a 1-D row bias (added after the all-reduce: replicated);
-    replicated -> None.
-    """
-    if kind not in KINDS:
-        raise fail(f"unknown split kind {kind!r} (expected one of {', '.join(KINDS)})")
-    if not isinstance(ndim, int) or ndim < 0:
-        raise fail(f"bad number of dims {ndim!r} for split kind {kind!r}")
-    if kind == "replicated":
-        return None
-    if kind in ("column", "vocab"):
-        if ndim < 1:
-            raise fail(f"split kind {kind!r} needs a tensor of at least 1 dim, got a 0-d tensor")
-        return 0
-    # row
-    if ndim == 1:
-        return None
-    if ndim != 2:
-        raise fail(f"split kind 'row' needs a 2-D [out, in] weight or a 1-D bias, got {ndim} dims")
-    return 1
-
-
-def tensor_map(kind: str, ndim: int) -> list:
-    """MindSpore's tensor_map for `kind` on an `ndim`-dim tensor with dev_matrix [1, N]."""
-    axis = split_axis(kind, ndim)
-    tmap = [-1] * ndim
-    if axis is not None:
-        tmap[axis] = 0
-    return tmap
-
-
-def rank_slice(shape: Sequence[int], kind: str, tp: int, rank: int) -> tuple:
-    """Index tuple (of slices) that cuts rank `rank`'s block out of a full tensor of `shape`.
-
-    `full[rank_slice(...)]` is a view: copy it (np.ascontiguousarray) before writing it to safetensors.
-    """
-    _check_tp(tp)
-    if not 0 <= rank < tp:
-        raise fail(f"rank {rank} is outside 0..{tp - 1}")
-    shape = tuple(int(d) for d in shape)
-    axis = split_axis(kind, len(shape))
-    index = [slice(None)] * len(shape)
-    if axis is not None:
-        size = shape[axis]
-        if size % tp:
-            raise fail(f"dim {axis} of size {size} does not split into {tp} equal parts ({kind} split)")
-        step = size // tp
-        index[axis] = slice(rank * step, (rank + 1) * step)
-    return tuple(index)
-
-
-def _check_tp(tp) -> None:
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise fail(f"tensor-parallel degree must be a positive integer, got {tp!r}")
-
+from .tp import check_degree, split_dim, tensor_map
 
 # ----------------------------------------------------------------------------------------------------------------
 # proto2 wire format, just what ParallelStrategyMap needs
@@ -142,11 +78,11 @@ def _normalize(params, tp: int) -> list:
             raise fail(f"parameter {name!r}: bad ndim {shape_or_ndim!r}")
         if isinstance(shape_or_ndim, int):
             ndim = shape_or_ndim
-            split_axis(kind, ndim)
+            split_dim(kind, ndim)
         else:
             shape = tuple(int(d) for d in shape_or_ndim)
             ndim = len(shape)
-            axis = split_axis(kind, ndim)
+            axis = split_dim(kind, ndim)
             if axis is not None and shape[axis] % tp:
                 raise fail(f"parameter {name!r}: dim {axis} of shape {list(shape)} does not split into {tp} "
                            f"equal parts ({kind} split)")
@@ -157,11 +93,11 @@ def _normalize(params, tp: int) -> list:
 def strategy_bytes(params: Iterable[tuple], tp: int) -> bytes:
     """Serialized ParallelStrategyMap for tensor parallelism of degree `tp`.
 
-    params: iterable of (name, split_kind, ndim_or_shape). split_kind is one of KINDS; the third item is the
+    params: iterable of (name, split_kind, ndim_or_shape). split_kind is one of tp.SPLIT_KINDS; the third item is the
     number of dims (int) or the full, unsplit shape (sequence of ints; then divisibility by tp is checked).
     Names must be unique and free of '-'. Order is kept in the file.
     """
-    _check_tp(tp)
+    check_degree(tp)
     entries = _normalize(params, tp)
     body = [int_field(1, 0)]  # current_stage (required)
     body += [bytes_field(2, _strategy_item_bytes(name, tp, tmap)) for name, tmap in entries]
@@ -171,36 +107,9 @@ def strategy_bytes(params: Iterable[tuple], tp: int) -> bytes:
 
 
 def write_strategy(path: "str | os.PathLike", params: Iterable[tuple], tp: int) -> str:
-    """Write strategy_bytes(params, tp) to `path` atomically (temp file in the same folder, fsync, rename).
-
-    Returns the path as a string. Never leaves a partial file at `path`.
-    """
-    data = strategy_bytes(params, tp)
+    """Write strategy_bytes(params, tp) to `path` atomically; returns the path as a string."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".strategy.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform lets a folder be opened
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    write_atomic(path, strategy_bytes(params, tp))
     return path
 
 

@@ -8,9 +8,8 @@ tensor, whatever the model size.
 """
 from __future__ import annotations
 
-import hashlib
-import mmap
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -19,13 +18,18 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import fail
+from .io.atomic import discard, publish_dir, staging_dir
 from .io.dtypes import numpy_dtype, itemsize
+from .io.files import sha256_file, write_atomic
 from .io.source import FileReader
 from .io.writers import open_writer
-from .mapping import Target, row_map
+from .manifest import write_manifest
+from .mapping import Target
+from .ops import row_map
+from .strategy import write_strategy
+from .tp import rank_shape, split_dim
 
 CHUNK = 16 * 1024 * 1024
-SPLIT_DIM = {"column": 0, "vocab": 0, "row": 1, "replicated": None}
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,6 @@ class Job:
     target: Target
     infos: tuple          # TensorInfo of each source, in the target's source order
     out_dtype: str        # safetensors code
-    n_groups: int | None  # for qkv_grouped
     source_names: tuple   # the sources' names as spelled in their files (for the manifest)
     out_dtype_name: str   # float16 | bfloat16 | float32
 
@@ -48,30 +51,13 @@ def in_file_order(jobs, paths) -> list:
     return sorted(jobs, key=lambda j: min((rank.get(i.path, len(rank)), i.pieces[0][0]) for i in j.infos))
 
 
-def split_dim(target: Target) -> int | None:
-    """The dim `shard` cuts (None: replicated). A 1-D tensor under a row split is a bias: replicated."""
-    dim = SPLIT_DIM[target.split]
-    if dim is not None and dim >= len(target.shape):
-        return None
-    return dim
+def target_dim(target: Target) -> int | None:
+    """The dim `--tp` cuts (None: every rank holds the whole tensor)."""
+    return split_dim(target.split, len(target.shape))
 
 
-def rank_shape(target: Target, tp: int) -> tuple:
-    dim = split_dim(target)
-    shape = list(target.shape)
-    if dim is not None and tp > 1:
-        shape[dim] //= tp
-    return tuple(shape)
-
-
-def tp_problems(targets, tp: int) -> list:
-    """Why `tp` cannot cut these targets into whole, equal pieces (empty if it can)."""
-    problems = []
-    for t in targets:
-        dim = split_dim(t)
-        if dim is not None and t.shape[dim] % tp:
-            problems.append(f"{t.name} dim {dim} ({t.shape[dim]})")
-    return problems
+def target_rank_shape(target: Target, tp: int) -> tuple:
+    return rank_shape(target.shape, target.split, tp)
 
 
 class _HashFiles(threading.Thread):
@@ -91,25 +77,9 @@ class _HashFiles(threading.Thread):
                 if path in self.known:
                     self.result[path] = self.known[path]
                     continue
-                self.result[path] = sha256_mapped(path, lambda: self.stop)
+                self.result[path] = sha256_file(path, stopped=lambda: self.stop)
         except OSError as exc:
             self.error = exc
-
-
-def sha256_mapped(path: str, stopped=lambda: False, window: int = 64 << 20) -> str:
-    """sha256 of a file through read-only mmap windows: no copy out of the page cache (a read() costs a
-    copy), and each window is unmapped before the next so resident memory stays at one window."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        for offset in range(0, size, window):
-            if stopped():
-                break
-            with mmap.mmap(f.fileno(), min(window, size - offset), offset=offset, access=mmap.ACCESS_READ) as m:
-                m.madvise(mmap.MADV_SEQUENTIAL)
-                with memoryview(m) as view:
-                    h.update(view)
-    return h.hexdigest()
 
 
 def hash_files_in_background(paths, known=None) -> _HashFiles:
@@ -163,13 +133,13 @@ def write_jobs(jobs, writers, tp: int, progress: bool = True, total_bytes: int |
     try:
         for job in jobs:
             t = job.target
-            key = (t.op, t.source_shapes, job.n_groups)
+            key = (t.op, t.source_shapes, t.groups)
             if key not in maps:
-                maps[key] = row_map(t.op, t.source_shapes, job.n_groups)
+                maps[key] = row_map(t.op, t.source_shapes, t.groups)
             src, row = maps[key]
             out_np = numpy_dtype(job.out_dtype)
-            dim = split_dim(t) if tp > 1 else None
-            rshape = rank_shape(t, tp)
+            dim = target_dim(t) if tp > 1 else None
+            rshape = target_rank_shape(t, tp)
             rbytes = int(np.prod(rshape)) * out_np.itemsize
             for w in writers:
                 w.begin(t.name, rshape, job.out_dtype, rbytes)
@@ -207,7 +177,7 @@ def write_jobs(jobs, writers, tp: int, progress: bool = True, total_bytes: int |
 
 def open_rank_writers(stage: str, fmt: str, jobs, tp: int, layout_dir: bool) -> tuple:
     """One writer per rank: STAGE/llava.<fmt>, or STAGE/rank_<r>/llava.<fmt> when layout_dir."""
-    specs = [(j.target.name, rank_shape(j.target, tp), j.out_dtype) for j in jobs]
+    specs = [(j.target.name, target_rank_shape(j.target, tp), j.out_dtype) for j in jobs]
     paths, writers = [], []
     try:
         for r in range(tp):
@@ -228,12 +198,11 @@ def output_bytes(jobs, tp: int) -> int:
     total = 0
     for j in jobs:
         n = int(np.prod(j.target.shape)) * itemsize(j.out_dtype)
-        total += n * tp if split_dim(j.target) is None else n
+        total += n * tp if target_dim(j.target) is None else n
     return total
 
 
 def check_free_space(folder: str, need: int) -> None:
-    import shutil
     free = shutil.disk_usage(folder).free
     margin = 64 << 20
     if free < need + margin:
@@ -241,17 +210,32 @@ def check_free_space(folder: str, need: int) -> None:
                    f"{free / 2**30:.2f} GiB is free")
 
 
+def copy_side_files(stage: str, side_files, expected=None) -> list:
+    """Copy config / tokenizer / processor files into the output (fsynced), returning manifest `files`
+    entries. `expected`: name -> sha256 the copy must have (shard re-checks its input's record)."""
+    entries = []
+    for name, path in side_files:
+        with open(path, "rb") as f:
+            data = f.read()
+        sha = write_atomic(os.path.join(stage, name), data)
+        if expected and name in expected and expected[name] != sha:
+            raise fail(f"{path} does not match the sha256 its manifest records: corrupted? "
+                       "(llava-ckpt check names the damage)")
+        entries.append({"path": name, "size": len(data), "sha256": sha})
+    return entries
+
+
 def write_output(out: str, src: str, jobs, fmt: str, tp: int, source_files, manifest: dict, progress: bool,
-                 known_hashes=None, expected_hashes=None, inputs_key: str = "files") -> dict:
+                 known_hashes=None, expected_hashes=None, inputs_key: str = "files", side_files=(),
+                 expected_side=None) -> dict:
     """Write all ranks, the strategy file (tp > 1) and the manifest into OUT, atomically.
 
     `source_files` [(name, path)] are hashed on a background thread while the data streams, except those in
     `known_hashes` (path -> sha256 already verified, e.g. by `download`), which are recorded as given.
     An input whose hash differs from `expected_hashes[path]` (its manifest's record) fails the run, and the
-    hashes are recorded under manifest["source"][inputs_key].
+    hashes are recorded under manifest["source"][inputs_key]. `side_files` [(name, path)] (config, tokenizer,
+    processor, chat template) are copied beside the weights so the output stands alone.
     """
-    from .io.atomic import staging_dir, publish_dir, discard
-    from .manifest import write_manifest
     stage = staging_dir(out, src)
     try:
         total = output_bytes(jobs, tp)
@@ -268,11 +252,11 @@ def write_output(out: str, src: str, jobs, fmt: str, tp: int, source_files, mani
             raise
         files = [{"path": os.path.relpath(p, stage), "size": os.path.getsize(p), "sha256": d}
                  for p, d in zip(paths, digests)]
+        files += copy_side_files(stage, side_files, expected_side)
         if tp > 1:
-            from .strategy import write_strategy
             path = os.path.join(stage, "strategy.ckpt")
             write_strategy(path, [(j.target.name, j.target.split, j.target.shape) for j in jobs], tp)
-            files.append({"path": "strategy.ckpt", "size": os.path.getsize(path), "sha256": sha256_mapped(path)})
+            files.append({"path": "strategy.ckpt", "size": os.path.getsize(path), "sha256": sha256_file(path)})
         hasher.join()
         if hasher.error:
             raise hasher.error

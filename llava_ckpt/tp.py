@@ -29,7 +29,7 @@ def check_kind(kind: str) -> str:
 
 def check_degree(tp) -> int:
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise fail(f"tensor-parallel degree must be a positive integer, got {tp!r}")
+        raise fail(f"--tp must be a positive integer, got {tp!r}")
     return tp
 
 
@@ -127,24 +127,36 @@ def kind_of_tensor_map(tmap: Sequence[int]) -> str:
     raise fail(f"tensor_map {tmap} is not a column, row or replicated layout")
 
 
+def distinct_units(units: Sequence[tuple]) -> dict:
+    """{description: size} with one description (the first) per distinct size: what a manifest records."""
+    out: dict = {}
+    seen = set()
+    for what, size in units:
+        if size not in seen:
+            seen.add(size)
+            out[what] = size
+    return out
+
+
 def indivisible(units: Sequence[tuple], tp: int) -> list:
-    """The (what, size) pairs that `tp` does not divide; `units` lists every size a degree must divide."""
-    return [f"{what} ({size})" for what, size in units if size % tp]
+    """'size (what)' for each distinct size in `units` that `tp` does not divide."""
+    return [f"{size} ({what})" for what, size in distinct_units(units).items() if size % tp]
 
 
 def valid_degrees(units: Sequence[tuple], limit: int = 128) -> list:
     """Every degree up to `limit` that divides all `units`."""
-    return [n for n in range(1, limit + 1) if not indivisible(units, n)]
+    sizes = set(size for _, size in units)
+    return [n for n in range(1, limit + 1) if all(size % n == 0 for size in sizes)]
 
 
 def check_divides(units: Sequence[tuple], tp) -> None:
-    """Exit early, naming what `tp` does not divide and the valid degrees."""
+    """Exit early, naming what `tp` does not divide and the valid degrees. `units`: (what, size) pairs,
+    every size that is cut (split dims, whole heads, KV groups, gate/up pairs)."""
     check_degree(tp)
     if tp == 1:
         return
     bad = indivisible(units, tp)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        names = ", ".join(dict.fromkeys(what.split(" of ")[0] for what, _ in units))
-        raise fail(f"--tp {tp} must divide every split size ({names}); it does not divide {shown}. "
+        raise fail(f"--tp {tp} must divide every size that is split; it does not divide {shown}. "
                    f"Valid: {', '.join(map(str, valid_degrees(units)))}")

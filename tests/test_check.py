@@ -13,6 +13,7 @@ from llava_ckpt.errors import CheckpointError
 from llava_ckpt.io.source import read_index
 
 EXE = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+SIDE = 10  # config, generation config, tokenizer (5 files), processor (2 files), chat template: copied into OUT
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def edit_manifest(out, fn):
     (out / "manifest.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("name,n_files", [("tp1", 1), ("tp4", 5), ("tp2st", 3)])
+@pytest.mark.parametrize("name,n_files", [("tp1", 1 + SIDE), ("tp4", 5 + SIDE), ("tp2st", 3 + SIDE)])
 def test_clean_output_is_ok(outputs, name, n_files):
     result = check(str(outputs / name))
     assert result == {"ok": True, "checked": n_files, "problems": []}
@@ -64,13 +65,13 @@ def test_flipped_byte_in_rank_2_is_found_and_named(tp4):
     size = os.path.getsize(tp4 / "rank_2" / "llava.ckpt")
     flip(tp4 / "rank_2" / "llava.ckpt", size // 3)
     result = check(str(tp4))
-    assert not result["ok"] and result["checked"] == 5
+    assert not result["ok"] and result["checked"] == 5 + SIDE
     assert len([p for p in result["problems"] if "corrupted" in p]) == 1
     assert result["problems"][0].startswith("rank_2/llava.ckpt: sha256 ")
     proc = cli_check(tp4)
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[0].startswith("rank_2/llava.ckpt: sha256 ")
-    assert proc.stdout.splitlines()[-1] == f"CORRUPT: 5 files checked in {tp4}"
+    assert proc.stdout.splitlines()[-1] == f"CORRUPT: {5 + SIDE} files checked in {tp4}"
 
 
 def test_damage_to_a_replicated_tensor_is_named(tp4):
@@ -91,7 +92,7 @@ def test_flipped_byte_in_strategy_file(tp4):
 def test_missing_file(tp4):
     (tp4 / "rank_3" / "llava.ckpt").unlink()
     result = check(str(tp4))
-    assert result["problems"] == ["rank_3/llava.ckpt: missing"] and result["checked"] == 4
+    assert result["problems"] == ["rank_3/llava.ckpt: missing"] and result["checked"] == 4 + SIDE
     proc = cli_check(tp4)
     assert proc.returncode == 1 and proc.stdout.startswith("rank_3/llava.ckpt: missing\n")
 
@@ -122,8 +123,8 @@ def test_entry_dropped_from_manifest(tp4):
 def test_manifest_paths_may_not_leave_out(tp4, path):
     edit_manifest(tp4, lambda m: m["files"].append({"path": path, "size": 1, "sha256": "0" * 64}))
     result = check(str(tp4))
-    assert not result["ok"] and result["checked"] == 5
-    assert result["problems"] == [f"{tp4 / 'manifest.json'}: files[5] path {path!r} is not a plain path inside "
+    assert not result["ok"] and result["checked"] == 5 + SIDE
+    assert result["problems"] == [f"{tp4 / 'manifest.json'}: files[{5 + SIDE}] path {path!r} is not a plain path inside "
                                   f"{tp4}; not opened"]
 
 
@@ -151,3 +152,14 @@ def test_manifest_without_files_is_an_error(outputs, tmp_path):
     edit_manifest(out, lambda m: m.pop("files"))
     proc = cli_check(out)
     assert proc.returncode == 2 and "lists no output files" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_side_files_travel_and_are_checked(tp4, tiny):
+    """config, tokenizer, processor and chat template are copied into OUT, listed with sha256, and checked."""
+    listed = {f["path"] for f in manifest(tp4)["files"]}
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json"):
+        assert name in listed and (tp4 / name).read_bytes() == open(os.path.join(tiny, name), "rb").read()
+    with open(tp4 / "tokenizer_config.json", "a") as f:
+        f.write(" ")
+    (problem,) = check(str(tp4))["problems"]
+    assert problem.startswith("tokenizer_config.json: ")

@@ -9,6 +9,7 @@ import pytest
 
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
+from llava_ckpt.hf_source import SIDE_FILES
 from llava_ckpt.io import load_tensors
 
 from expected import expected, load_config, mismatches, read_hf, read_with_mindspore
@@ -63,7 +64,7 @@ def test_a_wrong_table_entry_is_caught(tiny, tmp_path):
     assert swapped != table
     bad = tmp_path / "bad.toml"
     bad.write_text(swapped)
-    convert(tiny, str(tmp_path / "out"), table=str(bad), progress=False)
+    convert(tiny, str(tmp_path / "out"), mapping=str(bad), progress=False)
     want = expected(read_hf(tiny), load_config(tiny))
     got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
     wrong = mismatches(got, want)
@@ -129,7 +130,7 @@ def test_cli_convert_and_bad_input(tiny, tmp_path):
     ok = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--format", "safetensors", "--json"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"]
+    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"] + [n for n in SIDE_FILES if os.path.exists(os.path.join(tiny, n))]
     bad = subprocess.run([exe, "convert", str(tmp_path / "nope"), str(tmp_path / "out2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2

@@ -1,31 +1,11 @@
-import numpy as np
+import json
+
 import pytest
 
 from llava_ckpt.config import load_config, normalize_config
 from llava_ckpt.errors import CheckpointError
 from llava_ckpt.fixture import REFERENCE
-from llava_ckpt.mapping import apply, invert, load_table, plan, detect_layout, to_canonical
-
-
-def test_ops_have_exact_inverses():
-    rng = np.random.default_rng(0)
-    q, k, v = rng.standard_normal((8, 3)), rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
-    for op, arrays, groups in [("rename", [q], None), ("concat_rows", [q, k, v], None),
-                               ("qkv_grouped", [q, k, v], 2), ("interleave_rows", [k, v], None)]:
-        fused = apply(op, arrays, groups)
-        back = invert(op, fused, [a.shape for a in arrays], groups)
-        assert all(np.array_equal(a, b) for a, b in zip(arrays, back)), op
-
-
-def test_row_layouts_by_hand():
-    q = np.arange(8)[:, None] + 100  # 2 KV groups of 2 heads x 2 rows
-    k = np.arange(4)[:, None] + 200
-    v = np.arange(4)[:, None] + 300
-    grouped = apply("qkv_grouped", [q, k, v], 2)[:, 0]
-    assert grouped.tolist() == [100, 101, 102, 103, 200, 201, 300, 301, 104, 105, 106, 107, 202, 203, 302, 303]
-    inter = apply("interleave_rows", [k, v])[:, 0]
-    assert inter.tolist() == [200, 300, 201, 301, 202, 302, 203, 303]
-    assert apply("concat_rows", [k, v])[:, 0].tolist() == [200, 201, 202, 203, 300, 301, 302, 303]
+from llava_ckpt.mapping import load_table, plan, detect_layout, to_canonical
 
 
 def test_real_config_plan_covers_the_real_index():
@@ -56,8 +36,65 @@ def test_config_defaults_and_refusals():
         normalize_config({"model_type": "llama"})
 
 
+TABLE = load_table()["path"]
+
+
+def edited_table(tmp_path, old: str, new: str, name="edited.toml") -> str:
+    """A copy of the packaged table with one edit (a user's own variant)."""
+    text = open(TABLE, encoding="utf-8").read()
+    assert old in text
+    path = tmp_path / name
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return str(path)
+
+
 def test_table_errors_are_clear(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text('name = "x"\n[[tensor]]\nhf = "a"\nms = "b"\nsplit = "diagonal"\nshape = [1]\n')
-    with pytest.raises(CheckpointError, match="unknown split 'diagonal'"):
-        load_table(str(bad))
+    bad = edited_table(tmp_path, 'split = "vocab"', 'split = "diagonal"')
+    with pytest.raises(CheckpointError, match="language_model.model.tok_embeddings.embedding_weight.*unknown split 'diagonal'"):
+        load_table(bad)
+    bad = edited_table(tmp_path, 'hf = "language_model.model.norm.weight"', 'hf = "language_model.model.norm.weight"\nflavour = 1')
+    with pytest.raises(CheckpointError, match="unknown field.*flavour"):
+        load_table(bad)
+    bad = edited_table(tmp_path, 'layers = "text"', 'layers = "txt"')
+    with pytest.raises(CheckpointError, match="unknown layer set 'txt'"):
+        load_table(bad)
+
+
+def test_an_op_with_a_split_it_does_not_allow_is_refused_naming_the_entry(tmp_path):
+    # [q; k; v] cut by rows would hand rank 0 all of q: concat_rows does not allow a column split
+    old = 'ms = "vision_encoder.transformer.resblocks.{i}.attn.in_proj.weight"\nop = "concat_rows"\nsplit = "replicated"'
+    bad = edited_table(tmp_path, old, old.replace('"replicated"', '"column"'))
+    with pytest.raises(CheckpointError, match=r"in_proj\.weight.*op 'concat_rows' cannot be split 'column'"):
+        load_table(bad)
+    old = 'op = "qkv_grouped"\nsplit = "column"'
+    bad = edited_table(tmp_path, old, 'op = "qkv_grouped"\nsplit = "vocab"')
+    with pytest.raises(CheckpointError, match=r"w_qkv\.weight.*cannot be split 'vocab'"):
+        load_table(bad)
+
+
+def test_sizes_are_expressions_over_config_keys(tmp_path):
+    table = load_table()
+    cfg = load_config(REFERENCE)
+    sizes = __import__("llava_ckpt.mapping", fromlist=["sizes"]).sizes(table, cfg)
+    assert sizes["positions"] == 577 and sizes["v_layers_run"] == 23 and sizes["q_per_kv"] == 1
+    raw = json.load(open(f"{REFERENCE}/config.json"))
+    raw["text_config"]["num_key_value_heads"] = 5
+    with pytest.raises(CheckpointError, match=r"q_per_kv.*32 / 5 is not a whole number"):
+        normalize_config(raw)
+    raw["text_config"]["num_key_value_heads"] = 8
+    assert normalize_config(raw)["text_config"]["num_key_value_heads"] == 8
+
+
+def test_table_is_chosen_from_config_and_mapping_picks_another(tmp_path):
+    raw = json.load(open(f"{REFERENCE}/config.json"))
+    raw["text_config"]["model_type"] = "mistral"
+    with pytest.raises(CheckpointError, match="not a LLaVA config that a mapping table accepts.*'mistral'"):
+        normalize_config(raw)
+    variant = load_table(edited_table(tmp_path, 'text_model_types = ["llama"]', 'text_model_types = ["llama", "mistral"]'))
+    # no transformers defaults are known for "mistral": every size must then be written out
+    with pytest.raises(CheckpointError, match="text_config.hidden_size must be a positive integer"):
+        normalize_config(raw, table=variant)
+    raw["text_config"].update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=32064)
+    cfg = normalize_config(raw, table=variant)
+    assert cfg["text_config"]["head_dim"] == 64 and len(plan(variant, cfg, {})) > 0

@@ -87,9 +87,10 @@ def test_bad_tp_and_foreign_inputs_are_refused(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="no manifest.json"):
         shard(tiny, str(tmp_path / "x"), tp=2, progress=False)
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
-    manifest["mapping"]["name"] = "some-other-mapping"
+    # shard follows the split kinds the manifest records (from the table): an unknown one is refused, named
+    manifest["tensors"][3]["split"] = "diagonal"
     (tmp_path / "one" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="some-other-mapping"):
+    with pytest.raises(CheckpointError, match=r"tensors\[3\] has an invalid 'split': 'diagonal'"):
         shard(str(tmp_path / "one"), str(tmp_path / "x"), tp=2, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["one"]
     exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")

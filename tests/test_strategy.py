@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from llava_ckpt.errors import CheckpointError
-from llava_ckpt.strategy import (
-    KINDS, Layout, parse_strategy, rank_slice, read_strategy, split_axis, strategy_bytes, tensor_map,
-    write_strategy,
-)
+from llava_ckpt.strategy import Layout, parse_strategy, read_strategy, strategy_bytes, write_strategy
+from llava_ckpt.tp import SPLIT_KINDS, rank_slice, split_dim, tensor_map
 
 # Every split kind the shard command uses, with shapes divisible by 4.
 SPEC = [
@@ -34,33 +32,6 @@ DTYPES = ["fp32", "fp16", "bf16"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # pure-Python parts (no MindSpore import)
-
-def test_split_axis_and_tensor_map():
-    assert split_axis("column", 2) == 0 and tensor_map("column", 2) == [0, -1]
-    assert split_axis("column", 1) == 0 and tensor_map("column", 1) == [0]
-    assert split_axis("vocab", 2) == 0 and tensor_map("vocab", 2) == [0, -1]
-    assert split_axis("row", 2) == 1 and tensor_map("row", 2) == [-1, 0]
-    assert split_axis("row", 1) is None and tensor_map("row", 1) == [-1]
-    assert split_axis("replicated", 4) is None and tensor_map("replicated", 4) == [-1, -1, -1, -1]
-    assert tensor_map("replicated", 0) == []
-    for bad in [("row", 3), ("column", 0), ("diagonal", 2), ("column", -1)]:
-        with pytest.raises(CheckpointError):
-            split_axis(*bad)
-
-
-def test_rank_slice_blocks_cover_the_tensor():
-    full = np.arange(8 * 12).reshape(8, 12)
-    for kind, axis in [("column", 0), ("row", 1)]:
-        for tp in (1, 2, 4):
-            parts = [full[rank_slice(full.shape, kind, tp, r)] for r in range(tp)]
-            assert all(p.shape[axis] == full.shape[axis] // tp for p in parts)
-            assert np.array_equal(np.concatenate(parts, axis=axis), full)
-    assert full[rank_slice(full.shape, "replicated", 4, 3)].shape == full.shape
-    with pytest.raises(CheckpointError, match="equal parts"):
-        rank_slice((6, 4), "column", 4, 0)
-    with pytest.raises(CheckpointError):
-        rank_slice((8, 4), "column", 4, 4)
-
 
 def test_bad_input_is_refused():
     with pytest.raises(CheckpointError, match="equal parts"):
@@ -87,7 +58,7 @@ def test_write_read_roundtrip_and_atomic(tmp_path):
     for name, kind, shape in SPEC:
         lay = layouts[name]
         assert lay == Layout((1, 4), tuple(tensor_map(kind, len(shape))), (), 0, 0, 0)
-        assert lay.tp == 4 and lay.split_axis == split_axis(kind, len(shape))
+        assert lay.tp == 4 and lay.split_axis == split_dim(kind, len(shape))
     # ndim given as an int gives the same bytes as the full shape
     assert strategy_bytes([(n, k, len(s)) for n, k, s in SPEC], 4) == strategy_bytes(params, 4)
     # overwrite in place
@@ -269,7 +240,7 @@ def test_wrong_strategy_gives_wrong_result(ms, tmp_path, fmt):
     swap = {"column": "row", "row": "column", "vocab": "replicated", "replicated": "replicated"}
     wrong = [(n, swap[k] if len(s) == 2 else ("replicated" if k == "column" else k), len(s)) for n, k, s in SPEC]
     strategy = write_strategy(os.path.join(src, "strategy.ckpt"), wrong, tp)
-    split_names = [n for n, k, s in SPEC if split_axis(k, len(s)) is not None]
+    split_names = [n for n, k, s in SPEC if split_dim(k, len(s)) is not None]
     assert len(split_names) == 4
 
     got = _transform_to_full(ms, src, str(tmp_path / "full"), strategy, fmt)
@@ -286,4 +257,4 @@ def test_wrong_strategy_gives_wrong_result(ms, tmp_path, fmt):
 
 
 def test_every_kind_is_covered():
-    assert {k for _, k, _ in SPEC} == set(KINDS)
+    assert {k for _, k, _ in SPEC} == set(SPLIT_KINDS)

@@ -1,38 +1,31 @@
 """Put checkpoint tensors into the model one at a time (cast per tensor), never holding the model twice."""
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import numpy as np
 from mindspore import Tensor
 
 from ..errors import fail
+from ..mapping import detect_options, is_unused, load_table, table_for, unused_names
 from .layers import NP_DTYPES
-from .vision import layers_run
-
-FUSED_MARKERS = (".attention.w_qkv.weight", ".feed_forward.w_gate_hidden.weight")
 
 
-def detect_fused(names) -> bool:
-    """True for the --fuse-qkv layout (w_qkv / w_gate_hidden), False for wq/wk/wv and w1/w3."""
-    return any(n.endswith(FUSED_MARKERS) for n in names)
+def _table(cfg: dict | None = None, table: dict | None = None) -> dict:
+    return table or (table_for(cfg) if cfg else load_table())
 
 
-def ignored_names(cfg: dict, names) -> list:
-    """Names a converted checkpoint may hold that LLaVA never uses: ln_post and resblocks past the feature
-    layer (MindFormers' LlavaVlm does not build them either)."""
-    first_unused = layers_run(cfg)
-    n_layers = cfg["vision_config"]["num_hidden_layers"]
-    out = []
-    for name in names:
-        if name.startswith("vision_encoder.ln_post."):
-            out.append(name)
-            continue
-        m = re.match(r"vision_encoder\.transformer\.resblocks\.(\d+)\.", name)
-        if m and first_unused <= int(m.group(1)) < n_layers:
-            out.append(name)
-    return out
+def detect_fused(names, table: dict | None = None) -> bool:
+    """True for the --fuse-qkv layout (w_qkv / w_gate_hidden), False for wq/wk/wv and w1/w3: the mapping
+    table says which targets only the fuse_qkv option produces."""
+    return detect_options(_table(table=table), names).get("fuse_qkv", False)
+
+
+def ignored_names(cfg: dict, names, table: dict | None = None) -> list:
+    """Names a converted checkpoint may hold that LLaVA never uses: the table's [unused] (ln_post and the
+    vision layers past the feature layer; MindFormers' LlavaVlm does not build them either)."""
+    unused = unused_names(_table(cfg, table), cfg)
+    return [n for n in names if is_unused(n, unused)]
 
 
 def _short(names, limit=6) -> str:
