@@ -23,14 +23,14 @@ class HfSide:
         import torch
         from transformers import LlavaConfig
         from ..hf_source import read_tensors
-        from ..mapping import detect_layout, load_table, plan, to_canonical
+        from ..mapping import detect_layout, plan, table_for, to_canonical
         self.torch = torch
         self.config = LlavaConfig.from_pretrained(hf_src)
         self.text, self.vision = self.config.text_config, self.config.vision_config
         for c in (self.config, self.text, self.vision):  # the attention transformers' verify used before: eager
             c._attn_implementation = "eager"
         tensors, _ = read_tensors(hf_src)
-        table = load_table()
+        table = table_for(cfg)
         expected = {s for t in plan(table, cfg, {}) for s in t.sources}
         layout = table["layouts"][detect_layout(table, tensors, expected)]
         self.where = {to_canonical(n, layout): (info.path, n) for n, info in tensors.items()}
