@@ -9,6 +9,8 @@ token (the weights come back from the page cache where it can hold them).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import numpy as np
@@ -18,15 +20,23 @@ from .hf_side import to_numpy
 
 
 class _Clock:
-    """Seconds spent on each side (reading weights included)."""
+    """Seconds spent on each side (reading weights included). With LLAVA_CKPT_VERIFY_LOG=1 every step is
+    also logged to stderr with its time and the process's RSS (how the benchmark's figures were found)."""
 
     def __init__(self):
         self.seconds = {"transformers": 0.0, "mindspore": 0.0}
+        self.log = os.environ.get("LLAVA_CKPT_VERIFY_LOG") == "1"
 
     def run(self, side: str, fn, *args):
         t = time.perf_counter()
         out = fn(*args)
-        self.seconds[side] += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.seconds[side] += took
+        if self.log:
+            import psutil
+            what = getattr(fn, "__name__", "step") + "".join(f" {a}" for a in args if isinstance(a, int))
+            print(f"[verify] {side:12s} {what:28s} {took:7.2f} s  rss {psutil.Process().memory_info().rss >> 20} MiB",
+                  file=sys.stderr, flush=True)
         return out
 
 
