@@ -3,7 +3,8 @@ embedding and ln_pre, ResBlock, Adapter, LlavaVlm.embed's merge, DecoderLayer.pr
 lm_head of LanguageModel), each built with the model's classes, filled with that module's converted
 weights only (read lazily from the converted files) and emptied after it ran.
 
-The cells run eagerly (PyNative): a compiled MindSpore graph keeps a private copy of the parameter data it
+Cells are built per step and hold only what that step loads (a parameter built but never loaded may be
+filled with zeros by MindSpore: measured, 1.1 GB for the 7B's unused resblocks). The cells run eagerly (PyNative): a compiled MindSpore graph keeps a private copy of the parameter data it
 was compiled with (measured: set_data after compiling does not reach the graph), so a graph could not be
 reused across layers, and one compile per layer and decode step would cost more than it saves.
 """
@@ -41,9 +42,10 @@ class MsSide:
         del whole
         self.tc = cfg["text_config"]
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
-        self.head = self._head()
-        self.cos, self.sin = self.head.cos, self.head.sin
-        self.max_positions = self.head.max_positions
+        from ..model.llama import LanguageModel
+        rope = LanguageModel(dict(self.tc, num_hidden_layers=0), self.fused, self.dtype)  # RoPE tables only
+        self.cos, self.sin, self.max_positions = rope.cos, rope.sin, rope.max_positions
+        del rope
 
     def check_names(self, params: dict) -> None:
         """Every parameter of the model is in the checkpoint and nothing else is (besides LLaVA's unused
@@ -64,12 +66,9 @@ class MsSide:
 
     # ---- weights in and out of one cell
 
-    def _load(self, cell, prefix: str, only: str = "", skip: str | None = None):
-        """Fill `cell`'s parameters (those whose path starts with `only`, not with `skip`) from `prefix` +
-        their path in the cell, cast to the compute dtype."""
+    def _load(self, cell, prefix: str):
+        """Fill every parameter of `cell` from `prefix` + its path in the cell, cast to the compute dtype."""
         for path, p in cell.parameters_and_names():
-            if not path.startswith(only) or (skip and path.startswith(skip)):
-                continue
             name = prefix + path
             value = self.tensors[name]
             if tuple(value.shape) != tuple(p.shape):
@@ -94,18 +93,21 @@ class MsSide:
             out = np.array(out) if not a.flags.writeable else out
         return self.Tensor.from_numpy(out)
 
-    @staticmethod
-    def _free(cell):
-        """Give the parameters' memory back (lazy zero initializers again)."""
-        from mindspore.common.initializer import initializer
-        for p in cell.get_parameters():
-            if not p.has_init:
-                p.set_data(initializer("zeros", p.shape, p.dtype))
+    def _release(self, *cells):
+        """Give a step's weights back now. Cells sit in reference cycles (only a full gc.collect, ~0.5-1 s
+        with torch and transformers loaded, would free them), so each parameter's data is swapped for a
+        one-element placeholder instead; the empty cells go with the next ordinary collection."""
+        for cell in cells:
+            for p in cell.get_parameters():
+                p.set_data(self.Tensor(np.zeros((1,), self.target)), slice_shape=True)
 
-    def _head(self):
-        """LanguageModel without decoder layers: tok_embeddings, norm_out, lm_head, RoPE tables."""
-        from ..model.llama import LanguageModel
-        return LanguageModel(dict(self.tc, num_hidden_layers=0), self.fused, self.dtype)
+    def _embedding(self):
+        from ..model.llama import Embedding
+        return self._load(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype), f"{TEXT}tok_embeddings.")
+
+    def _language_model(self, **cells):
+        """What LanguageModel's own methods read from `self`, holding only the cells a step loaded."""
+        return SimpleNamespace(model=SimpleNamespace(**cells.pop("model", {})), **cells)
 
     # ---- vision tower and projector
 
@@ -113,17 +115,18 @@ class MsSide:
         """(patch + class + position embeddings, ln_pre of them): VisionEncoder's own embed and ln_pre; its
         resblocks stay empty here (each runs as its own step)."""
         from ..model.vision import VisionEncoder
-        enc = self._load(VisionEncoder(self.cfg, self.dtype), "vision_encoder.", skip="transformer.")
+        stem = dict(self.cfg, vision_feature_layer=0)  # the same encoder built with no resblocks
+        enc = self._load(VisionEncoder(stem, self.dtype), "vision_encoder.")
         emb = enc.embed(self.Tensor(np.asarray(pixels, dtype=np.float32)))
         x = enc.ln_pre(emb)
-        self._free(enc)
+        self._release(enc)
         return emb, x
 
     def vision_block(self, i: int, x):
         from ..model.vision import ResBlock
         block = self._load(ResBlock(self.cfg["vision_config"], self.dtype), f"vision_encoder.transformer.resblocks.{i}.")
         y = block(x)
-        self._free(block)
+        self._release(block)
         return y
 
     def adapter(self, x):
@@ -131,7 +134,7 @@ class MsSide:
         feats = x if self.keep_cls else x[:, 1:]
         adapter = self._load(Adapter(self.cfg, self.dtype), "adapter.")
         y = adapter(feats)
-        self._free(adapter)
+        self._release(adapter)
         return y
 
     # ---- language model
@@ -139,11 +142,12 @@ class MsSide:
     def merge(self, input_ids, image):
         """LlavaVlm.embed's own merge, with the vision tower and adapter already run step by step."""
         from ..model.llava import LlavaVlm
-        self._load(self.head, "language_model.", only="model.tok_embeddings.")
+        table = self._embedding()
         model = SimpleNamespace(vision_encoder=lambda pixels: (image, ()), adapter=lambda feats: feats,
-                                language_model=self.head, image_token=self.image_token)
+                                language_model=self._language_model(model={"tok_embeddings": table}),
+                                image_token=self.image_token)
         x, _, _ = LlavaVlm.embed(model, self.Tensor(np.asarray(input_ids, dtype=np.int32)), None)
-        self._free(self.head)
+        self._release(table)
         return x
 
     def rope(self, positions):
@@ -157,26 +161,30 @@ class MsSide:
     def decoder_prefill(self, i: int, x, cos, sin, keep):
         layer = self._decoder(i)
         out = layer.prefill(x, cos, sin, keep)
-        self._free(layer)
+        self._release(layer)
         return out
 
     def decoder_step(self, i: int, x, cos, sin, keep, slot, k_cache, v_cache):
         layer = self._decoder(i)
         out = layer.step(x, cos, sin, keep, slot, k_cache, v_cache)
-        self._free(layer)
+        self._release(layer)
         return out
 
     def norm_and_logits(self, x):
         """(norm_out(x), float32 logits) with LanguageModel's own logits()."""
-        self._load(self.head, "language_model.", only="model.norm_out.")
-        self._load(self.head, "language_model.", only="lm_head.")
-        normed = self.head.model.norm_out(x)
-        logits = self.head.logits(x)
-        self._free(self.head)
+        from ..model.layers import Linear, RMSNorm
+        from ..model.llama import LanguageModel
+        norm = self._load(RMSNorm(self.tc["hidden_size"], self.tc["rms_norm_eps"], self.dtype), f"{TEXT}norm_out.")
+        head = self._load(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
+                          "language_model.lm_head.")
+        lm = self._language_model(model={"norm_out": norm}, lm_head=head)
+        normed = norm(x)
+        logits = LanguageModel.logits(lm, x)
+        self._release(norm, head)
         return normed, logits
 
     def token_embeddings(self, token: int):
-        self._load(self.head, "language_model.", only="model.tok_embeddings.")
-        x = self.head.model.tok_embeddings(self.Tensor(np.array([[int(token)]], dtype=np.int32)))
-        self._free(self.head)
+        table = self._embedding()
+        x = table(self.Tensor(np.array([[int(token)]], dtype=np.int32)))
+        self._release(table)
         return x
