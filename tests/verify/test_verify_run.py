@@ -169,6 +169,17 @@ def test_cli_exit_codes(tiny, fp32_dir, tmp_path):
         verify(tiny, missing, max_new_tokens=1)
     err = runner.invoke(main, ["verify", tiny, missing])
     assert err.exit_code == 2
+    err = runner.invoke(main, ["verify", tiny, fp32_dir, "--timeout", "0"])
+    assert err.exit_code == 2 and "error: timeout must be a positive number" in err.output
+
+
+def test_cli_no_msrun_keeps_the_reassembled_check(tiny, tmp_path):
+    out = str(tmp_path / "tp2")
+    convert(tiny, out, dtype="float32", fmt="safetensors", tp=2, progress=False)
+    ok = CliRunner().invoke(main, ["verify", tiny, out, "--no-msrun", "--max-new-tokens", "2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    result = json.loads(ok.stdout)
+    assert result["tp"] == 2 and result["msrun"] is None and "msrun_logits" not in result["checks"]
 
 
 def test_verify_flags_ranks_that_disagree_on_a_replicated_tensor(tiny, tmp_path):
