@@ -9,6 +9,7 @@ token (the weights come back from the page cache where it can hold them).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ class _Clock:
     def run(self, side: str, fn, *args):
         t = time.perf_counter()
         out = fn(*args)
+        _trim_heap()
         took = time.perf_counter() - t
         self.seconds[side] += took
         if self.log:
@@ -38,6 +40,24 @@ class _Clock:
             print(f"[verify] {side:12s} {what:28s} {took:7.2f} s  rss {psutil.Process().memory_info().rss >> 20} MiB",
                   file=sys.stderr, flush=True)
         return out
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS after each step: the weights of one step are freed, but
+    glibc keeps fragmented heap pages, and without this the peak crept up ~20 MB per layer (measured)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            _LIBC = False
+            return
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), rtol: float = 1e-3,
