@@ -3,7 +3,7 @@
 Baseline (named in the issue): copying the input folder and syncing it, which is the least any
 converter that reads every byte and writes every byte must do. Our convert fsyncs its output too and
 hashes input and output for the manifest. Also reported: peak RSS of the convert process.
-For reference, MindFormers' own research/llava/convert_weight.py was measured on this machine (NOTES.md)
+For reference, MindFormers' own research/llava/convert_weight.py was measured on a machine like this one
 at 52-65 s and 17-18.6 GiB peak RSS on the 14.1 GB checkpoint, against 10.8 s for cp -r.
 
     python benchmarks/convert.py --preset 7b-few-layers --runs 3

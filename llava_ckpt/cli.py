@@ -29,7 +29,7 @@ def _on_signal(signum, frame):
 
 def _target(kwargs: dict) -> str:
     """The output (or input) a command works on, to name it in messages that have no file of their own."""
-    for key in ("out", "ms_dir", "local_dir", "converted_dir", "src", "repo"):
+    for key in ("out", "hf_out", "ms_dir", "local_dir", "converted_dir", "src", "repo"):
         if kwargs.get(key):
             return str(kwargs[key])
     return ""
@@ -97,13 +97,15 @@ FORMATS = click.Choice(["ckpt", "safetensors"])
 @click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Write N tensor-parallel rank folders.")
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
+@click.option("--mapping", default=None, metavar="FILE",
+              help="Mapping table (.toml) to use instead of the packaged one that accepts SRC's config.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_clean_errors
-def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, as_json):
+def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
     """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
     from .convert import convert as run
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
-                 progress=_progress(as_json))
+                 progress=_progress(as_json), mapping=mapping)
     _report(result, as_json)
 
 
@@ -117,6 +119,28 @@ def shard(converted_dir, out, tp, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
     _report(run(converted_dir, out, tp=tp, progress=_progress(as_json)), as_json)
+
+
+@main.command()
+@click.argument("ms_src")
+@click.argument("hf_out")
+@click.option("--config", "config", default=None,
+              help="HF folder (config, tokenizer, processor files are copied) or config.json; "
+                   "default: the files MS_SRC carries.")
+@click.option("--dtype", type=DTYPES, default=None,
+              help="Cast every tensor (default: the HF source's dtype a convert output records, else as stored).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Cut files at this size when MS_SRC does not record its HF files (5GB, 500MB, 2GiB, bytes).")
+@click.option("--mapping", default=None, metavar="FILE",
+              help="The mapping table MS_SRC was converted with, if not the packaged one (convert --mapping).")
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, as_json):
+    """Export a MindSpore checkpoint MS_SRC (convert/shard output, .ckpt/.safetensors file, or rank_<r>/ folders
+    with a strategy file) to a Hugging Face folder HF_OUT."""
+    from .export import export as run
+    _report(run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
+                progress=_progress(as_json), mapping=mapping), as_json)
 
 
 @main.command()

@@ -6,10 +6,10 @@ import os
 
 from . import __version__
 from .errors import fail
-from .io.dtypes import dtype_name
+from .io.dtypes import BY_NAME, dtype_name
 from .io.files import read_json, write_atomic
 from .mapping import is_unused
-from .tp import rank_shape, split_dim
+from .tp import SPLIT_KINDS, rank_shape, split_dim
 
 NAME = "manifest.json"
 
@@ -53,3 +53,31 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("tool") != "llava-ckpt":
         raise fail(f"{path} is not a llava-ckpt manifest")
     return manifest
+
+
+def checked_entries(manifest: dict, where: str) -> list:
+    """The manifest's tensor entries, refusing any malformed one with a clear error (it is input too)."""
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise fail(f"{where}: 'tensors' is not a list")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise fail(f"{where}: 'files' is not a list of objects")
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    sizes = manifest.get("tp_sizes", {})
+    if not isinstance(sizes, dict) or not all(is_int(v) and v > 0 for v in sizes.values()):
+        raise fail(f"{where}: 'tp_sizes' is not an object of positive integers")
+    checks = [("name", lambda e: isinstance(e.get("name"), str)),
+              ("shape", lambda e: isinstance(e.get("shape"), list) and all(map(is_int, e["shape"]))),
+              ("dtype", lambda e: e.get("dtype") in BY_NAME),
+              ("split", lambda e: e.get("split") in SPLIT_KINDS),
+              ("sources", lambda e: isinstance(e.get("sources"), list) and all(isinstance(x, str) for x in e["sources"])),
+              ("layout", lambda e: isinstance(e.get("layout", {}), dict))]
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise fail(f"{where}: tensors[{i}] is not an object")
+        for field, ok in checks:
+            if not ok(e):
+                raise fail(f"{where}: tensors[{i}] has an invalid {field!r}: {e.get(field)!r}")
+    return entries

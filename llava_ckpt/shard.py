@@ -6,13 +6,13 @@ import os
 
 from .errors import fail
 from .hf_source import SIDE_FILES, inside
-from .io.dtypes import BY_NAME, code_for
+from .io.dtypes import code_for
 from .io.load import weights_file
 from .io.source import read_index
-from .manifest import read_manifest
+from .manifest import checked_entries, read_manifest
 from .mapping import Target
 from .stream import Job, target_rank_shape, write_output
-from .tp import SPLIT_KINDS, check_divides
+from .tp import check_divides
 
 
 def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
@@ -27,7 +27,7 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
         raise fail(f"{converted_dir} is already split into {manifest['tp']} ranks; shard takes a tp-1 output")
     path = weights_file(converted_dir)
     infos = read_index(path)
-    entries = _checked_entries(manifest, where)
+    entries = checked_entries(manifest, where)
     listed = [e["name"] for e in entries]
     if sorted(listed) != sorted(infos):
         extra = sorted(set(infos) - set(listed))
@@ -63,31 +63,3 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     return write_output(out, converted_dir, jobs, fmt, tp, [(os.path.basename(path), os.path.realpath(path))],
                         new_manifest, progress, expected_hashes=recorded, inputs_key="converted_files",
                         side_files=side, expected_side=listed)
-
-
-def _checked_entries(manifest: dict, where: str) -> list:
-    """The manifest's tensor entries, refusing any malformed one with a clear error (it is input too)."""
-    entries = manifest.get("tensors")
-    if not isinstance(entries, list):
-        raise fail(f"{where}: 'tensors' is not a list")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise fail(f"{where}: 'files' is not a list of objects")
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    sizes = manifest.get("tp_sizes", {})
-    if not isinstance(sizes, dict) or not all(is_int(v) and v > 0 for v in sizes.values()):
-        raise fail(f"{where}: 'tp_sizes' is not an object of positive integers")
-    checks = [("name", lambda e: isinstance(e.get("name"), str)),
-              ("shape", lambda e: isinstance(e.get("shape"), list) and all(map(is_int, e["shape"]))),
-              ("dtype", lambda e: e.get("dtype") in BY_NAME),
-              ("split", lambda e: e.get("split") in SPLIT_KINDS),
-              ("sources", lambda e: isinstance(e.get("sources"), list) and all(isinstance(x, str) for x in e["sources"])),
-              ("layout", lambda e: isinstance(e.get("layout", {}), dict))]
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise fail(f"{where}: tensors[{i}] is not an object")
-        for field, ok in checks:
-            if not ok(e):
-                raise fail(f"{where}: tensors[{i}] has an invalid {field!r}: {e.get(field)!r}")
-    return entries

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import fail
+from .errors import CheckpointError, fail
 from .io.files import write_atomic
 from .io.protobuf import bytes_field, fields, int_field, ints_field, read_varint
 from .tp import check_degree, split_dim, tensor_map
@@ -211,14 +211,57 @@ def parse_strategy(data: bytes) -> dict:
     return layouts
 
 
+MAX_STRATEGY = 256 << 20  # the 7B strategy file is about 60 KB
+
+
 def read_strategy(path: "str | os.PathLike") -> dict:
-    """Read a strategy file written by write_strategy (or by MindSpore) into {param_name: Layout}."""
+    """Read a strategy file into {param_name: Layout}: the protobuf written by write_strategy or by MindSpore
+    (`strategy_ckpt_save_file`), or MindSpore's JSON form (a `.json` file with `parallel_layout_item`)."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise fail(f"strategy file {path} is not a regular file" if os.path.exists(path)
+                   else f"strategy file {path} does not exist")
+    if path.endswith(".json"):
+        from .io.files import read_json
+        return parse_json_strategy(read_json(path, f"strategy file {path}", MAX_STRATEGY), path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_STRATEGY + 1)
     except OSError as e:
         raise fail(f"cannot read strategy file {path}: {e.strerror or e}") from None
     if not data:
         raise fail(f"strategy file {path} is empty")
-    return parse_strategy(data)
+    if len(data) > MAX_STRATEGY:
+        raise fail(f"strategy file {path} is larger than {MAX_STRATEGY >> 20} MiB: not a strategy file")
+    try:
+        return parse_strategy(data)
+    except CheckpointError as exc:
+        raise fail(f"{path}: {exc}") from None
+
+
+def parse_json_strategy(obj, where: str = "strategy file") -> dict:
+    """MindSpore's JSON strategy ({"parallel_layout_item": {name: {"dev_matrix": [...], "tensor_map": [...],
+    ...}}}) into {param_name: Layout}, every field checked."""
+    items = obj.get("parallel_layout_item") if isinstance(obj, dict) else None
+    if not isinstance(items, dict):
+        raise fail(f"{where}: no parallel_layout_item object: not a MindSpore strategy file")
+
+    def ints(v, key, name):
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise fail(f"{where}: {name!r} has an invalid {key} {v!r}")
+        return tuple(v)
+
+    layouts = {}
+    for name, item in items.items():
+        if not isinstance(item, dict):
+            raise fail(f"{where}: layout of {name!r} is not an object")
+        scalars = []
+        for key in ("field", "opt_weight_shard_step", "opt_weight_shard_size"):
+            v = item.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise fail(f"{where}: {name!r} has an invalid {key} {v!r}")
+            scalars.append(v)
+        layouts[name] = Layout(ints(item.get("dev_matrix"), "dev_matrix", name),
+                               ints(item.get("tensor_map"), "tensor_map", name),
+                               ints(item.get("param_split_shape", []), "param_split_shape", name), *scalars)
+    return layouts

@@ -160,3 +160,37 @@ def check_divides(units: Sequence[tuple], tp) -> None:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise fail(f"--tp {tp} must divide every size that is split; it does not divide {shown}. "
                    f"Valid: {', '.join(map(str, valid_degrees(units)))}")
+
+
+def rank_blocks(dev_matrix: Sequence[int], tmap: Sequence[int], n_ranks: int, name: str = "tensor") -> tuple:
+    """(split dim or None, block index of each rank, number of blocks) for a MindSpore layout.
+
+    Ranks are laid out row-major over dev_matrix (the last axis varies fastest); a tensor dim whose tensor_map
+    entry m names a device axis (indexed from the right) is cut into as many equal blocks as that axis has
+    devices, and rank r holds the block of its coordinate on that axis. Ranks with the same coordinate hold
+    replicas (all of them, when no dim is split). dev_matrix [1, N] is convert's tensor parallelism."""
+    dev = [int(d) for d in dev_matrix]
+    if not dev or any(d < 1 for d in dev):
+        raise fail(f"{name}: invalid dev_matrix {list(dev_matrix)}")
+    total = 1
+    for d in dev:
+        total *= d
+    if total != n_ranks:
+        raise fail(f"{name}: its layout is for {total} devices (dev_matrix {dev}), there are {n_ranks} ranks")
+    split = []
+    for dim, m in enumerate(tmap):
+        if m == -1:
+            continue
+        if not 0 <= m < len(dev):
+            raise fail(f"{name}: tensor_map {list(tmap)} names a device axis outside dev_matrix {dev}")
+        if dev[len(dev) - 1 - m] > 1:
+            split.append((dim, len(dev) - 1 - m))
+    if not split:
+        return None, [0] * n_ranks, 1
+    if len(split) > 1:
+        raise fail(f"{name}: tensor_map {list(tmap)} splits more than one dim; only one split dim is supported")
+    dim, axis = split[0]
+    inner = 1
+    for d in dev[axis + 1:]:
+        inner *= d
+    return dim, [(r // inner) % dev[axis] for r in range(n_ranks)], dev[axis]

@@ -1,13 +1,9 @@
 """Shared fixtures: tiny synthetic checkpoints, made once per session."""
 import json
-import os
 
 import pytest
 
 from llava_ckpt.fixture import make_fixture
-
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "llava_ckpt", "assets", "llava-1.5-7b-hf")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A loopback stand-in for the Hugging Face Hub, enough for huggingface_hub 2.4's downloads.
 
 It serves local folders as model repos at one fixed fake commit, speaking the subset of the protocol
-snapshot_download / hf_hub_download use (see reference NOTES.md): the revision API, the tree API with lfs
+snapshot_download / hf_hub_download use (huggingface_hub 2.4, observed against the real hub): the revision API, the tree API with lfs
 sha256, HEAD/GET on resolve with Range. Tests turn knobs on it (corrupt bytes, drop a connection, require a
 token) and read its request log. Bound to 127.0.0.1 only; use it through the `hub` pytest fixture.
 """

@@ -135,3 +135,33 @@ def test_cli_convert_and_bad_input(tiny, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_mapping_option_uses_a_copied_and_edited_table(tiny, tmp_path):
+    """A user's variant table: same architecture, one target renamed, no Python changed."""
+    from llava_ckpt.mapping import load_table
+    text = open(load_table()["path"], encoding="utf-8").read()
+    edited = text.replace('ms = "language_model.model.norm_out.weight"', 'ms = "language_model.model.final_norm.weight"')
+    edited = edited.replace('name = "llava-1.5-hf-to-mindformers"', 'name = "my-variant"')
+    assert edited.count("final_norm") == 1
+    table = tmp_path / "my-variant.toml"
+    table.write_text(edited, encoding="utf-8")
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    run = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--mapping", str(table), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
+    want = expected(read_hf(tiny), load_config(tiny))
+    want["language_model.model.final_norm.weight"] = want.pop("language_model.model.norm_out.weight")
+    assert mismatches(got, want) == []
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["mapping"]["name"] == "my-variant" and manifest["mapping"]["file"] == "my-variant.toml"
+    # and back through the same edited table: the source's weight files, byte for byte
+    back = subprocess.run([exe, "export", str(tmp_path / "out"), str(tmp_path / "hf"), "--mapping", str(table)],
+                          capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    for name in (n for n in os.listdir(tiny) if n.endswith(".safetensors")):
+        assert open(os.path.join(tiny, name), "rb").read() == (tmp_path / "hf" / name).read_bytes(), name
+    missing = subprocess.run([exe, "convert", tiny, str(tmp_path / "x"), "--mapping", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: mapping table not found")

@@ -9,20 +9,20 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hub_server import COMMIT, LoopbackHub  # noqa: E402
 
 from llava_ckpt import hub as hubmod  # noqa: E402
 from llava_ckpt.cli import main  # noqa: E402
+from llava_ckpt.convert import convert  # noqa: E402
 from llava_ckpt.errors import CheckpointError  # noqa: E402
+from llava_ckpt.fixture import make_fixture  # noqa: E402
+from llava_ckpt.hub import records, remote, transfer  # noqa: E402
 
 REPO = "llava-hf/llava-1.5-7b-hf"
-REFERENCE = "/work/shared/reference/llava-1.5-7b-hf"
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -31,38 +31,10 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def make_repo(out):
-    """A tiny LLaVA checkpoint: the lead's fixture when it is importable, else a hand-made one."""
-    try:
-        from llava_ckpt.fixture import make_fixture
-    except ImportError:
-        make_fixture = None
-    if make_fixture is not None:
-        return make_fixture(str(out), preset="tiny")
-    os.makedirs(out)
-    for name in os.listdir(REFERENCE):
-        if name != "model.safetensors.index.json":
-            shutil.copy(os.path.join(REFERENCE, name), out)
-    rng = np.random.default_rng(0)
-    shards = {
-        "model-00001-of-00002.safetensors": {"language_model.model.embed_tokens.weight":
-                                             rng.standard_normal((64, 32)).astype(np.float16)},
-        "model-00002-of-00002.safetensors": {"language_model.lm_head.weight":
-                                             rng.standard_normal((256, 64)).astype(np.float32)},
-    }
-    weight_map = {}
-    for fname, tensors in shards.items():
-        save_file(tensors, os.path.join(out, fname))
-        weight_map.update({k: fname for k in tensors})
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The served folder, plus files a download must skip (pickles, unrelated files)."""
-    root = make_repo(tmp_path_factory.mktemp("served") / "repo")
+    """A tiny LLaVA checkpoint as the served repo, plus files a download must skip (pickles, unrelated files)."""
+    root = make_fixture(str(tmp_path_factory.mktemp("served") / "repo"), preset="tiny")
     for extra in ("pytorch_model.bin", "README.md", "onnx/model.safetensors"):
         os.makedirs(os.path.dirname(os.path.join(root, extra)), exist_ok=True)
         with open(os.path.join(root, extra), "wb") as f:
@@ -79,8 +51,8 @@ def hub(served, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hubmod, "RETRY_DELAYS", (0.0, 0.0))
-    monkeypatch.setattr(hubmod, "STREAM_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(remote, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(transfer, "STREAM_RETRY_DELAY", 0.0)
     yield server
     server.stop()
 
@@ -115,8 +87,8 @@ def test_second_run_sends_no_file_requests_and_does_not_rehash(hub, served, monk
     first = hubmod.download(REPO, progress=False)
     hub.requests.clear()
     calls = []
-    real = hubmod._hashes
-    monkeypatch.setattr(hubmod, "_hashes", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = records.sha256_file
+    monkeypatch.setattr(records, "sha256_file", lambda *a, **k: calls.append(a) or real(*a, **k))
     second = hubmod.download(REPO, progress=False)
     assert second == first
     assert [r for r in hub.requests if "/resolve/" in r[1]] == []  # no HEAD, no GET
@@ -205,6 +177,21 @@ def test_offline_reuses_the_verified_cache_without_network(hub, served, monkeypa
     assert not os.path.exists(blob)
 
 
+def test_unreadable_record_counts_as_no_record(hub, served, monkeypatch):
+    first = hubmod.download(REPO, progress=False)
+    record = os.path.join(os.environ["HF_HOME"], "hub", "models--llava-hf--llava-1.5-7b-hf", "llava-ckpt",
+                          f"{COMMIT}.json")
+    for bad in (b"{not json", b"[]"):
+        with open(record, "wb") as f:
+            f.write(bad)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(CheckpointError, match="no verified download"):
+            hubmod.download(REPO, progress=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        assert hubmod.download(REPO, progress=False) == first  # online: listed, re-hashed, record written again
+        assert json.load(open(record))["commit_sha"] == COMMIT
+
+
 def test_offline_without_a_download_is_a_clean_error(hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set.*no verified download"):
@@ -291,8 +278,7 @@ def test_cli_download_json_and_errors(hub, served, tmp_path):
 
 def test_cli_subprocess_errors_are_one_line(hub, served):
     exe = os.path.join(VENV_BIN, "llava-ckpt")
-    if not os.path.exists(exe):
-        pytest.skip("llava-ckpt console script not installed")
+    assert os.path.exists(exe), "the llava-ckpt console script is not installed (pip install -e .)"
     env = dict(os.environ)
     hub.corrupt.add(largest_shard(served))
     proc = subprocess.run([exe, "download", REPO, "--json"], env=env, capture_output=True, text=True, timeout=120)
@@ -306,13 +292,9 @@ def test_cli_subprocess_errors_are_one_line(hub, served):
 
 
 def test_convert_repo_id_end_to_end(hub, served, tmp_path):
-    convert = pytest.importorskip("llava_ckpt.convert").convert
     out = tmp_path / "out"
     result = convert(REPO, str(out), fmt="safetensors", progress=False)
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists():
-        pytest.skip("convert writes no manifest.json yet")
-    source = json.loads(manifest_path.read_text())["source"]
+    source = json.loads((out / "manifest.json").read_text())["source"]
     assert source["repo_id"] == REPO and source["commit_sha"] == COMMIT and source["revision"] == "main"
     for f in source["files"]:
         assert f["sha256"] == _sha256(os.path.join(served, f["name"])), f["name"]

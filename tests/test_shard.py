@@ -53,6 +53,9 @@ def test_ranks_hold_expected_slices(tiny, tmp_path, tp, fmt, fuse, direct):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tp"] == tp and (out / "strategy.ckpt").exists()
     assert {f["path"] for f in manifest["files"]} >= {f"rank_{r}/llava.{fmt}" for r in range(tp)}
+    # the output stands alone: config, tokenizer and processor files travel (through shard too)
+    for name in ("config.json", "tokenizer.model", "preprocessor_config.json", "chat_template.json"):
+        assert (out / name).read_bytes() == open(os.path.join(tiny, name), "rb").read()
 
 
 def test_replicated_tensors_are_byte_identical_across_ranks(tiny, tmp_path):
@@ -105,5 +108,14 @@ def test_shard_refuses_a_corrupted_input(tiny, tmp_path):
     data[-5] ^= 0xFF  # inside the last tensor's data
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match the sha256"):
+        shard(str(tmp_path / "one"), str(tmp_path / "tp"), tp=2, progress=False)
+    assert not (tmp_path / "tp").exists()
+
+
+def test_shard_refuses_a_changed_side_file(tiny, tmp_path):
+    convert(tiny, str(tmp_path / "one"), progress=False)
+    with open(tmp_path / "one" / "tokenizer_config.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json does not match the sha256"):
         shard(str(tmp_path / "one"), str(tmp_path / "tp"), tp=2, progress=False)
     assert not (tmp_path / "tp").exists()

@@ -77,7 +77,8 @@ def test_write_read_roundtrip_and_atomic(tmp_path):
 
 @pytest.fixture(scope="module")
 def ms():
-    return pytest.importorskip("mindspore")
+    import mindspore
+    return mindspore
 
 
 def _np_dtype(name):
@@ -258,3 +259,22 @@ def test_wrong_strategy_gives_wrong_result(ms, tmp_path, fmt):
 
 def test_every_kind_is_covered():
     assert {k for _, k, _ in SPEC} == set(SPLIT_KINDS)
+
+
+def test_json_strategy_reads_like_the_protobuf(tmp_path):
+    """MindSpore's JSON form of a strategy gives the same layouts as the protobuf; bad JSON is one clear error."""
+    import json
+    write_strategy(tmp_path / "s.ckpt", SPEC, 4)
+    layouts = read_strategy(tmp_path / "s.ckpt")
+    items = {n: {"dev_matrix": list(l.dev_matrix), "tensor_map": list(l.tensor_map), "param_split_shape": [],
+                 "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0} for n, l in layouts.items()}
+    (tmp_path / "s.json").write_text(json.dumps({"parallel_layout_item": items}))
+    assert read_strategy(tmp_path / "s.json") == layouts
+    (tmp_path / "bad.json").write_text(json.dumps({"parallel_layout_item": {"w": {"dev_matrix": "1,4"}}}))
+    with pytest.raises(CheckpointError, match="'w' has an invalid dev_matrix"):
+        read_strategy(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="no parallel_layout_item"):
+        read_strategy(tmp_path / "other.json")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_strategy(tmp_path / "none.ckpt")

@@ -13,6 +13,14 @@ DTYPES = {
 BY_NAME = {v[2]: k for k, v in DTYPES.items()}
 BY_MS = {v[1]: k for k, v in DTYPES.items()}
 
+# Types a training checkpoint also holds (step counters, loss-scale flags, float64 scalars): the readers can index
+# them (read_index(..., other_dtypes=True)) so they can be recognised and skipped; they are never converted.
+# safetensors code -> (item size, MindSpore .ckpt tensor_type)
+OTHER_DTYPES = {"F64": (8, "Float64"), "I64": (8, "Int64"), "U64": (8, "UInt64"), "I32": (4, "Int32"),
+                "U32": (4, "UInt32"), "I16": (2, "Int16"), "U16": (2, "UInt16"), "I8": (1, "Int8"),
+                "U8": (1, "UInt8"), "BOOL": (1, "Bool")}
+OTHER_BY_MS = {v[1]: k for k, v in OTHER_DTYPES.items()}
+
 
 def numpy_dtype(code: str) -> np.dtype:
     return DTYPES[code][0]
@@ -35,4 +43,4 @@ def code_for(name: str) -> str:
 
 
 def itemsize(code: str) -> int:
-    return DTYPES[code][0].itemsize
+    return DTYPES[code][0].itemsize if code in DTYPES else OTHER_DTYPES[code][0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import fail
-from .dtypes import DTYPES, BY_MS, numpy_dtype
+from .dtypes import DTYPES, BY_MS, OTHER_BY_MS, OTHER_DTYPES, itemsize, numpy_dtype
 from .protobuf import fields, read_varint
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -38,7 +38,7 @@ class TensorInfo:
     @property
     def row_bytes(self) -> int:
         """Bytes per row along dim 0 (a 0-d or 1-d tensor has rows of one element)."""
-        per = numpy_dtype(self.dtype).itemsize
+        per = itemsize(self.dtype)
         for d in self.shape[1:]:
             per *= d
         return per
@@ -61,8 +61,9 @@ def _regular_file(path: str) -> None:
         raise fail(f"{path} is not a regular file" if os.path.exists(path) else f"{path} does not exist")
 
 
-def read_safetensors_header(path: str) -> dict:
-    """name -> TensorInfo for one .safetensors file; raises CheckpointError on anything malformed."""
+def read_safetensors_header(path: str, other_dtypes: bool = False) -> dict:
+    """name -> TensorInfo for one .safetensors file; raises CheckpointError on anything malformed.
+    `other_dtypes`: also index tensors of io.dtypes.OTHER_DTYPES (training counters) instead of refusing them."""
     _regular_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -89,7 +90,7 @@ def read_safetensors_header(path: str) -> dict:
         if not isinstance(entry, dict):
             raise fail(f"{path}: header entry {name!r} is not an object")
         dtype = entry.get("dtype")
-        if dtype not in DTYPES:
+        if dtype not in DTYPES and not (other_dtypes and dtype in OTHER_DTYPES):
             raise fail(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (F16, BF16 and F32 are supported)")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
@@ -103,7 +104,7 @@ def read_safetensors_header(path: str) -> dict:
         if not 0 <= start <= end or end > data_size:
             raise fail(f"{path}: tensor {name!r} data_offsets {offsets} are out of bounds "
                        f"(data section is {data_size} bytes; truncated file?)")
-        if end - start != _prod(shape) * numpy_dtype(dtype).itemsize:
+        if end - start != _prod(shape) * itemsize(dtype):
             raise fail(f"{path}: tensor {name!r} data_offsets {offsets} do not match shape {shape} and {dtype}")
         spans.append((start, end, name))
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, ((base + start, end - start),))
@@ -114,7 +115,7 @@ def read_safetensors_header(path: str) -> dict:
     return tensors
 
 
-# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (see NOTES.md) ------------------------------
+# ---- MindSpore .ckpt: concatenated protobuf Checkpoint messages (the format save_checkpoint writes) ---------
 
 def _ckpt_value(buf, span):
     """(tag, dims, tensor_type, content span) of one Checkpoint.Value."""
@@ -142,12 +143,14 @@ def _ckpt_value(buf, span):
     return tag, tuple(dims), ttype, content
 
 
-def read_ckpt_index(path: str) -> dict:
+def read_ckpt_index(path: str, other_dtypes: bool = False) -> dict:
     """name -> TensorInfo for a MindSpore .ckpt, by walking its records over mmap (no data is copied).
 
     Concatenated Checkpoint messages parse as one message: a run of `value` (field 1) entries; a tensor
-    over 512 MiB is several entries with the same tag, joined here as pieces.
+    over 512 MiB is several entries with the same tag, joined here as pieces. `other_dtypes`: also index
+    tensors of io.dtypes.OTHER_DTYPES (a training checkpoint's global_step is Int32) instead of refusing them.
     """
+    types = dict(BY_MS, **OTHER_BY_MS) if other_dtypes else BY_MS
     _regular_file(path)
     size = os.path.getsize(path)
     if size == 0:
@@ -160,30 +163,30 @@ def read_ckpt_index(path: str) -> dict:
                 if vnum != 1 or vwire != 2:
                     raise ValueError("not a Checkpoint.value record")
                 tag, dims, ttype, content = _ckpt_value(buf, vspan)
-                if ttype not in BY_MS:
+                if ttype not in types:
                     raise fail(f"{path}: tensor {tag!r} has unsupported type {ttype!r}")
                 piece = (content[0], content[1] - content[0])
                 old = tensors.get(tag)
                 if old is None:
-                    tensors[tag] = TensorInfo(tag, BY_MS[ttype], dims, path, (piece,))
-                elif old.shape == dims and old.dtype == BY_MS[ttype]:
+                    tensors[tag] = TensorInfo(tag, types[ttype], dims, path, (piece,))
+                elif old.shape == dims and old.dtype == types[ttype]:
                     tensors[tag] = TensorInfo(tag, old.dtype, dims, path, old.pieces + (piece,))
                 else:
                     raise ValueError(f"tensor {tag!r} split into records of different shapes")
         except (ValueError, UnicodeDecodeError) as exc:
             raise fail(f"{path}: not a valid MindSpore .ckpt ({exc})") from None
     for info in tensors.values():
-        need = _prod(info.shape) * numpy_dtype(info.dtype).itemsize
+        need = _prod(info.shape) * itemsize(info.dtype)
         if info.nbytes != need:
             raise fail(f"{path}: tensor {info.name!r} holds {info.nbytes} bytes, its shape needs {need}")
     return tensors
 
 
-def read_index(path: str) -> dict:
-    """name -> TensorInfo for a .safetensors or .ckpt file."""
+def read_index(path: str, other_dtypes: bool = False) -> dict:
+    """name -> TensorInfo for a .safetensors or .ckpt file (`other_dtypes`: see read_ckpt_index)."""
     if path.endswith(".ckpt"):
-        return read_ckpt_index(path)
-    return read_safetensors_header(path)
+        return read_ckpt_index(path, other_dtypes)
+    return read_safetensors_header(path, other_dtypes)
 
 
 # ---- reading data ---------------------------------------------------------------------------------------

@@ -273,3 +273,15 @@ class SafetensorsWriter:
 def open_writer(path: str, fmt: str, specs):
     """A writer for `fmt` ('ckpt' | 'safetensors'); specs = [(name, shape, code)] in write order."""
     return CkptWriter(path) if fmt == "ckpt" else SafetensorsWriter(path, specs)
+
+
+def safetensors_index(weight_map: dict, total_size: int) -> dict:
+    """model.safetensors.index.json as transformers writes it: metadata.total_size (bytes of tensor data in
+    all files) and weight_map (tensor name -> file name), sorted by tensor name."""
+    return {"metadata": {"total_size": int(total_size)}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def write_safetensors_index(path: str, weight_map: dict, total_size: int) -> str:
+    """Write the index atomically (fsynced); returns its sha256."""
+    from .files import write_json
+    return write_json(path, safetensors_index(weight_map, total_size))

@@ -3,7 +3,6 @@ split kinds (llava_ckpt.tp). Everything is lazy: one tensor is read when it is a
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,20 +45,12 @@ class RankTensors(Mapping):
                 r.close()
 
 
-def rank_dirs(ms_dir: str) -> list:
-    """rank_0..rank_<N-1> of a tp output ([] for a tp-1 folder); a gap in the numbering is an error."""
-    if not os.path.isdir(ms_dir):
-        raise fail(f"{ms_dir} is not a folder")
-    dirs = sorted((d for d in os.listdir(ms_dir) if re.fullmatch(r"rank_\d+", d)
-                   and os.path.isdir(os.path.join(ms_dir, d))), key=lambda d: int(d[5:]))
-    if [int(d[5:]) for d in dirs] != list(range(len(dirs))):
-        raise fail(f"{ms_dir}: rank folders are not rank_0..rank_{len(dirs) - 1}: {', '.join(dirs)}")
-    return dirs
-
-
 def open_converted(ms_dir: str):
     """(lazy name -> array mapping, tp degree) for a convert/shard output folder."""
     from ..io import load_tensors
+    from ..io.ranks import rank_dirs
+    if not os.path.isdir(ms_dir):
+        raise fail(f"{ms_dir} is not a folder")
     dirs = rank_dirs(ms_dir)
     if not dirs:
         return load_tensors(ms_dir), 1
@@ -71,11 +62,11 @@ def open_converted(ms_dir: str):
             name = entry.get("name") if isinstance(entry, dict) else entry
             raise fail(f"{ms_dir}/manifest.json: no split kind for {name!r}")
         kinds[entry["name"]] = entry["split"]
-    ranks = [load_tensors(os.path.join(ms_dir, d)) for d in dirs]
+    ranks = [load_tensors(d) for d in dirs]
     names = set(ranks[0].keys())
     for d, r in zip(dirs[1:], ranks[1:]):
         if set(r.keys()) != names:
-            raise fail(f"{ms_dir}: {d} holds different tensor names than rank_0")
+            raise fail(f"{ms_dir}: {os.path.basename(d)} holds different tensor names than rank_0")
     unknown = sorted(names - set(kinds))
     if unknown:
         raise fail(f"{ms_dir}/manifest.json does not list {', '.join(unknown[:5])}")

@@ -72,3 +72,29 @@ def test_falls_back_to_buffered_writes_where_o_direct_is_refused(tmp_path, monke
     assert (tmp_path / "direct.ckpt").read_bytes() == (tmp_path / "buffered.ckpt").read_bytes()
     with FileReader() as r:
         assert np.array_equal(r.read(read_ckpt_index(str(tmp_path / "direct.ckpt"))["w"]), arrays["w"])
+
+
+def test_safetensors_index(tmp_path):
+    import json
+    sha = writers.write_safetensors_index(str(tmp_path / "i.json"), {"b": "f2", "a": "f1"}, 1234)
+    raw = (tmp_path / "i.json").read_bytes()
+    import hashlib
+    assert hashlib.sha256(raw).hexdigest() == sha
+    index = json.loads(raw)
+    assert index == {"metadata": {"total_size": 1234}, "weight_map": {"a": "f1", "b": "f2"}}
+    assert list(index["weight_map"]) == ["a", "b"]
+
+
+def test_training_counters_are_indexed_only_when_asked(tmp_path):
+    import pytest
+    from safetensors.numpy import save_file
+    from llava_ckpt.errors import CheckpointError
+    from llava_ckpt.io.source import read_index
+    save_file({"w": np.ones(3, np.float32), "global_step": np.array([7], np.int32)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(CheckpointError, match="unsupported dtype 'I32'"):
+        read_index(str(tmp_path / "t.safetensors"))
+    infos = read_index(str(tmp_path / "t.safetensors"), other_dtypes=True)
+    assert infos["global_step"].dtype == "I32" and infos["w"].dtype == "F32"
+    arrays = {"w": np.ones((2, 3), np.float32)}
+    _write(tmp_path / "t.ckpt", arrays)
+    assert read_index(str(tmp_path / "t.ckpt"), other_dtypes=True)["w"].shape == (2, 3)

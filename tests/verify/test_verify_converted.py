@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
 from llava_ckpt.io import load_tensors
-from llava_ckpt.verify.converted import open_converted, rank_dirs, stored_dtypes
+from llava_ckpt.verify.converted import open_converted, stored_dtypes
 
 
 def test_rank_files_reassemble_to_the_tp1_tensors(tiny, tmp_path):
@@ -47,7 +47,7 @@ def test_replica_mismatch_is_recorded(tiny, tmp_path):
 def test_rank_folders_must_be_numbered_without_gaps(tmp_path):
     for d in ("rank_0", "rank_2"):
         os.makedirs(tmp_path / d)
-    with pytest.raises(CheckpointError, match="not rank_0..rank_1"):
-        rank_dirs(str(tmp_path))
+    with pytest.raises(CheckpointError, match="rank_1 missing"):
+        open_converted(str(tmp_path))
     with pytest.raises(CheckpointError, match="is not a folder"):
-        rank_dirs(str(tmp_path / "nope"))
+        open_converted(str(tmp_path / "nope"))
