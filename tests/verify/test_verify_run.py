@@ -221,3 +221,13 @@ class _Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("layout", ["v5", "inmemory"])
+def test_verify_reads_the_source_in_its_own_layout(tiny_factory, tmp_path, layout):
+    """transformers' modules get their weights by the source's own names (the table's [layouts])."""
+    src = tiny_factory(layout=layout)
+    out = str(tmp_path / "ms")
+    convert(src, out, progress=False)
+    r = verify(src, out, max_new_tokens=2)
+    assert r["passed"], format_report(r)
