@@ -96,3 +96,45 @@ def add_common_args(ap, preset: str) -> None:
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--extra", default="", help="extra convert options, e.g. '--fuse-qkv --dtype bfloat16'")
     ap.add_argument("--keep", action="store_true", help="keep the generated input for the next run")
+
+
+def tree_rss(pid: int) -> int:
+    """Bytes resident in a process and all its descendants right now (0 once it is gone)."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
+    """Run `cmd` to its end, sampling the RSS of its whole process tree (msrun ranks included) on a thread.
+
+    Returns {"wall_s", "peak_rss_mib", "returncode", "stdout", "stderr"}. ru_maxrss would only give the
+    largest single process, and a verify under msrun is several."""
+    import threading
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 2**20, "returncode": proc.returncode,
+            "stdout": out, "stderr": err}

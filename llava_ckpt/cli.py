@@ -153,14 +153,18 @@ def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, as_json):
               help="Compute dtype of the reference model (float32 for the tightest comparison).")
 @click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
               help="MindSpore device target of the reference model.")
-@click.option("--msrun", is_flag=True, help="Also run a --tp output as real tensor-parallel ranks under msrun.")
+@click.option("--msrun/--no-msrun", default=None,
+              help="Run a --tp output's rank files as real tensor-parallel ranks under msrun (default for a tp "
+                   "output); --no-msrun keeps only the single-process check on the reassembled rank files.")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds one msrun attempt may take before its ranks are ended (it is retried once).")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, as_json):
-    """Run the converted weights in MS_DIR and compare logits with transformers on HF_SRC."""
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, timeout, as_json):
+    """Run the converted weights in MS_DIR next to transformers on HF_SRC, layer by layer, and compare."""
     from .verify import verify as run, format_report
     result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
-                 device_target=device, msrun=msrun)
+                 device_target=device, msrun=msrun, timeout=timeout)
     click.echo(json.dumps(result) if as_json else format_report(result))
     sys.exit(0 if result["passed"] else 1)
 
@@ -239,7 +243,8 @@ def check(out):
 
 @main.command("make-fixture")
 @click.argument("out")
-@click.option("--preset", type=click.Choice(["tiny", "7b", "7b-few-layers"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "7b", "7b-few-layers", "13b", "13b-few-layers"]), default="tiny",
+              show_default=True)
 @click.option("--dtype", type=DTYPES, default="float16", show_default=True)
 @click.option("--layout", type=click.Choice(["hub", "v5", "inmemory"]), default="hub", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

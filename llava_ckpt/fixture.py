@@ -33,7 +33,11 @@ TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                "image_size": 56, "patch_size": 14, "projection_dim": 32, "model_type": "clip_vision_model",
                "vocab_size": 32000}
-PRESETS = ("tiny", "7b", "7b-few-layers")
+# llava-hf/llava-1.5-13b-hf's text model (vicuna-13b-v1.5); its vision tower and projector input are the
+# 7B's (CLIP ViT-L/14-336), the projector maps 1024 -> 5120 -> 5120. Sizes left out take the 7B config's.
+TEXT_13B = {"_name_or_path": "lmsys/vicuna-13b-v1.5", "hidden_size": 5120, "intermediate_size": 13824,
+            "num_attention_heads": 40, "num_key_value_heads": 40, "num_hidden_layers": 40}
+PRESETS = ("tiny", "7b", "7b-few-layers", "13b", "13b-few-layers")
 
 
 def _reference(name: str):
@@ -42,15 +46,18 @@ def _reference(name: str):
 
 
 def preset_config(preset: str, text_overrides: dict | None = None) -> dict:
-    """config.json contents for a preset (tiny sizes written out; 7b presets are the real config)."""
+    """config.json contents for a preset (tiny sizes written out; 7b presets are the real config, 13b ones
+    its text model widened to llava-1.5-13b-hf's; the few-layers presets keep 2 text layers)."""
     cfg = _reference("config.json")
     if preset == "tiny":
         cfg["text_config"] = dict(TINY_TEXT)
         cfg["vision_config"] = dict(TINY_VISION)
-    elif preset == "7b-few-layers":
-        cfg["text_config"] = dict(cfg["text_config"], num_hidden_layers=2)
-    elif preset != "7b":
+    elif preset in ("13b", "13b-few-layers"):
+        cfg["text_config"] = dict(cfg["text_config"], **TEXT_13B)
+    elif preset not in ("7b", "7b-few-layers"):
         raise fail(f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
+    if preset.endswith("-few-layers"):
+        cfg["text_config"] = dict(cfg["text_config"], num_hidden_layers=2)
     if text_overrides:
         cfg["text_config"].update(text_overrides)
     return cfg

@@ -40,3 +40,25 @@ def test_fixture_is_deterministic(tmp_path):
     b = make_fixture(str(tmp_path / "b"), seed=3)
     for name in sorted(os.listdir(a)):
         assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
+
+
+def test_13b_presets_have_llava_13b_shapes():
+    for preset, layers in (("13b", 40), ("13b-few-layers", 2)):
+        cfg = preset_config(preset)
+        shapes = dict(hub_tensors(cfg))
+        full = normalize_config(cfg)
+        tc = full["text_config"]
+        assert (tc["hidden_size"], tc["intermediate_size"], tc["num_attention_heads"], tc["num_key_value_heads"],
+                tc["num_hidden_layers"], tc["vocab_size"], tc["head_dim"]) == (5120, 13824, 40, 40, layers, 32064, 128)
+        assert shapes["language_model.model.embed_tokens.weight"] == (32064, 5120)
+        assert shapes["language_model.lm_head.weight"] == (32064, 5120)
+        assert shapes["language_model.model.layers.1.self_attn.q_proj.weight"] == (5120, 5120)
+        assert shapes["language_model.model.layers.1.mlp.gate_proj.weight"] == (13824, 5120)
+        assert shapes["multi_modal_projector.linear_1.weight"] == (5120, 1024)
+        assert shapes["multi_modal_projector.linear_2.weight"] == (5120, 5120)
+        # the same CLIP ViT-L/14-336 tower as the 7B
+        assert shapes["vision_tower.vision_model.embeddings.position_embedding.weight"] == (577, 1024)
+        assert f"language_model.model.layers.{layers - 1}.mlp.down_proj.weight" in shapes
+        assert f"language_model.model.layers.{layers}.mlp.down_proj.weight" not in shapes
+    params = sum(int(np.prod(s)) for _, s in hub_tensors(preset_config("13b")))
+    assert 13.3e9 < params < 13.4e9  # llava-1.5-13b: 13.35 B parameters

@@ -1,0 +1,144 @@
+"""`llava-ckpt verify` at full size, streamed layer by layer: wall time and peak RSS of the whole process
+tree (msrun ranks included), each run its own `llava-ckpt verify --json` process.
+
+  7b-few-layers  the named baseline: 7B widths, 2 text layers (how much of the peak is not per layer)
+  7b             the full 7b preset (14.1 GB float16, real names and shapes), float32 compute, the bundled
+                 image and prompt, 8 greedy tokens. Targets: peak RSS <= 4 GiB, wall <= 15 min on 2 cores.
+  7b, w1/w3 of layer 17 swapped: must fail naming language_model.model.layers.17. The two names are swapped
+                 in the converted safetensors header in place (same length, same shape and dtype), so no
+                 second 14 GB copy is written; 1 greedy token (the failure is decided before decoding).
+  13b-few-layers llava-1.5-13b-hf's widths, 2 text layers: tp 1, and tp 2 (ranks under msrun, the default).
+
+Inputs are made in --work (make-fixture) unless given (--src-7b / --src-7b-few-layers, e.g. a shared copy);
+converted outputs go to --work and are deleted after their runs.
+
+    .venv/bin/python benchmarks/verify.py [--work DIR] [--src-7b DIR] [--skip 13b,negative,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from common import LLAVA, ROOT, dir_bytes, need_free, run, run_sampled
+
+STEPS = ("baseline", "7b", "negative", "13b")
+
+
+def make(work: str, preset: str, given: str | None) -> str:
+    if given:
+        return given
+    src = os.path.join(work, f"hf-{preset}")
+    if not os.path.isdir(src):
+        t, _ = run(LLAVA + ["make-fixture", src, "--preset", preset], cwd=ROOT)
+        print(f"  made {preset}: {dir_bytes(src) / 1e9:.2f} GB in {t:.0f} s", flush=True)
+    return src
+
+
+def convert(src: str, out: str, *extra) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    t, _ = run(LLAVA + ["convert", src, out, "--format", "safetensors", *extra], cwd=ROOT)
+    print(f"  converted {os.path.basename(src)} -> {os.path.basename(out)} {' '.join(extra)} in {t:.0f} s", flush=True)
+
+
+def verify(src: str, out: str, tokens: int, *extra) -> dict:
+    """One verify process; its figures and the parts of its --json record the report needs."""
+    r = run_sampled(LLAVA + ["verify", src, out, "--max-new-tokens", str(tokens), "--json", *extra], cwd=ROOT)
+    try:
+        rec = json.loads(r["stdout"])
+    except json.JSONDecodeError:
+        raise SystemExit(f"verify did not finish ({r['returncode']}): {r['stderr'][-2000:]}")
+    par = rec.get("msrun") or {}
+    row = {"wall_s": round(r["wall_s"], 1), "peak_rss_gib": round(r["peak_rss_mib"] / 1024, 2),
+           "exit": r["returncode"], "passed": rec["passed"], "first_divergence": rec["first_divergence"],
+           "positions": rec["positions"], "greedy": f"{rec['greedy_equal']}/{len(rec['tokens_hf'])}",
+           "rel_diff": rec["rel_diff"], "seconds": rec["seconds"], "tp": rec["tp"],
+           "msrun": {k: par.get(k) for k in ("world", "passed", "greedy_match", "first_divergence", "seconds")}
+           if par else None}
+    print("  " + json.dumps(row), flush=True)
+    return row
+
+
+def swap_header_names(path: str, a: str, b: str) -> None:
+    """Swap two tensor names in a safetensors header, in place (names of equal length: the header keeps its
+    size). The data stays: each name now points at the other's bytes."""
+    if len(a) != len(b):
+        raise SystemExit("names must have the same length")
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = f.read(n)
+        qa, qb, tmp = (json.dumps(x).encode() for x in (a, b, "\0" * len(a)))
+        if head.count(qa) != 1 or head.count(qb) != 1:
+            raise SystemExit(f"{a} or {b} not found once in {path}")
+        head = head.replace(qa, tmp).replace(qb, qa).replace(tmp, qb)
+        f.seek(8)
+        f.write(head)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
+    ap.add_argument("--src-7b", default=None, help="an existing `make-fixture --preset 7b` folder")
+    ap.add_argument("--src-7b-few-layers", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {', '.join(STEPS)}")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    os.makedirs(args.work, exist_ok=True)
+    print(f"verify benchmark on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = {}
+    if "baseline" not in skip:
+        print("7b-few-layers (baseline: 7B widths, 2 text layers)", flush=True)
+        src = make(args.work, "7b-few-layers", args.src_7b_few_layers)
+        out = os.path.join(args.work, "ms-7b-few-layers")
+        convert(src, out)
+        results["7b-few-layers"] = verify(src, out, args.max_new_tokens)
+        shutil.rmtree(out)
+    if {"7b", "negative"} - skip:
+        need_free(args.work, 16 if args.src_7b else 30)
+        src = make(args.work, "7b", args.src_7b)
+        out = os.path.join(args.work, "ms-7b")
+        convert(src, out)
+        if "7b" not in skip:
+            print("7b (32 text layers)", flush=True)
+            results["7b"] = verify(src, out, args.max_new_tokens)
+        if "negative" not in skip:
+            print("7b with layer 17's w1 and w3 swapped", flush=True)
+            p = "language_model.model.layers.17.feed_forward."
+            swap_header_names(os.path.join(out, "llava.safetensors"), p + "w1.weight", p + "w3.weight")
+            row = results["7b-w1-w3-swapped-layer-17"] = verify(src, out, 1)
+            row["names_layer_17"] = row["first_divergence"] == "language_model.model.layers.17"
+            if row["passed"] or not row["names_layer_17"]:
+                print("  NEGATIVE CONTROL DID NOT FAIL AT LAYER 17", flush=True)
+        shutil.rmtree(out)
+    if "13b" not in skip:
+        print("13b-few-layers (llava-1.5-13b widths, 2 text layers): tp 1, tp 2 under msrun", flush=True)
+        src = make(args.work, "13b-few-layers", None)
+        one, two = os.path.join(args.work, "ms-13b-fl"), os.path.join(args.work, "ms-13b-fl-tp2")
+        convert(src, one)
+        results["13b-few-layers tp1"] = verify(src, one, args.max_new_tokens)
+        shutil.rmtree(one)
+        convert(src, two, "--tp", "2")
+        results["13b-few-layers tp2"] = verify(src, two, args.max_new_tokens)
+        shutil.rmtree(two)
+    print("\nsummary")
+    base = results.get("7b-few-layers")
+    for name, row in results.items():
+        ratio = f", peak {row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x the baseline's" if base else ""
+        print(f"  {name:28s} {'PASSED' if row['passed'] else 'FAILED'} (exit {row['exit']}, first divergence "
+              f"{row['first_divergence']}), wall {row['wall_s'] / 60:.1f} min, peak RSS {row['peak_rss_gib']} GiB"
+              f"{ratio}")
+    if "7b" in results:
+        r = results["7b"]
+        print(f"  targets for 7b: peak <= 4 GiB: {'met' if r['peak_rss_gib'] <= 4 else 'MISSED'}; wall <= 15 min: "
+              f"{'met' if r['wall_s'] <= 900 else 'MISSED'} (load average now {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""`verify`: run converted weights in the reference MindSpore model and compare with transformers, layer by
+layer, on the same image and prompt.
+
+  inputs.py     the processor's inputs (image, chat template, tokens) and eos ids
+  converted.py  the converted weights: one folder or rank_<r>/ folders reassembled by llava_ckpt.tp
+  hf_side.py    transformers' own modules, one at a time, weights read lazily from the source safetensors
+  ms_side.py    the reference model's own cells, one at a time, weights read lazily from the converted files
+  streamed.py   the walk: both sides module by module, prefill then greedy decoding with KV caches
+  compare.py    tolerances; logits, module and greedy comparisons
+  report.py     the human-readable report
+  run.py        orchestration (msrun ranks, the walk, the result dict)
+"""
+from .compare import TOLERANCES
+from .inputs import DEFAULT_IMAGE, DEFAULT_PROMPT
+from .report import format_report
+from .run import verify
+
+__all__ = ["verify", "format_report", "TOLERANCES", "DEFAULT_IMAGE", "DEFAULT_PROMPT"]

@@ -1,0 +1,172 @@
+"""The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
+CLIPEncoderLayer, LlavaMultiModalProjector, LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding,
+create_causal_mask, DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
+filled with its own weights read lazily from the source safetensors (safe_open, per tensor) and freed after
+it ran. Nothing here re-implements transformers' math; only the order of calls (LlavaModel.forward's)
+is spelled out.
+
+Weights are float32 (rounded through `round_to` first: the dtypes the converted checkpoint or the reference
+model's compute narrows them to, so both sides compute on the same numbers).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ..errors import fail
+
+VISION = "vision_tower.vision_model."
+TEXT = "language_model.model."
+
+
+class HfSide:
+    def __init__(self, hf_src: str, cfg: dict, round_to: list):
+        import torch
+        from transformers import LlavaConfig
+        from ..hf_source import read_tensors
+        from ..mapping import detect_layout, plan, table_for, to_canonical
+        self.torch = torch
+        self.config = LlavaConfig.from_pretrained(hf_src)
+        self.text, self.vision = self.config.text_config, self.config.vision_config
+        for c in (self.config, self.text, self.vision):  # the attention transformers' verify used before: eager
+            c._attn_implementation = "eager"
+        tensors, _ = read_tensors(hf_src)
+        table = table_for(cfg)
+        expected = {s for t in plan(table, cfg, {}) for s in t.sources}
+        layout = table["layouts"][detect_layout(table, tensors, expected)]
+        self.where = {to_canonical(n, layout): (info.path, n) for n, info in tensors.items()}
+        self.round_to = [getattr(torch, d) for d in round_to]
+        self.image_token = int(cfg["image_token_index"])
+        self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
+        self.cache = None
+
+    # ---- weights
+
+    def _read(self, names: list) -> dict:
+        """canonical name -> float32 tensor (rounded), reading each file's tensors through one safe_open."""
+        from safetensors import safe_open
+        by_file: dict = {}
+        for name in names:
+            if name not in self.where:
+                raise fail(f"the transformers checkpoint has no tensor {name!r} (hub spelling)")
+            path, actual = self.where[name]
+            by_file.setdefault(path, []).append((name, actual))
+        out = {}
+        for path, items in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name, actual in items:
+                    out[name] = self._rounded(f.get_tensor(actual))
+        return out
+
+    def _rounded(self, t):
+        torch = self.torch
+        source = t.dtype
+        t = t.to(torch.float32)
+        for i, d in enumerate(self.round_to):
+            if not (i == 0 and d == source):  # values stored in d are already d's values
+                t = t.to(d).to(torch.float32)
+        return t
+
+    def _module(self, make, prefix: str, meta: bool = True):
+        """transformers' module from `make()`, its state filled from `prefix` + its own state_dict keys."""
+        torch = self.torch
+        if meta:  # no memory and no random init: every parameter is assigned from the checkpoint
+            with torch.device("meta"):
+                module = make()
+        else:  # modules with non-persistent buffers (position ids) are built for real; they are small
+            module = make()
+        keys = list(module.state_dict().keys())
+        state = self._read([prefix + k for k in keys])
+        module.load_state_dict({k: state[prefix + k] for k in keys}, strict=True, assign=True)
+        return module.eval()
+
+    # ---- vision tower and projector
+
+    def vision_embeddings(self, pixels):
+        from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+        emb = self._module(lambda: CLIPVisionEmbeddings(self.vision), VISION + "embeddings.", meta=False)
+        with self.torch.no_grad():
+            return emb(self.torch.from_numpy(pixels))
+
+    def ln_pre(self, x):
+        norm = self._module(lambda: self.torch.nn.LayerNorm(self.vision.hidden_size, eps=self.vision.layer_norm_eps),
+                            VISION + "pre_layrnorm.")
+        with self.torch.no_grad():
+            return norm(x)
+
+    def vision_block(self, i: int, x):
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+        block = self._module(lambda: CLIPEncoderLayer(self.vision), f"{VISION}encoder.layers.{i}.")
+        with self.torch.no_grad():
+            return block(x, None)
+
+    def projector(self, x):
+        """LlavaModel.get_image_features' selection ('default' drops CLS), then the projector."""
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+        proj = self._module(lambda: LlavaMultiModalProjector(self.config), "multi_modal_projector.")
+        with self.torch.no_grad():
+            return proj(x if self.keep_cls else x[:, 1:])
+
+    # ---- language model
+
+    def _embed(self, ids):
+        torch = self.torch
+        table = self._module(lambda: torch.nn.Embedding(self.text.vocab_size, self.text.hidden_size),
+                             TEXT + "embed_tokens.")
+        with torch.no_grad():
+            return table(ids)
+
+    def merge(self, input_ids, image):
+        """Token embeddings with the image features scattered in (LlavaModel.forward's own two calls)."""
+        from transformers.models.llava.modeling_llava import LlavaModel
+        ids = self.torch.from_numpy(input_ids)
+        embeds = self._embed(ids)
+        features = image.reshape(-1, image.shape[-1]).to(embeds.dtype)
+        mask = LlavaModel.get_placeholder_mask(SimpleNamespace(config=self.config), ids, inputs_embeds=embeds,
+                                               image_features=features)
+        return embeds.masked_scatter(mask, features)
+
+    def begin(self, x, past: int):
+        """Rotary embeddings and causal mask for `x` [1, S, H] following `past` cached positions (one new
+        DynamicCache when past == 0); computed before any layer updates the cache, as LlamaModel does."""
+        torch = self.torch
+        from transformers.masking_utils import create_causal_mask
+        from transformers.cache_utils import DynamicCache
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        if past == 0:
+            self.cache = DynamicCache(config=self.text)
+        positions = (torch.arange(x.shape[1]) + past).unsqueeze(0)
+        rotary = LlamaRotaryEmbedding(config=self.text)
+        with torch.no_grad():
+            pe = rotary(x, position_ids=positions)
+            mask = create_causal_mask(config=self.text, inputs_embeds=x,
+                                      attention_mask=torch.ones((1, past + x.shape[1]), dtype=torch.long),
+                                      cache=self.cache, position_ids=positions)
+        return {"position_embeddings": pe, "attention_mask": mask, "position_ids": positions}
+
+    def decoder_layer(self, i: int, x, ctx: dict):
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        layer = self._module(lambda: LlamaDecoderLayer(self.text, i), f"{TEXT}layers.{i}.")
+        with self.torch.no_grad():
+            return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"],
+                         cache=self.cache, use_cache=True, position_embeddings=ctx["position_embeddings"])
+
+    def norm(self, x):
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        norm = self._module(lambda: LlamaRMSNorm(self.text.hidden_size, eps=self.text.rms_norm_eps), TEXT + "norm.")
+        with self.torch.no_grad():
+            return norm(x)
+
+    def lm_head(self, x):
+        torch = self.torch
+        head = self._module(lambda: torch.nn.Linear(self.text.hidden_size, self.text.vocab_size, bias=False),
+                            "language_model.lm_head.")
+        with torch.no_grad():
+            return head(x)
+
+    def token_embeddings(self, token: int):
+        return self._embed(self.torch.tensor([[int(token)]], dtype=self.torch.long))
+
+
+def to_numpy(t):
+    import torch
+    return t.detach().to(torch.float32).numpy()

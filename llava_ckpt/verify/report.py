@@ -1,0 +1,59 @@
+"""The human-readable verify report (`--json` prints the whole result dict instead)."""
+from __future__ import annotations
+
+import json
+
+
+def _mark(ok) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def _divergence(modules: list, name: str, rtol: float) -> str:
+    m = next(m for m in modules if m["name"] == name)
+    detail = f"rel diff {m['rel_diff']:.3g}" if m["rel_diff"] is not None else m.get("note", "")
+    return f"{name} ({detail}; tolerance {rtol:g})"
+
+
+def format_report(result: dict) -> str:
+    """A few lines: setup, inputs, each check with its figure and verdict, where it first diverges."""
+    c = result["checks"]
+    rtol = result["thresholds"]["module_rtol"]
+    lines = [
+        f"verify: {'PASSED' if result['passed'] else 'FAILED'}  ({result['ms_dir']} vs {result['hf_src']})",
+        f"  setup    : tp={result['tp']}, fused_qkv={result['fused_qkv']}, compute {result['compute_dtype']}, "
+        f"stored {'/'.join(result['stored_dtypes'])}, transformers weights rounded to "
+        f"{'/'.join(result['hf_weights_rounded_to']) or 'nothing (float32)'}; streamed layer by layer",
+        f"  inputs   : {result['positions']} positions ({result['image_tokens']} image tokens), "
+        f"prompt {json.dumps(result['prompt'], ensure_ascii=False)}",
+        f"  logits   : max |diff| {result['max_abs_diff']:.3g} (max |logit| {result['max_abs_logit']:.3g}, "
+        f"tolerance {result['tolerance_abs']:.3g})  {_mark(c['logits'])}",
+        f"  cosine   : min {result['cosine_min']:.7f} (>= {result['thresholds']['cosine_min']})  {_mark(c['cosine'])}",
+        f"  top-1    : {100 * result['top1_agreement']:.1f}% of positions agree  {_mark(c['top1'])}",
+        f"  greedy   : {result['greedy_equal']}/{len(result['tokens_hf'])} tokens equal"
+        + ("" if result["greedy_match"] else f", first mismatch at {result['greedy_first_mismatch']}"
+           + (f" (margin {result['greedy_mismatch_margin']:.3g})" if result["greedy_mismatch_margin"] is not None
+              else "")) + f"  {_mark(c['greedy'])}",
+        f"    transformers: {json.dumps(result['text_hf'], ensure_ascii=False)}",
+        f"    mindspore   : {json.dumps(result['text_ms'], ensure_ascii=False)}",
+    ]
+    worst = max((m for m in result["modules"] if m["rel_diff"] is not None), key=lambda m: m["rel_diff"],
+                default=None)
+    if result["first_divergence"]:
+        lines.append(f"  first divergence: {_divergence(result['modules'], result['first_divergence'], rtol)}")
+    elif worst is not None:
+        lines.append(f"  modules  : all {len(result['modules'])} within {rtol:g} "
+                     f"(largest {worst['rel_diff']:.3g} at {worst['name']})")
+    if result["replica_mismatch"]:
+        lines.append(f"  replicas : ranks disagree on {', '.join(result['replica_mismatch'][:5])}")
+    par = result.get("msrun")
+    if par:
+        lines.append(f"  msrun    : {par['world']} tensor-parallel ranks, each loading only its rank file: max |diff| "
+                     f"{par['max_abs_diff']:.3g}, cosine {par['cosine_min']:.7f}, top-1 "
+                     f"{100 * par['top1_agreement']:.1f}%, greedy {par['greedy_equal']}/{len(par['tokens'])} "
+                     f"tokens equal  {_mark(par['passed'])} ({par['seconds']} s)")
+        if par["first_divergence"]:
+            lines.append(f"    first divergence under msrun: {_divergence(par['modules'], par['first_divergence'], rtol)}")
+    s = result["seconds"]
+    lines.append(f"  time     : transformers {s['transformers']} s, mindspore {s['mindspore']} s"
+                 + (f", msrun {par['seconds']} s" if par else ""))
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""`verify`: the orchestration. Checks the inputs, runs a tp output's ranks under msrun (by default), then
+walks both models layer by layer (streamed.py) and turns the comparisons into one JSON-able result.
+
+Same numbers on both sides: when the converted weights are stored narrower than the source (convert
+--dtype bfloat16/float16) or the reference model computes in float16, transformers' weights are rounded
+through that dtype before it runs. The comparison then measures the conversion and the model, not the
+precision the user chose, and the float32 tolerance can stay at rounding level.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import fail
+from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
+from .converted import open_converted, stored_dtypes
+from .inputs import build_inputs, eos_tokens, resolve_source
+
+# How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
+_NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
+
+
+def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
+           max_new_tokens: int = 16, dtype: str = "float32", device_target: str = "CPU",
+           jit: bool = True, msrun: bool | None = None, timeout: float = 300.0) -> dict:
+    """Compare the converted checkpoint in `ms_dir` with the HF checkpoint `hf_src`; returns a JSON-able dict.
+
+    `dtype` is the reference model's compute dtype (float32 or float16). `msrun`: run a tp output's rank
+    files as real tensor-parallel ranks (default: yes for a tp output; False keeps only the reassembled
+    single-process check); `jit` compiles the ranks' model, `timeout` bounds one msrun attempt (seconds).
+    Raises CheckpointError for bad input (missing folders, names that do not match the model); a numerical
+    mismatch is not an error, it is `passed: False` with the first diverging module named.
+    """
+    if dtype not in TOLERANCES:
+        raise fail(f"verify dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise fail(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise fail(f"timeout must be a positive number of seconds, got {timeout!r}")
+    hf_src = resolve_source(hf_src)
+    from ..config import load_config
+    from ..hf_source import read_tensors
+    cfg = load_config(hf_src)
+    read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
+    tensors, tp = open_converted(ms_dir)
+    try:
+        use_msrun = tp > 1 if msrun is None else bool(msrun)
+        if use_msrun:
+            from ..tp_run import rank_count
+            rank_count(ms_dir)  # a tp-1 folder is refused before the slow part
+        stored = stored_dtypes(tensors)
+        # storage rounding first, then the float16 compute cast: the order our side applies them in
+        narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+        if dtype == "float16" and narrow[-1:] != ["float16"]:
+            narrow.append("float16")
+        from .ms_side import MsSide
+        ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target)  # names checked: nothing read yet
+        inputs = build_inputs(hf_src, image, prompt)
+        ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+        if ids.shape[1] + max_new_tokens > ms.max_positions:
+            raise fail(f"sequence length {ids.shape[1] + max_new_tokens} exceeds max_position_embeddings "
+                       f"{ms.max_positions}")
+        eos = eos_tokens(hf_src)
+        ranks = None
+        if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
+            from ..tp_run import run_ranks
+            ranks = run_ranks(ms_dir, cfg, ids, pixels, dtype=dtype, jit=jit, device=device_target,
+                              timeout=timeout, trace=True, max_new_tokens=max_new_tokens, eos=eos)
+        from .hf_side import HfSide
+        from .streamed import walk
+        tol = TOLERANCES[dtype]
+        got = walk(HfSide(hf_src, cfg, narrow), ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
+                   rank_trace=ranks["trace"] if ranks else None)
+    finally:
+        if hasattr(tensors, "close"):
+            tensors.close()
+    replicas = sorted(getattr(tensors, "replica_mismatch", ()))
+    return _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src, ms_dir)
+
+
+def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, replicas, hf_src, ms_dir) -> dict:
+    result = compare_logits(got["hf_logits"], got["ms_logits"], tol)
+    greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], got["tokens_ms"], result["tolerance_abs"])
+    modules = got["modules"]
+    first = first_divergence(modules)
+    checks = {"logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"), "top1": result.pop("top1_ok"),
+              "greedy": greedy.pop("greedy_ok"), "modules": first is None, "replicas": not replicas}
+    parallel = None
+    if ranks is not None:
+        parallel = _ranks_result(got, ranks, tol)
+        checks["msrun_logits"] = parallel["logits_ok"]
+        checks["msrun_greedy"] = parallel["greedy_ok"]
+        checks["msrun_modules"] = parallel["first_divergence"] is None
+    ids, decode = inputs["input_ids"], inputs["decode"]
+    result.update(greedy)
+    result.update({
+        "passed": all(checks.values()),
+        "checks": checks,
+        "first_divergence": first,
+        "modules": modules,
+        "tp": tp,
+        "msrun": parallel,
+        "fused_qkv": fused,
+        "compute_dtype": dtype,
+        "stored_dtypes": sorted(set(stored.values())),
+        "hf_weights_rounded_to": narrow,
+        "replica_mismatch": replicas,
+        "thresholds": dict(tol),
+        "positions": int(ids.shape[1]),
+        "image_tokens": int((ids == cfg["image_token_index"]).sum()),
+        "prompt": inputs["text"],
+        "image": inputs["image"],
+        "text_hf": decode(got["tokens_hf"]),
+        "text_ms": decode(got["tokens_ms"]),
+        "hf_src": os.path.abspath(hf_src),
+        "ms_dir": os.path.abspath(ms_dir),
+        "seconds": got["seconds"],
+    })
+    return result
+
+
+def _ranks_result(got, ranks, tol) -> dict:
+    """The msrun ranks against transformers: logits, greedy tokens and the first diverging module."""
+    par = compare_logits(got["hf_logits"], ranks["logits"][0], tol)
+    greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], list(ranks.get("tokens", [])),
+                            par["tolerance_abs"])
+    par["logits_ok"] = par.pop("logits_ok") and par.pop("cosine_ok") and par.pop("top1_ok")
+    modules = got["rank_modules"]
+    first = first_divergence(modules)
+    par.update(world=ranks["world"], seconds=round(ranks["seconds"], 2), attempts=ranks["attempts"],
+               greedy_match=greedy["greedy_match"], greedy_ok=greedy["greedy_ok"],
+               greedy_first_mismatch=greedy["greedy_first_mismatch"], greedy_equal=greedy["greedy_equal"],
+               tokens=greedy["tokens_ms"], first_divergence=first, modules=modules)
+    par["passed"] = bool(par["logits_ok"] and greedy["greedy_ok"] and first is None)
+    return par

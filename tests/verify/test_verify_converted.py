@@ -1,0 +1,53 @@
+"""Rank files read back as whole tensors through llava_ckpt.tp's split kinds; replicas that differ are
+recorded, not silently averaged or picked."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from llava_ckpt.convert import convert
+from llava_ckpt.errors import CheckpointError
+from llava_ckpt.io import load_tensors
+from llava_ckpt.verify.converted import open_converted, stored_dtypes
+
+
+def test_rank_files_reassemble_to_the_tp1_tensors(tiny, tmp_path):
+    one, two = str(tmp_path / "tp1"), str(tmp_path / "tp2")
+    convert(tiny, one, fmt="safetensors", fuse_qkv=True, progress=False)
+    convert(tiny, two, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
+    whole, tp = open_converted(one)
+    merged, tp2 = open_converted(two)
+    assert (tp, tp2) == (1, 2) and set(merged) == set(whole)
+    kinds = {e["name"]: e["split"] for e in json.load(open(os.path.join(two, "manifest.json")))["tensors"]}
+    assert {"column", "row", "vocab", "replicated"} <= set(kinds.values())
+    for name in whole:
+        assert np.array_equal(merged[name], whole[name]), name
+    assert merged.replica_mismatch == set()
+    assert stored_dtypes(merged) == stored_dtypes(whole)
+    merged.close()
+
+
+def test_replica_mismatch_is_recorded(tiny, tmp_path):
+    out = str(tmp_path / "tp2")
+    convert(tiny, out, fmt="safetensors", tp=2, progress=False)
+    name = "language_model.model.norm_out.weight"
+    rank1 = load_tensors(os.path.join(out, "rank_1"))
+    tensors = {k: np.array(rank1[k]) for k in rank1}
+    rank1.close()
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, os.path.join(out, "rank_1", "llava.safetensors"))
+    merged, _ = open_converted(out)
+    got = merged[name]
+    assert merged.replica_mismatch == {name}
+    assert np.array_equal(got, load_tensors(os.path.join(out, "rank_0"))[name])
+
+
+def test_rank_folders_must_be_numbered_without_gaps(tmp_path):
+    for d in ("rank_0", "rank_2"):
+        os.makedirs(tmp_path / d)
+    with pytest.raises(CheckpointError, match="rank_1 missing"):
+        open_converted(str(tmp_path))
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        open_converted(str(tmp_path / "nope"))
