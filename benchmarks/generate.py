@@ -120,7 +120,7 @@ def ours_here(ms_dir: str, requests: list, batch: int, new_tokens: int) -> dict:
 def theirs(hf_dir: str, requests: list, batch: int, new_tokens: int, model=None) -> dict:
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, LogitsProcessorList
+    from transformers import AutoProcessor, LogitsProcessorList
     processor = AutoProcessor.from_pretrained(hf_dir)
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
