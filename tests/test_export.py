@@ -218,7 +218,8 @@ def test_transformers_on_the_export_matches_the_reference_model_on_the_training_
     from transformers import LlavaForConditionalGeneration
     from llava_ckpt.config import load_config as load_cfg
     from llava_ckpt.model import Runner, build_and_load
-    from llava_ckpt.verify import TOLERANCES, build_inputs, compare_logits
+    from llava_ckpt.verify.compare import TOLERANCES, compare_logits
+    from llava_ckpt.verify.inputs import build_inputs
     export(str(training["dist"]), str(tmp_path / "hf"), config=tiny, progress=False)
     inputs = build_inputs(tiny, None, None)
     ids, px = inputs["input_ids"], inputs["pixel_values"]
