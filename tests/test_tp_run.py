@@ -1,12 +1,9 @@
 """Tensor-parallel outputs run as real ranks under msrun (each rank loads only its own rank_<r>/ file) give
 the single-process reference model's logits; a damaged rank file does not."""
-import glob
 import os
-import shutil
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from llava_ckpt.config import load_config
 from llava_ckpt.convert import convert
@@ -14,7 +11,6 @@ from llava_ckpt.io import load_tensors
 from llava_ckpt.model import Runner, build_and_load, trace_names
 from llava_ckpt.model.vision import patch_count
 from llava_ckpt.tp_run import run_ranks
-from llava_ckpt.verify import verify
 
 
 def _inputs(cfg):
@@ -25,21 +21,6 @@ def _inputs(cfg):
     vc = cfg["vision_config"]
     pixels = rng.standard_normal((1, vc["num_channels"], vc["image_size"], vc["image_size"])).astype(np.float32)
     return ids, pixels
-
-
-def _damage_wo(rank_dir):
-    """Swap the two halves (row blocks) of layer 0's wo in this rank's file."""
-    (path,) = glob.glob(os.path.join(rank_dir, "*.safetensors"))
-    src = load_tensors(rank_dir)
-    tensors = {n: np.ascontiguousarray(np.array(src[n])) for n in src.keys()}
-    if hasattr(src, "close"):
-        src.close()
-    name = "language_model.model.layers.0.attention.wo.weight"
-    w = tensors[name]
-    half = w.shape[0] // 2
-    tensors[name] = np.ascontiguousarray(np.concatenate([w[half:], w[:half]], axis=0))
-    assert not np.array_equal(tensors[name], w)
-    save_file(tensors, path)
 
 
 @pytest.mark.slow
@@ -56,14 +37,8 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
     assert scale > 0
     want_tokens = runner.generate(ids, pixels, 3, first=traced)["tokens"]
 
-    out = str(tmp_path / "tp2-fused")
+    out = str(tmp_path / "tp2-fused")  # the fused layout on the ranks; verify's msrun test runs the unfused one
     convert(tiny, out, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
-    result = verify(tiny, out, msrun=True, max_new_tokens=2)  # the user's path: `verify --msrun`
-    assert result["passed"] and result["checks"]["msrun_logits"] and result["msrun"]["world"] == 2
-    assert result["msrun"]["max_abs_diff"] <= 1e-4 * result["max_abs_logit"]
-
-    out = str(tmp_path / "tp2-unfused")
-    convert(tiny, out, fmt="safetensors", fuse_qkv=False, tp=2, progress=False)
     got = run_ranks(out, cfg, ids, pixels, trace=True, max_new_tokens=3, device="CPU", timeout=240)
     assert got["world"] == 2
     assert got["logits"].shape == ref.shape
@@ -75,13 +50,8 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
     for name, mine, theirs in zip(names, got["trace"], traced["trace"]):
         assert mine.shape == theirs.shape, name
         assert np.abs(mine - theirs).max() <= 1e-4 * max(float(np.abs(theirs).max()), 1e-6), name
-
-    bad = str(tmp_path / "tp2-damaged")
-    shutil.copytree(out, bad)
-    _damage_wo(os.path.join(bad, "rank_1"))
-    got = run_ranks(bad, cfg, ids, pixels)
-    err = float(np.abs(got["logits"] - ref).max())
-    assert err > 1e-2 * scale, (err, scale)
+    # verify's path through the ranks (default msrun) and a mapping mistake on the ranks are covered by
+    # tests/verify/test_verify_msrun.py: one launch here keeps the suite short
 
 
 def test_kill_run_reaches_ranks_in_their_own_session(tmp_path):
