@@ -34,6 +34,19 @@ def _short(names, limit=6) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def name_mismatch(cfg: dict, params, names) -> str | None:
+    """'missing N: ...; unexpected M: ...' when checkpoint `names` and the model's `params` differ (besides the
+    table's unused tensors, which a checkpoint may hold), else None. Checked before any weight is read."""
+    names = list(names)
+    skip = set(ignored_names(cfg, names))
+    have = set(names)
+    missing = [n for n in params if n not in have]
+    unexpected = [n for n in names if n not in params and n not in skip]
+    parts = ([f"missing {len(missing)}: {_short(missing)}"] if missing else []) + \
+            ([f"unexpected {len(unexpected)}: {_short(unexpected)}"] if unexpected else [])
+    return "; ".join(parts) or None
+
+
 def load_weights(model, tensors: Mapping[str, np.ndarray]) -> dict:
     """Copy every tensor into the parameter of the same name, cast to the model's compute dtype.
 
@@ -42,20 +55,13 @@ def load_weights(model, tensors: Mapping[str, np.ndarray]) -> dict:
     """
     params = {p.name: p for p in model.get_parameters()}
     names = list(tensors.keys())
-    skip = set(ignored_names(model.cfg, names))
-    missing = [n for n in params if n not in tensors]
-    unexpected = [n for n in names if n not in params and n not in skip]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+    mismatch = name_mismatch(model.cfg, params, names)
+    if mismatch:
         hint = ""
         if detect_fused(names) != model.fused:
             hint = " (the checkpoint uses the " + ("fused --fuse-qkv" if detect_fused(names) else "unfused") + \
                    " layout, the model was built for the other one)"
-        raise fail("checkpoint does not match the LLaVA-1.5 model: " + "; ".join(parts) + hint)
+        raise fail("checkpoint does not match the LLaVA-1.5 model: " + mismatch + hint)
     target = NP_DTYPES[model.dtype]
     stored = {}
     for name, p in params.items():

@@ -19,12 +19,6 @@ from ..errors import fail
 TEXT = "language_model.model."
 
 
-def _short(names, limit=6) -> str:
-    names = sorted(names)
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 class MsSide:
     def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU"):
         from mindspore import Tensor, ops
@@ -50,18 +44,11 @@ class MsSide:
     def check_names(self, params: dict) -> None:
         """Every parameter of the model is in the checkpoint and nothing else is (besides LLaVA's unused
         vision tail), before any weight is read."""
-        from ..model.loading import detect_fused, ignored_names
+        from ..model.loading import detect_fused, name_mismatch
         names = list(self.tensors.keys())
-        skip = set(ignored_names(self.cfg, names))
-        missing = [n for n in params if n not in self.tensors]
-        unexpected = [n for n in names if n not in params and n not in skip]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)}: {_short(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
-            raise fail("checkpoint does not match the LLaVA-1.5 model: " + "; ".join(parts)
+        mismatch = name_mismatch(self.cfg, params, names)
+        if mismatch:
+            raise fail("checkpoint does not match the LLaVA-1.5 model: " + mismatch
                        + (" (layout: " + ("fused --fuse-qkv" if detect_fused(names) else "unfused") + ")"))
 
     # ---- weights in and out of one cell
