@@ -295,21 +295,8 @@ def test_disk_full_while_exporting(made, tmp_path):
 
 def test_sigterm_mid_export_leaves_nothing(big, tmp_path):
     """Interrupted while writing: one error line, exit 2, no HF_OUT and no staging folder (shared signal handling)."""
-    import signal
-    import subprocess
-    from test_hostile import EXE, _wait_for_bytes
+    from test_hostile import interrupt_mid_write
     ms = tmp_path / "ms"
     assert run("convert", big, ms, "--tp", 2).returncode == 0
     out = tmp_path / "out"
-    proc = subprocess.Popen([EXE, "export", str(ms), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert _wait_for_bytes(out, proc, 20 << 20), "the run ended before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert_clean_failure(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out,
-                         "interrupted by SIGTERM", str(out))
+    assert_clean_failure(interrupt_mid_write(["export", ms, out], out), out, "interrupted by SIGTERM", str(out))

@@ -507,12 +507,10 @@ def _wait_for_bytes(out: Path, proc, at_least: int, timeout=30):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("tp", [1, 4])
-def test_signal_mid_write(big, tmp_path, sig, tp):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([EXE, "convert", big, str(out), "--tp", str(tp)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def interrupt_mid_write(args, out: Path, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Run the CLI with `args`, send `sig` once 20 MiB of OUT is staged, and return how the run ended."""
+    proc = subprocess.Popen([EXE] + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         assert _wait_for_bytes(out, proc, 20 << 20), "the run ended before it could be interrupted"
         proc.send_signal(sig)
@@ -521,8 +519,15 @@ def test_signal_mid_write(big, tmp_path, sig, tp):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert_clean_failure(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out,
-                         f"interrupted by {signal.Signals(sig).name}", str(out))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("tp", [1, 4])
+def test_signal_mid_write(big, tmp_path, sig, tp):
+    out = tmp_path / "out"
+    proc = interrupt_mid_write(["convert", big, out, "--tp", tp], out, sig)
+    assert_clean_failure(proc, out, f"interrupted by {signal.Signals(sig).name}", str(out))
 
 
 # ---- shard: hostile converted folders ---------------------------------------------------------------------
@@ -653,16 +658,8 @@ def test_sigterm_while_replacing_keeps_the_previous_output(big, tmp_path):
     out = tmp_path / "out"
     assert run("convert", big, out).returncode == 0
     before = {p.name: p.stat().st_size for p in out.iterdir()}
-    proc = subprocess.Popen([EXE, "convert", big, str(out), "--tp", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert _wait_for_bytes(out, proc, 20 << 20), "the run ended before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = interrupt_mid_write(["convert", big, out, "--tp", 2], out)
+    stderr = proc.stderr
     assert proc.returncode == 2 and stderr.startswith("error: interrupted by SIGTERM") and stderr.count("\n") == 1
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
