@@ -1,25 +1,31 @@
 """The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
 CLIPEncoderLayer, LlavaMultiModalProjector, LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding,
 create_causal_mask, DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
-filled with its own weights read lazily from the source safetensors (safe_open, per tensor) and freed after
+filled with its own weights read lazily from the source safetensors (pread, per tensor) and freed after
 it ran. Nothing here re-implements transformers' math; only the order of calls (LlavaModel.forward's)
 is spelled out.
 
 Weights are float32 (rounded through `round_to` first: the dtypes the converted checkpoint or the reference
-model's compute narrows them to, so both sides compute on the same numbers).
+model's compute narrows them to, so both sides compute on the same numbers), read with pread into the
+verify's arena (weights.py), which the next module reuses.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
+
 from ..errors import fail
+from ..io.dtypes import dtype_name
+from ..io.source import FileReader
+from .weights import Arena, as_torch, cast_into, read_into_arena
 
 VISION = "vision_tower.vision_model."
 TEXT = "language_model.model."
 
 
 class HfSide:
-    def __init__(self, hf_src: str, cfg: dict, round_to: list):
+    def __init__(self, hf_src: str, cfg: dict, round_to: list, arena: Arena | None = None):
         import torch
         from transformers import LlavaConfig
         from ..hf_source import read_tensors
@@ -33,37 +39,32 @@ class HfSide:
         table = table_for(cfg)
         expected = {s for t in plan(table, cfg, {}) for s in t.sources}
         layout = table["layouts"][detect_layout(table, tensors, expected)]
-        self.where = {to_canonical(n, layout): (info.path, n) for n, info in tensors.items()}
+        self.where = {to_canonical(n, layout): info for n, info in tensors.items()}
         self.round_to = [getattr(torch, d) for d in round_to]
+        self.arena = Arena() if arena is None else arena
+        self.reader = FileReader()
         self.image_token = int(cfg["image_token_index"])
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
         self.cache = None
 
     # ---- weights
 
-    def _read(self, names: list) -> dict:
-        """canonical name -> float32 tensor (rounded), reading each file's tensors through one safe_open."""
-        from safetensors import safe_open
-        by_file: dict = {}
-        for name in names:
-            if name not in self.where:
-                raise fail(f"the transformers checkpoint has no tensor {name!r} (hub spelling)")
-            path, actual = self.where[name]
-            by_file.setdefault(path, []).append((name, actual))
-        out = {}
-        for path, items in by_file.items():
-            with safe_open(path, framework="pt") as f:
-                for name, actual in items:
-                    out[name] = self._rounded(f.get_tensor(actual))
-        return out
+    def _info(self, name: str):
+        if name not in self.where:
+            raise fail(f"the transformers checkpoint has no tensor {name!r} (hub spelling)")
+        return self.where[name]
 
-    def _rounded(self, t):
-        torch = self.torch
-        source = t.dtype
-        t = t.to(torch.float32)
+    def _read(self, names: list) -> dict:
+        """canonical name -> float32 tensor (rounded) in the arena, read with pread (no file stays mapped)."""
+        return {name: self._rounded(self._info(name), read_into_arena(self.arena, self.reader, self._info(name),
+                                                                      np.float32)) for name in names}
+
+    def _rounded(self, info, a: np.ndarray):
+        """`a` (float32, read from `info`) rounded in place through self.round_to."""
+        t = as_torch(a)
         for i, d in enumerate(self.round_to):
-            if not (i == 0 and d == source):  # values stored in d are already d's values
-                t = t.to(d).to(torch.float32)
+            if not (i == 0 and d == getattr(self.torch, dtype_name(info.dtype))):  # values stored in d are d's already
+                t.copy_(t.to(d))
         return t
 
     def _module(self, make, prefix: str, meta: bool = True):
@@ -75,6 +76,7 @@ class HfSide:
         else:  # modules with non-persistent buffers (position ids) are built for real; they are small
             module = make()
         keys = list(module.state_dict().keys())
+        self.arena.reset()  # the module before this one has run and is gone
         state = self._read([prefix + k for k in keys])
         module.load_state_dict({k: state[prefix + k] for k in keys}, strict=True, assign=True)
         return module.eval()
@@ -164,7 +166,19 @@ class HfSide:
             return head(x)
 
     def token_embeddings(self, token: int):
-        return self._embed(self.torch.tensor([[int(token)]], dtype=self.torch.long))
+        """The embedding of one generated token: its row of embed_tokens alone (8 KB, not the 131M-entry
+        table), looked up by torch's Embedding as the whole table would be."""
+        torch = self.torch
+        info = self._info(TEXT + "embed_tokens.weight")
+        if not 0 <= int(token) < info.shape[0]:
+            raise fail(f"token {token} is outside the vocabulary ({info.shape[0]})")
+        row = self.reader.read_rows(info, int(token), int(token) + 1)
+        weight = self._rounded(info, cast_into(np.empty(row.shape, np.float32), row))
+        with torch.no_grad():
+            return torch.nn.functional.embedding(torch.zeros((1, 1), dtype=torch.long), weight)
+
+    def close(self):
+        self.reader.close()
 
 
 def to_numpy(t):

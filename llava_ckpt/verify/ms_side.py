@@ -1,12 +1,14 @@
 """The MindSpore side, one module at a time: the bundled reference model's own cells (VisionEncoder's
-embedding and ln_pre, ResBlock, Adapter, LlavaVlm.embed's merge, DecoderLayer.prefill / step, the norm and
+embedding and ln_pre, ResBlock, Adapter, LlavaVlm.embed's merge, DecoderLayer.prefill, the norm and
 lm_head of LanguageModel), each built with the model's classes, filled with that module's converted
-weights only (read lazily from the converted files) and emptied after it ran.
+weights only (read with pread from the converted files into the verify's arena, weights.py, which the
+next step reuses) and emptied after it ran.
 
 Cells are built per step and hold only what that step loads (a parameter built but never loaded may be
-filled with zeros by MindSpore: measured, 1.1 GB for the 7B's unused resblocks). The cells run eagerly (PyNative): a compiled MindSpore graph keeps a private copy of the parameter data it
-was compiled with (measured: set_data after compiling does not reach the graph), so a graph could not be
-reused across layers, and one compile per layer and decode step would cost more than it saves.
+filled with zeros by MindSpore: measured, 1.1 GB for the 7B's unused resblocks). The cells run eagerly
+(PyNative): a compiled MindSpore graph keeps a private copy of the parameter data it was compiled with
+(measured: set_data after compiling does not reach the graph), so a graph could not be reused across
+layers, and one compile per layer would cost more than it saves.
 """
 from __future__ import annotations
 
@@ -15,18 +17,25 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import fail
+from ..io.source import FileReader
+from .weights import Arena, cast_into, read_into_arena
 
 TEXT = "language_model.model."
 
 
 class MsSide:
-    def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU"):
+    def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU",
+                 arena: Arena | None = None):
+        import mindspore
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
         from ..model.llava import LlavaVlm
         from ..model.loading import detect_fused, set_device
         set_device(device_target)
-        self.Tensor, self.ops = Tensor, ops
+        self.Tensor, self.ops, self.synchronize = Tensor, ops, mindspore.runtime.synchronize
+        self.arena = Arena() if arena is None else arena
+        self.reader = FileReader()
+        self.infos = getattr(tensors, "infos", None)  # a tp-1 file: read straight into the arena
         self.cfg, self.tensors, self.dtype = cfg, tensors, dtype
         self.target = NP_DTYPES[dtype]
         self.fused = detect_fused(tensors.keys())
@@ -53,32 +62,32 @@ class MsSide:
 
     # ---- weights in and out of one cell
 
+    def _begin(self):
+        """A new step: MindSpore has finished the last one (its ops may run asynchronously), so the arena's
+        buffers can be handed out again."""
+        self.synchronize()
+        self.arena.reset()
+
     def _load(self, cell, prefix: str):
-        """Fill every parameter of `cell` from `prefix` + its path in the cell, cast to the compute dtype."""
+        """Fill every parameter of `cell` from `prefix` + its path in the cell, cast to the compute dtype, in
+        the arena (call _begin first)."""
         for path, p in cell.parameters_and_names():
             name = prefix + path
-            value = self.tensors[name]
-            if tuple(value.shape) != tuple(p.shape):
-                raise fail(f"{name}: checkpoint shape {tuple(value.shape)}, the config needs {tuple(p.shape)}")
-            if value.dtype.kind not in "fV" and str(value.dtype) != "bfloat16":
-                raise fail(f"{name}: dtype {value.dtype} is not a float type")
-            p.set_data(self._tensor(value))
-            del value
+            p.set_data(self.Tensor.from_numpy(self._weight(name, tuple(p.shape))))
         return cell
 
-    def _tensor(self, value):
-        """A MindSpore tensor of the compute dtype sharing one fresh buffer: torch casts (vectorized, ~6x
-        numpy's float16 -> float32 on this CPU) and Tensor.from_numpy does not copy again."""
-        import torch
-        a = np.ascontiguousarray(np.asarray(value))
-        if str(a.dtype) == "bfloat16":  # ml_dtypes' bfloat16: torch reads it through its bits
-            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(a)
-        out = t.to(getattr(torch, self.dtype)).numpy()
-        if out.ctypes.data == a.ctypes.data:  # already the compute dtype: the buffer is ours to share
-            out = np.array(out) if not a.flags.writeable else out
-        return self.Tensor.from_numpy(out)
+    def _weight(self, name: str, shape: tuple) -> np.ndarray:
+        if self.infos is not None:
+            info = self.infos[name]
+            if tuple(info.shape) != shape:
+                raise fail(f"{name}: checkpoint shape {tuple(info.shape)}, the config needs {shape}")
+            return read_into_arena(self.arena, self.reader, info, self.target)
+        value = self.tensors[name]
+        if tuple(value.shape) != shape:
+            raise fail(f"{name}: checkpoint shape {tuple(value.shape)}, the config needs {shape}")
+        if value.dtype.kind not in "fV" and str(value.dtype) != "bfloat16":
+            raise fail(f"{name}: dtype {value.dtype} is not a float type")
+        return cast_into(self.arena.take(shape, self.target), value)
 
     def _release(self, *cells):
         """Give a step's weights back now. Cells sit in reference cycles (only a full gc.collect, ~0.5-1 s
@@ -102,6 +111,7 @@ class MsSide:
         """(patch + class + position embeddings, ln_pre of them): VisionEncoder's own embed and ln_pre; its
         resblocks stay empty here (each runs as its own step)."""
         from ..model.vision import VisionEncoder
+        self._begin()
         stem = dict(self.cfg, vision_feature_layer=0)  # the same encoder built with no resblocks
         enc = self._load(VisionEncoder(stem, self.dtype), "vision_encoder.")
         emb = enc.embed(self.Tensor(np.asarray(pixels, dtype=np.float32)))
@@ -111,6 +121,7 @@ class MsSide:
 
     def vision_block(self, i: int, x):
         from ..model.vision import ResBlock
+        self._begin()
         block = self._load(ResBlock(self.cfg["vision_config"], self.dtype), f"vision_encoder.transformer.resblocks.{i}.")
         y = block(x)
         self._release(block)
@@ -118,6 +129,7 @@ class MsSide:
 
     def adapter(self, x):
         from ..model.llava import Adapter
+        self._begin()
         feats = x if self.keep_cls else x[:, 1:]
         adapter = self._load(Adapter(self.cfg, self.dtype), "adapter.")
         y = adapter(feats)
@@ -129,7 +141,10 @@ class MsSide:
     def merge(self, input_ids, image):
         """LlavaVlm.embed's own merge, with the vision tower and adapter already run step by step."""
         from ..model.llava import LlavaVlm
-        table = self._embedding()
+        from ..model.llama import Embedding
+        self._begin()
+        table = self._load(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype),
+                           f"{TEXT}tok_embeddings.")
         model = SimpleNamespace(vision_encoder=lambda pixels: (image, ()), adapter=lambda feats: feats,
                                 language_model=self._language_model(model={"tok_embeddings": table}),
                                 image_token=self.image_token)
@@ -137,23 +152,39 @@ class MsSide:
         self._release(table)
         return x
 
+    def token_embeddings(self, tokens: list):
+        """[1, len(tokens), H]: the Embedding cell over just these tokens' rows of tok_embeddings (the rows it
+        would gather from the whole table), so a few generated tokens do not read 131M entries."""
+        from ..model.llama import Embedding
+        self._begin()
+        name = f"{TEXT}tok_embeddings.embedding_weight"
+        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
+        if any(not 0 <= t < vocab for t in tokens):
+            raise fail(f"a token of {tokens} is outside the vocabulary ({vocab})")
+        if self.infos is not None:
+            rows = [self.reader.read_rows(self.infos[name], t, t + 1) for t in tokens]
+        else:
+            table = self.tensors[name]
+            rows = [table[t:t + 1] for t in tokens]
+        cell = Embedding(len(tokens), hidden, self.dtype)
+        cell.embedding_weight.set_data(self.Tensor.from_numpy(cast_into(self.arena.take((len(tokens), hidden),
+                                                                                        self.target),
+                                                                        np.concatenate(rows))))
+        x = cell(self.Tensor(np.arange(len(tokens), dtype=np.int32)[None]))
+        self._release(cell)
+        return x
+
     def rope(self, positions):
         pos = self.Tensor(np.asarray(positions, dtype=np.int32))
         return self.ops.gather(self.cos, pos, 0), self.ops.gather(self.sin, pos, 0)
 
-    def _decoder(self, i: int):
-        from ..model.llama import DecoderLayer
-        return self._load(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
-
     def decoder_prefill(self, i: int, x, cos, sin, keep):
-        layer = self._decoder(i)
-        out = layer.prefill(x, cos, sin, keep)
-        self._release(layer)
-        return out
-
-    def decoder_step(self, i: int, x, cos, sin, keep, slot, k_cache, v_cache):
-        layer = self._decoder(i)
-        out = layer.step(x, cos, sin, keep, slot, k_cache, v_cache)
+        """DecoderLayer.prefill of layer i: its output (its k and v are not kept: the walk's greedy check
+        runs the generated tokens through the same prefill, see streamed.py)."""
+        from ..model.llama import DecoderLayer
+        self._begin()
+        layer = self._load(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
+        out, _, _ = layer.prefill(x, cos, sin, keep)
         self._release(layer)
         return out
 
@@ -161,6 +192,7 @@ class MsSide:
         """(norm_out(x), float32 logits) with LanguageModel's own logits()."""
         from ..model.layers import Linear, RMSNorm
         from ..model.llama import LanguageModel
+        self._begin()
         norm = self._load(RMSNorm(self.tc["hidden_size"], self.tc["rms_norm_eps"], self.dtype), f"{TEXT}norm_out.")
         head = self._load(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
                           "language_model.lm_head.")
@@ -170,8 +202,6 @@ class MsSide:
         self._release(norm, head)
         return normed, logits
 
-    def token_embeddings(self, token: int):
-        table = self._embedding()
-        x = table(self.Tensor(np.array([[int(token)]], dtype=np.int32)))
-        self._release(table)
-        return x
+    def close(self):
+        self.synchronize()
+        self.reader.close()

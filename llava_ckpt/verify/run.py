@@ -53,7 +53,9 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if dtype == "float16" and narrow[-1:] != ["float16"]:
             narrow.append("float16")
         from .ms_side import MsSide
-        ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target)  # names checked: nothing read yet
+        from .weights import Arena
+        arena = Arena()  # one step's weights, either side's: the two never run a step at the same time
+        ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target, arena=arena)  # names checked only
         inputs = build_inputs(hf_src, image, prompt)
         ids, pixels = inputs["input_ids"], inputs["pixel_values"]
         if ids.shape[1] + max_new_tokens > ms.max_positions:
@@ -68,8 +70,13 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         from .hf_side import HfSide
         from .streamed import walk
         tol = TOLERANCES[dtype]
-        got = walk(HfSide(hf_src, cfg, narrow), ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
-                   rank_trace=ranks["trace"] if ranks else None)
+        hf = HfSide(hf_src, cfg, narrow, arena)
+        try:
+            got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
+                       rank_trace=ranks["trace"] if ranks else None)
+        finally:
+            hf.close()
+            ms.close()
     finally:
         if hasattr(tensors, "close"):
             tensors.close()

@@ -1,11 +1,18 @@
-"""The layer-streamed walk: both sides run module by module on the same image and prompt, each module's
-weights read just before it runs and freed right after, so memory holds one module's weights at a time
-(plus the KV caches and activations), whatever the depth.
+"""The layer-streamed walk: both models run module by module on the same image and prompt, each module's
+weights read just before it runs (into the arena, weights.py) and dropped right after, so memory holds one
+module's weights at a time (plus the activations and transformers' KV cache), whatever the depth.
 
-Each side feeds its own outputs forward (end to end, as the whole models would), and every module's output
-is compared as soon as both sides have it: the first one over the tolerance names where a conversion
-breaks. Greedy decoding keeps per-layer KV caches on both sides and walks the layers again for every new
-token (the weights come back from the page cache where it can hold them).
+Order: transformers first, all of it: every module of the prompt's forward, then greedy decoding with its
+own KV cache (DynamicCache), walking the layers again for every new token; each module's output is kept
+(float32, one activation per module). Then the reference model, once: the same modules over the prompt
+followed by transformers' greedy tokens, in one prefill. Every module's output over the prompt is compared
+with transformers' (the first one over the tolerance names where a conversion breaks), and the reference
+model's greedy choice at each decoding step is the argmax of its logits after that step's prefix: with a
+causal model that is exactly the token its own greedy decoding would pick after the same prefix, so if
+every one equals transformers' token, its greedy decoding gives transformers' tokens (and where one
+differs, that is its first differing token; nothing after it is generated, it would follow another
+prefix). This is why the reference side reads its checkpoint once instead of once per token: on the 7B
+both checkpoints (28 GB in float16) do not fit the page cache together, transformers' alone does.
 """
 from __future__ import annotations
 
@@ -65,98 +72,85 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     """Prefill logits of both sides, per-module comparisons (also against `rank_trace`, the msrun ranks'
     intermediates in `names` order, if given) and greedy tokens of both sides."""
     from ..model.llava import trace_names
+    from ..model.vision import layers_run
     names = names or trace_names(cfg)
     clock = _Clock()
+    n_layers = cfg["text_config"]["num_hidden_layers"]
+    s = int(np.asarray(input_ids).shape[1])
+
+    # ---- transformers: the prompt, module by module (outputs kept), then greedy decoding
+    theirs = {}
+
+    def keep(name, out):
+        theirs[name] = to_numpy(out)
+        return out
+
+    h_x = keep("vision_encoder.embeddings", clock.run("transformers", hf.vision_embeddings, pixel_values))
+    h_x = keep("vision_encoder.ln_pre", clock.run("transformers", hf.ln_pre, h_x))
+    for i in range(layers_run(cfg)):
+        h_x = keep(f"vision_encoder.transformer.resblocks.{i}", clock.run("transformers", hf.vision_block, i, h_x))
+    h_x = keep("adapter", clock.run("transformers", hf.projector, h_x))
+    h_x = keep("language_model.model.tok_embeddings", clock.run("transformers", hf.merge, input_ids, h_x))
+    ctx = clock.run("transformers", hf.begin, h_x, 0)
+    for i in range(n_layers):
+        h_x = keep(f"language_model.model.layers.{i}", clock.run("transformers", hf.decoder_layer, i, h_x, ctx))
+    h_x = keep("language_model.model.norm_out", clock.run("transformers", hf.norm, h_x))
+    h_logits = to_numpy(clock.run("transformers", hf.lm_head, h_x))[0]
+    hf_tokens, hf_steps = [int(np.argmax(h_logits[-1]))], [h_logits[-1].copy()]
+    while len(hf_tokens) < max_new_tokens and hf_tokens[-1] not in eos:
+        h_x = clock.run("transformers", hf.token_embeddings, hf_tokens[-1])
+        ctx = clock.run("transformers", hf.begin, h_x, s + len(hf_tokens) - 1)
+        for i in range(n_layers):
+            h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
+        step = to_numpy(clock.run("transformers", lambda x: hf.lm_head(hf.norm(x)), h_x))[0, -1]
+        hf_tokens.append(int(np.argmax(step)))
+        hf_steps.append(step)
+    del h_x, ctx
+    hf.cache = None  # transformers' KV cache: not needed any more
+
+    # ---- the reference model: the prompt and transformers' tokens in one pass, compared module by module
     modules, rank_modules = [], []
 
-    def check(name, theirs, mine):
-        theirs = to_numpy(theirs)
-        modules.append(compare_module(name, theirs, mine.asnumpy().astype(np.float32), rtol))
+    def check(name, mine):
+        mine = mine.asnumpy().astype(np.float32)
+        if mine.ndim == 3 and name.startswith("language_model."):
+            mine = mine[:, :s]  # the prompt's positions; the rest are the generated tokens'
+        modules.append(compare_module(name, theirs[name], mine, rtol))
         if rank_trace is not None:
             k = names.index(name)
-            rank_modules.append(compare_module(name, theirs, None if k >= len(rank_trace) else
+            rank_modules.append(compare_module(name, theirs[name], None if k >= len(rank_trace) else
                                                np.asarray(rank_trace[k], dtype=np.float32), rtol))
 
-    # vision tower, projector, merge
-    h_emb = clock.run("transformers", hf.vision_embeddings, pixel_values)
     m_emb, m_x = clock.run("mindspore", ms.vision_embeddings, pixel_values)
-    check("vision_encoder.embeddings", h_emb, m_emb)
-    h_x = clock.run("transformers", hf.ln_pre, h_emb)
-    check("vision_encoder.ln_pre", h_x, m_x)
-    del h_emb, m_emb
-    from ..model.vision import layers_run
+    check("vision_encoder.embeddings", m_emb)
+    check("vision_encoder.ln_pre", m_x)
+    del m_emb
     for i in range(layers_run(cfg)):
-        h_x = clock.run("transformers", hf.vision_block, i, h_x)
         m_x = clock.run("mindspore", ms.vision_block, i, m_x)
-        check(f"vision_encoder.transformer.resblocks.{i}", h_x, m_x)
-    h_img = clock.run("transformers", hf.projector, h_x)
-    m_img = clock.run("mindspore", ms.adapter, m_x)
-    check("adapter", h_img, m_img)
-    h_x = clock.run("transformers", hf.merge, input_ids, h_img)
-    m_x = clock.run("mindspore", ms.merge, input_ids, m_img)
-    check("language_model.model.tok_embeddings", h_x, m_x)
-    del h_img, m_img
-
-    # decoder prefill
-    s = int(np.asarray(input_ids).shape[1])
-    total = s + max_new_tokens
-    ctx = clock.run("transformers", hf.begin, h_x, 0)
-    cos, sin = ms.rope(np.arange(s))
-    keep = ms.Tensor(np.tril(np.ones((s, s), dtype=bool)))
-    k_caches, v_caches = [], []
-    for i in range(cfg["text_config"]["num_hidden_layers"]):
-        h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
-        m_x, k, v = clock.run("mindspore", ms.decoder_prefill, i, m_x, cos, sin, keep)
-        k_caches.append(_pad(ms, k, total))
-        v_caches.append(_pad(ms, v, total))
-        del k, v
-        check(f"language_model.model.layers.{i}", h_x, m_x)
-    h_norm = clock.run("transformers", hf.norm, h_x)
+        check(f"vision_encoder.transformer.resblocks.{i}", m_x)
+    m_x = clock.run("mindspore", ms.adapter, m_x)
+    check("adapter", m_x)
+    m_x = clock.run("mindspore", ms.merge, input_ids, m_x)
+    forced = hf_tokens[:-1]  # the tokens fed back while transformers decoded
+    if forced:
+        m_x = ms.ops.concat((m_x, clock.run("mindspore", ms.token_embeddings, forced)), 1)
+    check("language_model.model.tok_embeddings", m_x)
+    total = s + len(forced)
+    cos, sin = ms.rope(np.arange(total))
+    causal = ms.Tensor(np.tril(np.ones((total, total), dtype=bool)))
+    for i in range(n_layers):
+        m_x = clock.run("mindspore", ms.decoder_prefill, i, m_x, cos, sin, causal)
+        check(f"language_model.model.layers.{i}", m_x)
     m_norm, m_logits = clock.run("mindspore", ms.norm_and_logits, m_x)
-    check("language_model.model.norm_out", h_norm, m_norm)
-    h_logits = to_numpy(clock.run("transformers", hf.lm_head, h_norm))[0]
+    check("language_model.model.norm_out", m_norm)
     m_logits = m_logits.asnumpy()[0]
-    del h_x, m_x, h_norm, m_norm, ctx
-
-    # greedy decoding, both sides free-running on their own tokens
-    hf_tokens, hf_steps = [int(np.argmax(h_logits[-1]))], [h_logits[-1].copy()]
-    ms_tokens = [int(np.argmax(m_logits[-1]))]
-    slots = np.arange(total)
-
-    def going(tokens):
-        return len(tokens) < max_new_tokens and tokens[-1] not in eos
-
-    while going(hf_tokens) or going(ms_tokens):
-        run_hf, run_ms = going(hf_tokens), going(ms_tokens)
-        if run_hf:
-            h_x = clock.run("transformers", hf.token_embeddings, hf_tokens[-1])
-            ctx = clock.run("transformers", hf.begin, h_x, s + len(hf_tokens) - 1)
-        if run_ms:
-            pos = s + len(ms_tokens) - 1
-            m_x = clock.run("mindspore", ms.token_embeddings, ms_tokens[-1])
-            cos, sin = ms.rope([pos])
-            keep = ms.Tensor((slots <= pos)[None])
-            slot = ms.Tensor((slots == pos).reshape(1, 1, total, 1))
-        for i in range(cfg["text_config"]["num_hidden_layers"]):
-            if run_hf:
-                h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
-            if run_ms:
-                m_x, k_caches[i], v_caches[i] = clock.run("mindspore", ms.decoder_step, i, m_x, cos, sin, keep, slot,
-                                                          k_caches[i], v_caches[i])
-        if run_hf:
-            step = to_numpy(clock.run("transformers", lambda x: hf.lm_head(hf.norm(x)), h_x))[0, -1]
-            hf_tokens.append(int(np.argmax(step)))
-            hf_steps.append(step)
-        if run_ms:
-            _, logits = clock.run("mindspore", ms.norm_and_logits, m_x)
-            ms_tokens.append(int(np.argmax(logits.asnumpy()[0, -1])))
-    return {"hf_logits": h_logits, "ms_logits": m_logits, "modules": modules,
+    del m_x, m_norm
+    ms_tokens = []
+    for j, token in enumerate(hf_tokens):  # the reference model's choice after the same prefix
+        ms_tokens.append(int(np.argmax(m_logits[s - 1 + j])))
+        if ms_tokens[-1] != token:
+            break
+    return {"hf_logits": h_logits, "ms_logits": m_logits[:s], "modules": modules,
             "rank_modules": rank_modules if rank_trace is not None else None,
             "tokens_hf": hf_tokens, "hf_step_logits": np.stack(hf_steps), "tokens_ms": ms_tokens,
             "seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}
-
-
-def _pad(ms, t, total: int):
-    """[B, kv, S, d] -> [B, kv, total, d] (zeros past the prompt; the decode step writes them)."""
-    ops = ms.ops
-    return ops.concat((t, ops.zeros(t.shape[:2] + (total - t.shape[2],) + t.shape[3:], t.dtype)), 2)
