@@ -228,7 +228,7 @@ def run_jobs(ms_dir: str, cfg: dict, jobs: list, dtype: str = "float32", jit: bo
 
 def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "float32", jit: bool = True,
               device: str = "CPU", timeout: float = 300.0, retries: int = 1, trace: bool = False,
-              max_new_tokens: int = 0, eos=()) -> dict:
+              max_new_tokens: int = 0, eos=(), streamed: bool = False) -> dict:
     """One prompt batch on `ms_dir`'s ranks under msrun: {"logits" (rank 0's full-vocab prompt logits
     [B, S, V] float32), "trace" (list of arrays in model.trace_names(cfg) order, if trace), "tokens" (greedy
     new tokens of a batch-1 prompt, stopping after an eos token, if max_new_tokens > 0), "world", "seconds",
@@ -236,14 +236,16 @@ def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "flo
 
     `cfg` is the normalized LLaVA config (config.load_config). jit=True compiles each rank's forward (graph
     mode, AllReduce/AllGather inside the graph); jit=False runs PyNative. Both were checked with
-    communication on CPU. `device` is every rank's MindSpore device target.
+    communication on CPU. `device` is every rank's MindSpore device target. `streamed`: each rank walks its
+    model layer by layer (verify.streamed.rank_walk, eager; `jit` does not apply), holding one layer's slices
+    at a time instead of its whole rank model.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
     if max_new_tokens and ids.shape[0] != 1:
         raise fail("greedy tokens are for one prompt at a time (generate runs batches)")
-    job = {"kind": "forward", "trace": bool(trace), "max_new_tokens": int(max_new_tokens),
+    job = {"kind": "forward", "trace": bool(trace), "max_new_tokens": int(max_new_tokens), "streamed": bool(streamed),
            "eos": [int(e) for e in eos],
            "arrays": {"input_ids": ids.astype(np.int32), "pixel_values": np.asarray(pixel_values, np.float32)}}
     run = run_jobs(ms_dir, cfg, [job], dtype=dtype, jit=jit, device=device, timeout=timeout, retries=retries)

@@ -1,10 +1,14 @@
 """One tensor-parallel rank, started by msrun (see tp_run.py) as `python -m llava_ckpt.tp_worker MS_DIR WORK_DIR`.
 
-It loads ONLY rank_<r>/ of the converted folder into the parallel cells (model/parallel.py), then runs the
-jobs that WORK_DIR/jobs.json lists as pending, in order, with the same model and compiled graphs:
+It reads ONLY rank_<r>/ of the converted folder, into the parallel cells (model/parallel.py), and runs the
+jobs that WORK_DIR/jobs.json lists as pending, in order:
 
 - "forward" (verify): the prompt's full-vocab logits, optionally every intermediate (trace) and greedy tokens;
+  with "streamed" (what verify sends) layer by layer like verify's own walk (verify/streamed.rank_walk:
+  one layer's slices in memory at a time), otherwise on the whole rank model;
 - "generate": one batch of requests (left-padded), greedy or sampled, as llava_ckpt.generate.run_batch.
+
+The whole rank model is loaded (and compiled) once, when the first job that needs it comes.
 
 Rank 0 writes result_<i>.npz (arrays) then result_<i>.json (the rest; its appearance tells the launcher the
 job is done). Every rank that fails writes error_rank_<r>.txt (the launcher reports it).
@@ -53,6 +57,28 @@ def run_job(runner, job: dict, arrays: dict):
     return meta, out
 
 
+def _streamed_forward(cfg: dict, rank_dir: str, rank: int, world: int, plan: dict, job: dict, arrays: dict):
+    """A verify "forward" job, layer by layer (verify.streamed.rank_walk) on this rank's slices."""
+    import numpy as np
+    from .io import load_tensors
+    from .verify.ms_side import MsSide
+    from .verify.streamed import rank_walk
+    tensors = load_tensors(rank_dir)
+    ms = MsSide(cfg, tensors, dtype=plan.get("dtype", "float32"), device_target=plan.get("device", "CPU"),
+                rank=rank, world=world)
+    try:
+        got = rank_walk(ms, cfg, arrays["input_ids"], arrays["pixel_values"], int(job.get("max_new_tokens", 0)),
+                        eos=tuple(job.get("eos", ())))
+    finally:
+        ms.close()
+        tensors.close()
+    out = {"logits": np.asarray(got["logits"], dtype=np.float32)}
+    if job.get("trace"):
+        out.update({f"trace_{i:04d}": t for i, t in enumerate(got["trace"])})
+    meta = {"tokens": got["tokens"]} if int(job.get("max_new_tokens", 0)) > 0 else {}
+    return meta, out
+
+
 def _save(work_dir: str, index: int, meta: dict, arrays: dict) -> None:
     import numpy as np
     base = os.path.join(work_dir, f"result_{index}")
@@ -98,18 +124,23 @@ def main(argv=None) -> int:
             raise fail(f"{args.ms_dir} has more than {world} rank folders")
         with open(os.path.join(args.work_dir, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        tensors = load_tensors(rank_dir)
-        try:
-            model = load_rank(cfg, tensors, rank, world, plan.get("dtype", "float32"))
-        finally:
-            if hasattr(tensors, "close"):
-                tensors.close()
-        runner = Runner(model, jit=bool(plan.get("jit", True)))
+        runner = None
         for index in plan["pending"]:
             job = plan["jobs"][index]
             with np.load(os.path.join(args.work_dir, f"job_{index}.npz"), allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-            meta, out = run_job(runner, job, arrays)
+            if job["kind"] == "forward" and job.get("streamed"):
+                meta, out = _streamed_forward(cfg, rank_dir, rank, world, plan, job, arrays)
+            else:
+                if runner is None:
+                    tensors = load_tensors(rank_dir)
+                    try:
+                        model = load_rank(cfg, tensors, rank, world, plan.get("dtype", "float32"))
+                    finally:
+                        if hasattr(tensors, "close"):
+                            tensors.close()
+                    runner = Runner(model, jit=bool(plan.get("jit", True)))
+                meta, out = run_job(runner, job, arrays)
             if rank == 0:
                 _save(args.work_dir, index, meta, out)
         del ms

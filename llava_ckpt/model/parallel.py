@@ -94,11 +94,28 @@ def _swap_row(owner, attr, dtype):
     setattr(owner, attr, RowParallelLinear(out_dim, in_dim, old.bias is not None, dtype))
 
 
+def parallel_decoder_layer(layer, dtype: str):
+    """A DecoderLayer built with local sizes, made a rank's: wo and w2 row-parallel (the rest is column-
+    parallel by its local shapes alone)."""
+    _swap_row(layer.attention, "wo", dtype)
+    _swap_row(layer.feed_forward, "w2", dtype)
+    return layer
+
+
+def parallel_adapter(adapter, cfg: dict, world: int, dtype: str):
+    """The projector made a rank's: adapter column-parallel (its bias split with it), adapter_2 row-parallel
+    (bias replicated)."""
+    h, vh = cfg["text_config"]["hidden_size"], cfg["vision_config"]["hidden_size"]
+    bias = bool(cfg.get("multimodal_projector_bias", True))
+    adapter.adapter = Linear(h // world, vh, bias, dtype)
+    adapter.adapter_2 = RowParallelLinear(h, h // world, bias, dtype)
+    return adapter
+
+
 def build_parallel(cfg: dict, rank: int, world: int, fused: bool, dtype: str = "float32"):
     """This rank's LlavaVlm (local shapes, parallel cells swapped in), parameters still empty."""
     from .llava import LlavaVlm
-    if not 0 <= rank < world:
-        raise fail(f"rank {rank} is outside a world of {world}")
+    check_rank(rank, world)
     lcfg = local_config(cfg, world)
     model = LlavaVlm(lcfg, dtype=dtype, fused=fused)
     tc, lt = cfg["text_config"], lcfg["text_config"]
@@ -107,15 +124,15 @@ def build_parallel(cfg: dict, rank: int, world: int, fused: bool, dtype: str = "
     lm.model.tok_embeddings = VocabParallelEmbedding(vl, h, rank * vl, dtype)
     lm.lm_head = VocabParallelHead(vl, h, world, dtype)
     for layer in lm.model.layers:
-        _swap_row(layer.attention, "wo", dtype)
-        _swap_row(layer.feed_forward, "w2", dtype)
-    # projector: adapter column-parallel (its bias split with it), adapter_2 row-parallel, bias replicated
-    vh = cfg["vision_config"]["hidden_size"]
-    bias = bool(cfg.get("multimodal_projector_bias", True))
-    model.adapter.adapter = Linear(h // world, vh, bias, dtype)
-    model.adapter.adapter_2 = RowParallelLinear(h, h // world, bias, dtype)
+        parallel_decoder_layer(layer, dtype)
+    parallel_adapter(model.adapter, cfg, world, dtype)
     _name_parameters(model)
     return model
+
+
+def check_rank(rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise fail(f"rank {rank} is outside a world of {world}")
 
 
 def _name_parameters(model) -> None:

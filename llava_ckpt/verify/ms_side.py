@@ -24,26 +24,34 @@ TEXT = "language_model.model."
 
 
 class MsSide:
+    """The reference model's steps for one process (`rank`/`world` None: whole tensors) or for one
+    tensor-parallel rank under msrun (`rank`, `world`: this rank's slices from its own rank file, in the
+    parallel cells of model/parallel.py, communicating with the other ranks inside each step)."""
+
     def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU",
-                 arena: Arena | None = None):
+                 arena: Arena | None = None, rank: int | None = None, world: int = 1):
         import mindspore
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
         from ..model.llava import LlavaVlm
         from ..model.loading import detect_fused, set_device
+        from ..model.parallel import build_parallel, local_config
         set_device(device_target)
         self.Tensor, self.ops, self.synchronize = Tensor, ops, mindspore.runtime.synchronize
         self.arena = Arena() if arena is None else arena
         self.reader = FileReader()
-        self.infos = getattr(tensors, "infos", None)  # a tp-1 file: read straight into the arena
+        self.infos = getattr(tensors, "infos", None)  # a single file: read straight into the arena
         self.cfg, self.tensors, self.dtype = cfg, tensors, dtype
+        self.rank, self.world = rank, int(world)
         self.target = NP_DTYPES[dtype]
         self.fused = detect_fused(tensors.keys())
-        whole = LlavaVlm(cfg, dtype=dtype, fused=self.fused)  # lazy parameters: names and shapes, no memory
+        # lazy parameters: names and shapes, no memory
+        whole = (LlavaVlm(cfg, dtype=dtype, fused=self.fused) if rank is None
+                 else build_parallel(cfg, rank, self.world, self.fused, dtype))
         self.check_names({p.name: tuple(p.shape) for p in whole.get_parameters()})
         self.image_token = whole.image_token
         del whole
-        self.tc = cfg["text_config"]
+        self.tc = (cfg if rank is None else local_config(cfg, self.world))["text_config"]  # this rank's sizes
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
         from ..model.llama import LanguageModel
         rope = LanguageModel(dict(self.tc, num_hidden_layers=0), self.fused, self.dtype)  # RoPE tables only
@@ -97,9 +105,35 @@ class MsSide:
             for p in cell.get_parameters():
                 p.set_data(self.Tensor(np.zeros((1,), self.target)), slice_shape=True)
 
-    def _embedding(self):
+    # ---- the cells a step builds: the plain ones, or this rank's parallel ones
+
+    def _embedding_cell(self):
         from ..model.llama import Embedding
-        return self._load(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype), f"{TEXT}tok_embeddings.")
+        from ..model.parallel import VocabParallelEmbedding
+        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
+        if self.rank is None:
+            return Embedding(vocab, hidden, self.dtype)
+        return VocabParallelEmbedding(vocab, hidden, self.rank * vocab, self.dtype)
+
+    def _head_cell(self):
+        from ..model.layers import Linear
+        from ..model.parallel import VocabParallelHead
+        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
+        if self.rank is None:
+            return Linear(vocab, hidden, False, self.dtype)
+        return VocabParallelHead(vocab, hidden, self.world, self.dtype)
+
+    def _decoder_cell(self):
+        from ..model.llama import DecoderLayer
+        from ..model.parallel import parallel_decoder_layer
+        layer = DecoderLayer(self.tc, self.fused, self.dtype)
+        return layer if self.rank is None else parallel_decoder_layer(layer, self.dtype)
+
+    def _adapter_cell(self):
+        from ..model.llava import Adapter
+        from ..model.parallel import parallel_adapter
+        adapter = Adapter(self.cfg, self.dtype)
+        return adapter if self.rank is None else parallel_adapter(adapter, self.cfg, self.world, self.dtype)
 
     def _language_model(self, **cells):
         """What LanguageModel's own methods read from `self`, holding only the cells a step loaded."""
@@ -128,10 +162,9 @@ class MsSide:
         return y
 
     def adapter(self, x):
-        from ..model.llava import Adapter
         self._begin()
         feats = x if self.keep_cls else x[:, 1:]
-        adapter = self._load(Adapter(self.cfg, self.dtype), "adapter.")
+        adapter = self._load(self._adapter_cell(), "adapter.")
         y = adapter(feats)
         self._release(adapter)
         return y
@@ -141,10 +174,8 @@ class MsSide:
     def merge(self, input_ids, image):
         """LlavaVlm.embed's own merge, with the vision tower and adapter already run step by step."""
         from ..model.llava import LlavaVlm
-        from ..model.llama import Embedding
         self._begin()
-        table = self._load(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype),
-                           f"{TEXT}tok_embeddings.")
+        table = self._load(self._embedding_cell(), f"{TEXT}tok_embeddings.")
         model = SimpleNamespace(vision_encoder=lambda pixels: (image, ()), adapter=lambda feats: feats,
                                 language_model=self._language_model(model={"tok_embeddings": table}),
                                 image_token=self.image_token)
@@ -153,14 +184,20 @@ class MsSide:
         return x
 
     def token_embeddings(self, tokens: list):
-        """[1, len(tokens), H]: the Embedding cell over just these tokens' rows of tok_embeddings (the rows it
-        would gather from the whole table), so a few generated tokens do not read 131M entries."""
+        """[1, len(tokens), H]. In one process: the Embedding cell over just these tokens' rows of
+        tok_embeddings (the rows it would gather from the whole table), so a few generated tokens do not
+        read 131M entries; a rank looks them up in its vocabulary slice with the others (AllReduce)."""
         from ..model.llama import Embedding
         self._begin()
         name = f"{TEXT}tok_embeddings.embedding_weight"
-        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
+        vocab, hidden = self.cfg["text_config"]["vocab_size"], self.tc["hidden_size"]
         if any(not 0 <= t < vocab for t in tokens):
             raise fail(f"a token of {tokens} is outside the vocabulary ({vocab})")
+        if self.rank is not None:
+            table = self._load(self._embedding_cell(), f"{TEXT}tok_embeddings.")
+            x = table(self.Tensor(np.asarray(tokens, dtype=np.int32)[None]))
+            self._release(table)
+            return x
         if self.infos is not None:
             rows = [self.reader.read_rows(self.infos[name], t, t + 1) for t in tokens]
         else:
@@ -179,23 +216,28 @@ class MsSide:
         return self.ops.gather(self.cos, pos, 0), self.ops.gather(self.sin, pos, 0)
 
     def decoder_prefill(self, i: int, x, cos, sin, keep):
-        """DecoderLayer.prefill of layer i: its output (its k and v are not kept: the walk's greedy check
-        runs the generated tokens through the same prefill, see streamed.py)."""
-        from ..model.llama import DecoderLayer
+        """DecoderLayer.prefill of layer i: (output, k, v)."""
         self._begin()
-        layer = self._load(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
-        out, _, _ = layer.prefill(x, cos, sin, keep)
+        layer = self._load(self._decoder_cell(), f"{TEXT}layers.{i}.")
+        out = layer.prefill(x, cos, sin, keep)
+        self._release(layer)
+        return out
+
+    def decoder_step(self, i: int, x, cos, sin, keep, slot, k_cache, v_cache):
+        """DecoderLayer.step of layer i (one new position, the fixed-length KV cache): (output, k, v)."""
+        self._begin()
+        layer = self._load(self._decoder_cell(), f"{TEXT}layers.{i}.")
+        out = layer.step(x, cos, sin, keep, slot, k_cache, v_cache)
         self._release(layer)
         return out
 
     def norm_and_logits(self, x):
         """(norm_out(x), float32 logits) with LanguageModel's own logits()."""
-        from ..model.layers import Linear, RMSNorm
+        from ..model.layers import RMSNorm
         from ..model.llama import LanguageModel
         self._begin()
         norm = self._load(RMSNorm(self.tc["hidden_size"], self.tc["rms_norm_eps"], self.dtype), f"{TEXT}norm_out.")
-        head = self._load(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
-                          "language_model.lm_head.")
+        head = self._load(self._head_cell(), "language_model.lm_head.")
         lm = self._language_model(model={"norm_out": norm}, lm_head=head)
         normed = norm(x)
         logits = LanguageModel.logits(lm, x)

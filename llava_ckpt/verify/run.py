@@ -21,12 +21,13 @@ _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
 
 def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
            max_new_tokens: int = 16, dtype: str = "float32", device_target: str = "CPU",
-           jit: bool = True, msrun: bool | None = None, timeout: float = 300.0) -> dict:
+           msrun: bool | None = None, timeout: float = 300.0) -> dict:
     """Compare the converted checkpoint in `ms_dir` with the HF checkpoint `hf_src`; returns a JSON-able dict.
 
     `dtype` is the reference model's compute dtype (float32 or float16). `msrun`: run a tp output's rank
     files as real tensor-parallel ranks (default: yes for a tp output; False keeps only the reassembled
-    single-process check); `jit` compiles the ranks' model, `timeout` bounds one msrun attempt (seconds).
+    single-process check); the ranks walk their rank files layer by layer as this process does (one layer's
+    slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
     Raises CheckpointError for bad input (missing folders, names that do not match the model); a numerical
     mismatch is not an error, it is `passed: False` with the first diverging module named.
     """
@@ -65,8 +66,8 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         ranks = None
         if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
             from ..tp_run import run_ranks
-            ranks = run_ranks(ms_dir, cfg, ids, pixels, dtype=dtype, jit=jit, device=device_target,
-                              timeout=timeout, trace=True, max_new_tokens=max_new_tokens, eos=eos)
+            ranks = run_ranks(ms_dir, cfg, ids, pixels, dtype=dtype, device=device_target,
+                              timeout=timeout, trace=True, max_new_tokens=max_new_tokens, eos=eos, streamed=True)
         from .hf_side import HfSide
         from .streamed import walk
         tol = TOLERANCES[dtype]

@@ -121,30 +121,8 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
             rank_modules.append(compare_module(name, theirs[name], None if k >= len(rank_trace) else
                                                np.asarray(rank_trace[k], dtype=np.float32), rtol))
 
-    m_emb, m_x = clock.run("mindspore", ms.vision_embeddings, pixel_values)
-    check("vision_encoder.embeddings", m_emb)
-    check("vision_encoder.ln_pre", m_x)
-    del m_emb
-    for i in range(layers_run(cfg)):
-        m_x = clock.run("mindspore", ms.vision_block, i, m_x)
-        check(f"vision_encoder.transformer.resblocks.{i}", m_x)
-    m_x = clock.run("mindspore", ms.adapter, m_x)
-    check("adapter", m_x)
-    m_x = clock.run("mindspore", ms.merge, input_ids, m_x)
-    forced = hf_tokens[:-1]  # the tokens fed back while transformers decoded
-    if forced:
-        m_x = ms.ops.concat((m_x, clock.run("mindspore", ms.token_embeddings, forced)), 1)
-    check("language_model.model.tok_embeddings", m_x)
-    total = s + len(forced)
-    cos, sin = ms.rope(np.arange(total))
-    causal = ms.Tensor(np.tril(np.ones((total, total), dtype=bool)))
-    for i in range(n_layers):
-        m_x = clock.run("mindspore", ms.decoder_prefill, i, m_x, cos, sin, causal)
-        check(f"language_model.model.layers.{i}", m_x)
-    m_norm, m_logits = clock.run("mindspore", ms.norm_and_logits, m_x)
-    check("language_model.model.norm_out", m_norm)
+    m_logits, _, _ = reference_forward(ms, cfg, input_ids, pixel_values, clock, check, hf_tokens[:-1])
     m_logits = m_logits.asnumpy()[0]
-    del m_x, m_norm
     ms_tokens = []
     for j, token in enumerate(hf_tokens):  # the reference model's choice after the same prefix
         ms_tokens.append(int(np.argmax(m_logits[s - 1 + j])))
@@ -154,3 +132,74 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
             "rank_modules": rank_modules if rank_trace is not None else None,
             "tokens_hf": hf_tokens, "hf_step_logits": np.stack(hf_steps), "tokens_ms": ms_tokens,
             "seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}
+
+
+def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, extra_tokens=(),
+                      keep_kv: bool = False):
+    """The reference model over the prompt, then `extra_tokens` after it, module by module (`ms` a MsSide):
+    on_module(name, output) for each module of model.trace_names(cfg), in order. Returns (float32 logits
+    [1, S + len(extra_tokens), V], per-layer k and v lists if keep_kv)."""
+    from ..model.vision import layers_run
+    emb, x = clock.run("mindspore", ms.vision_embeddings, pixel_values)
+    on_module("vision_encoder.embeddings", emb)
+    on_module("vision_encoder.ln_pre", x)
+    del emb
+    for i in range(layers_run(cfg)):
+        x = clock.run("mindspore", ms.vision_block, i, x)
+        on_module(f"vision_encoder.transformer.resblocks.{i}", x)
+    x = clock.run("mindspore", ms.adapter, x)
+    on_module("adapter", x)
+    x = clock.run("mindspore", ms.merge, input_ids, x)
+    if len(extra_tokens):
+        x = ms.ops.concat((x, clock.run("mindspore", ms.token_embeddings, list(extra_tokens))), 1)
+    on_module("language_model.model.tok_embeddings", x)
+    total = int(x.shape[1])
+    cos, sin = ms.rope(np.arange(total))
+    causal = ms.Tensor(np.tril(np.ones((total, total), dtype=bool)))
+    ks, vs = [], []
+    for i in range(cfg["text_config"]["num_hidden_layers"]):
+        x, k, v = clock.run("mindspore", ms.decoder_prefill, i, x, cos, sin, causal)
+        if keep_kv:
+            ks.append(k)
+            vs.append(v)
+        del k, v
+        on_module(f"language_model.model.layers.{i}", x)
+    normed, logits = clock.run("mindspore", ms.norm_and_logits, x)
+    on_module("language_model.model.norm_out", normed)
+    return logits, ks, vs
+
+
+def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()) -> dict:
+    """One tensor-parallel rank's part of verify under msrun, streamed like the walk (`ms` a MsSide for
+    this rank): the prompt's logits and every module's output, then free-running greedy decoding with the
+    parallel KV-cache step (DecoderLayer.step, the cache split by heads), walking the layers per token.
+    Every rank runs it in step with the others (their collectives pair up); rank 0's result is the one kept."""
+    clock = _Clock()
+    trace = []
+    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock,
+                                       lambda name, out: trace.append(out.asnumpy().astype(np.float32)),
+                                       keep_kv=max_new_tokens > 0)
+    logits = logits.asnumpy()
+    tokens = []
+    if max_new_tokens > 0:
+        s = int(np.asarray(input_ids).shape[1])
+        total = s + max_new_tokens
+        ks, vs = [_pad(ms, k, total) for k in ks], [_pad(ms, v, total) for v in vs]
+        slots = np.arange(total)
+        tokens.append(int(np.argmax(logits[0, -1])))
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            pos = s + len(tokens) - 1
+            x = clock.run("mindspore", ms.token_embeddings, [tokens[-1]])
+            cos, sin = ms.rope([pos])
+            keep = ms.Tensor((slots <= pos)[None])
+            slot = ms.Tensor((slots == pos).reshape(1, 1, total, 1))
+            for i in range(len(ks)):
+                x, ks[i], vs[i] = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, keep, slot, ks[i], vs[i])
+            tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
+    return {"logits": logits, "trace": trace, "tokens": tokens}
+
+
+def _pad(ms, t, total: int):
+    """[B, kv, S, d] -> [B, kv, total, d] (zeros past the prompt; the decode step writes them)."""
+    ops = ms.ops
+    return ops.concat((t, ops.zeros(t.shape[:2] + (total - t.shape[2],) + t.shape[3:], t.dtype)), 2)

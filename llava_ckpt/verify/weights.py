@@ -32,6 +32,7 @@ class Arena:
         the chunks are replaced by one of the largest step's size (so growth happens once per size)."""
         self._high = max(self._high, self._wanted)
         if len(self._chunks) > 1:
+            self._chunks = []  # freed before the one buffer that replaces them is allocated
             self._chunks = [np.empty(self._high, np.uint8)]
         self._used = self._wanted = 0
 
