@@ -1,7 +1,8 @@
 """Streamed verify: peak memory of the whole process tree does not grow with depth. Text widths 1024 / 4096
 (one layer 16.8 M parameters, 67 MB in float32 per side). Measured on these fixtures: the verify that built
 whole models (transformers, then MindSpore) peaked at 1373 MiB with 2 text layers and 1681 MiB with 6
-(+22%, this test would fail it); streamed, 991 and 994 MiB (+0.3%)."""
+(+22%, this test would fail it); streamed (transformers first, the reference model once, weights in a
+reused arena), 1153 and 1154 MiB."""
 import os
 import sys
 
