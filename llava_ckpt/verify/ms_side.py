@@ -151,9 +151,9 @@ class MsSide:
         self._release(layer)
         return out
 
-    def decoder_step(self, i: int, x, cos, sin, keep, slot, k_cache, v_cache):
+    def decoder_step(self, i: int, x, cos, sin, keep, k_cache, v_cache):
         layer = self._decoder(i)
-        out = layer.step(x, cos, sin, keep, slot, k_cache, v_cache)
+        out = layer.step(x, cos, sin, keep, k_cache, v_cache)
         self._release(layer)
         return out
 

@@ -103,12 +103,12 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     ctx = clock.run("transformers", hf.begin, h_x, 0)
     cos, sin = ms.rope(np.arange(s))
     keep = ms.Tensor(np.tril(np.ones((s, s), dtype=bool)))
-    k_caches, v_caches = [], []
+    k_prompt, v_prompt = [], []
     for i in range(cfg["text_config"]["num_hidden_layers"]):
         h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
         m_x, k, v = clock.run("mindspore", ms.decoder_prefill, i, m_x, cos, sin, keep)
-        k_caches.append(_pad(ms, k, total))
-        v_caches.append(_pad(ms, v, total))
+        k_prompt.append(k.asnumpy())
+        v_prompt.append(v.asnumpy())
         del k, v
         check(f"language_model.model.layers.{i}", h_x, m_x)
     h_norm = clock.run("transformers", hf.norm, h_x)
@@ -121,6 +121,9 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     # greedy decoding, both sides free-running on their own tokens
     hf_tokens, hf_steps = [int(np.argmax(h_logits[-1]))], [h_logits[-1].copy()]
     ms_tokens = [int(np.argmax(m_logits[-1]))]
+    from ..model.llama import KVCache
+    cache = KVCache(k_prompt, v_prompt, total)
+    del k_prompt, v_prompt
     slots = np.arange(total)
 
     def going(tokens):
@@ -135,14 +138,13 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
             pos = s + len(ms_tokens) - 1
             m_x = clock.run("mindspore", ms.token_embeddings, ms_tokens[-1])
             cos, sin = ms.rope([pos])
-            keep = ms.Tensor((slots <= pos)[None])
-            slot = ms.Tensor((slots == pos).reshape(1, 1, total, 1))
+            keep = ms.Tensor(np.append(slots < pos, True)[None, None, None])  # the cache's past, then pos
         for i in range(cfg["text_config"]["num_hidden_layers"]):
             if run_hf:
                 h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
             if run_ms:
-                m_x, k_caches[i], v_caches[i] = clock.run("mindspore", ms.decoder_step, i, m_x, cos, sin, keep, slot,
-                                                          k_caches[i], v_caches[i])
+                m_x, k, v = clock.run("mindspore", ms.decoder_step, i, m_x, cos, sin, keep, *cache.layer(i))
+                cache.write(i, pos, k, v)
         if run_hf:
             step = to_numpy(clock.run("transformers", lambda x: hf.lm_head(hf.norm(x)), h_x))[0, -1]
             hf_tokens.append(int(np.argmax(step)))
@@ -155,8 +157,3 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
             "tokens_hf": hf_tokens, "hf_step_logits": np.stack(hf_steps), "tokens_ms": ms_tokens,
             "seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}
 
-
-def _pad(ms, t, total: int):
-    """[B, kv, S, d] -> [B, kv, total, d] (zeros past the prompt; the decode step writes them)."""
-    ops = ms.ops
-    return ops.concat((t, ops.zeros(t.shape[:2] + (total - t.shape[2],) + t.shape[3:], t.dtype)), 2)
