@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, RMSNorm, param, rope_tables, softmax_f32
+from .layers import Linear, RMSNorm, as_dtype, param, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -80,7 +80,16 @@ class Attention(nn.Cell):
 
     def scores(self, q, k):
         """float32 q.k * scale: [B, kv, rep * S, d] x [B, kv, T, d] -> [B, kv, rep * S, T]."""
-        return (self.bmm_t(q, k) * self.scale).astype(ms.float32)
+        return as_dtype(self.bmm_t(q, k) * self.scale, ms.float32)
+
+    @staticmethod
+    def masked_probs(scores, keep, dtype):
+        """softmax(scores + mask) with MASKED added where keep is False, as transformers adds its mask. The mask
+        is made at keep's own broadcast size ([B, 1, S, T]), so the full [B, heads, S, T] tensors are only the
+        scores, their masked sum and the probabilities (a select against a full-size MASKED tensor made two
+        more, each kept by the compiled prefill graph: ~200 MB apiece per layer at batch 4, 7B widths)."""
+        bias = (1.0 - keep.astype(ms.float32)) * MASKED  # -0.0 where kept: adds nothing
+        return softmax_f32(scores + bias, dtype)
 
     def output(self, out, b, s):
         """[B, kv, rep * S, d] attention output -> wo([B, S, heads * d])."""
@@ -92,8 +101,7 @@ class Attention(nn.Cell):
         """keep: bool, broadcastable to [B, heads, S, T]; True where a query may look."""
         b, _, s, _ = q.shape
         scores = self.scores(self.grouped(q), k).reshape(b, self.heads, s, -1)
-        scores = ops.where(keep, scores, ops.full_like(scores, MASKED))
-        probs = softmax_f32(scores, q.dtype).reshape(b, self.kv_heads, self.rep * s, -1)
+        probs = self.masked_probs(scores, keep, q.dtype).reshape(b, self.kv_heads, self.rep * s, -1)
         return self.output(self.bmm(probs, v), b, s)
 
     def attend_cached(self, q, k, v, k_cache, v_cache, keep):
@@ -104,8 +112,7 @@ class Attention(nn.Cell):
         t = k_cache.shape[2]
         qg = self.grouped(q)
         scores = ops.concat((self.scores(qg, k_cache), self.scores(qg, k)), -1).reshape(b, self.heads, s, t + s)
-        scores = ops.where(keep, scores, ops.full_like(scores, MASKED))
-        probs = softmax_f32(scores, q.dtype).reshape(b, self.kv_heads, self.rep * s, t + s)
+        probs = self.masked_probs(scores, keep, q.dtype).reshape(b, self.kv_heads, self.rep * s, t + s)
         out = self.bmm(probs[..., :t], v_cache) + self.bmm(probs[..., t:], v)
         return self.output(out, b, s)
 
