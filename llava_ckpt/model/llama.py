@@ -224,9 +224,10 @@ class KVCache:
     """Per-layer k and v caches [B, kv, T, d] in host (numpy) memory, handed to the compiled step as input
     tensors that share that memory (Tensor.from_numpy: no copy), and written one slot at a time in place.
 
-    In MindSpore graph mode a cache that is a graph input cannot be written in place, and one that is a
-    Parameter is written by a kernel that copies it whole (ScatterNdUpdate on CPU), so the slot write is
-    done here, on the host, where it costs B * kv * d numbers per layer."""
+    MindSpore 2.10 graph mode on CPU offered no in-place write of a graph input, and a Parameter cache is
+    written by ScatterNdUpdate, which copies the whole tensor (~17 ms per 44 MB cache, measured), so the
+    slot write is done here, on the host, where it costs B * kv * d numbers per layer. This is a CPU design:
+    on Ascend or GPU the host cache would be copied to the device every step."""
 
     def __init__(self, ks, vs, total: int):
         """ks, vs: per-layer prefill k and v ([B, kv, S, d] tensors or arrays); slots S..total-1 start at 0."""
