@@ -47,6 +47,12 @@ def rank_count(ms_dir: str) -> int:
     return len(ranks)
 
 
+def rank_threads(world: int) -> int:
+    """CPU kernel threads per rank: the cores shared out, so N ranks on one machine do not each start a pool
+    the size of the machine (2 ranks x 2 threads on 2 cores ran tp 2 slower than tp 1)."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -210,7 +216,7 @@ def run_jobs(ms_dir: str, cfg: dict, jobs: list, dtype: str = "float32", jit: bo
         for attempt in range(1 + retries):
             pending = [i for i in range(len(jobs)) if i not in results]
             plan = {"dtype": dtype, "jit": bool(jit), "device": device, "package": PACKAGE, "jobs": specs,
-                    "pending": pending}
+                    "pending": pending, "threads": rank_threads(world)}
             with open(os.path.join(work, "jobs.json"), "w", encoding="utf-8") as f:
                 json.dump(plan, f)
             why = _attempt(ms_dir, world, work, pending, timeout, results, on_result)

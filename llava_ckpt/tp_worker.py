@@ -115,6 +115,8 @@ def main(argv=None) -> int:
             raise fail(f"the ranks import llava_ckpt from {mine}, the launcher from {plan['package']}: "
                        "install the package (pip install -e .) or put it on PYTHONPATH")
         set_device(plan.get("device", "CPU"))
+        if plan.get("device", "CPU") == "CPU" and plan.get("threads"):
+            ms.device_context.cpu.op_tuning.threads_num(int(plan["threads"]))
         init()
         rank, world = get_rank(), get_group_size()
         rank_dir = os.path.join(args.ms_dir, f"rank_{rank}")

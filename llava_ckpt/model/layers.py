@@ -72,9 +72,15 @@ class LayerNorm(nn.Cell):
         return h.astype(x.dtype)
 
 
+def as_dtype(x, dtype):
+    """x in `dtype`, with no Cast when it already is: in a compiled graph every op output (a no-op Cast of
+    [B, heads, S, S] scores included) holds its own memory for the graph's life."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def softmax_f32(scores, out_dtype):
     """Softmax in float32, cast back (transformers' eager attention does the same)."""
-    return ops.softmax(scores.astype(ms.float32), -1).astype(out_dtype)
+    return as_dtype(ops.softmax(as_dtype(scores, ms.float32), -1), out_dtype)
 
 
 def quick_gelu(x):

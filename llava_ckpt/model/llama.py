@@ -3,8 +3,11 @@
 Two weight layouts: separate wq/wk/wv and w1/w3, or MindFormers' qkv_concat layout (`w_qkv` rows grouped
 per KV head: [q rows of the group's heads; k_g; v_g]; `w_gate_hidden` rows interleaved gate_0, up_0, ...),
 which is what its forward reshapes to (.., n_kv, n_rep + 2, head_dim) and (.., F, 2).
-The KV cache is functional (passed in and returned, fixed length T) so one compiled graph serves every
-decode step; no cache Parameter exists, so parameter names stay exactly the checkpoint's.
+The KV cache (KVCache) is host memory, fixed length T, handed to the compiled decode step as zero-copy input
+tensors: the step reads the cache, attends over it plus the new position, and returns only the new position's
+k/v, which the host writes into its slot. Nothing is rewritten per step (a functional cache update copied the
+whole [B, kv, T, d] cache of every layer each step, costlier than the step's matmuls at batch 4), and no cache
+Parameter exists, so parameter names stay exactly the checkpoint's.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, RMSNorm, param, rope_tables, softmax_f32
+from .layers import Linear, RMSNorm, as_dtype, param, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -69,20 +72,49 @@ class Attention(nn.Cell):
         k = k * cos + rotate_half(k) * sin
         return q, k, v
 
-    def repeat(self, t):
-        if self.rep == 1:
-            return t
-        b, g, n, d = t.shape
-        return ops.broadcast_to(t.reshape(b, g, 1, n, d), (b, g, self.rep, n, d)).reshape(b, g * self.rep, n, d)
+    def grouped(self, q):
+        """[B, heads, S, d] -> [B, kv_heads, rep * S, d]: each KV head's queries as rows of one matmul, so
+        k and v are never repeated per query head (a free reshape: head h = group * rep + r)."""
+        b, _, s, d = q.shape
+        return q.reshape(b, self.kv_heads, self.rep * s, d)
+
+    def scores(self, q, k):
+        """float32 q.k * scale: [B, kv, rep * S, d] x [B, kv, T, d] -> [B, kv, rep * S, T]."""
+        return as_dtype(self.bmm_t(q, k) * self.scale, ms.float32)
+
+    @staticmethod
+    def masked_probs(scores, keep, dtype):
+        """softmax(scores + mask) with MASKED added where keep is False, as transformers adds its mask. The mask
+        is made at keep's own broadcast size ([B, 1, S, T]), so the full [B, heads, S, T] tensors are only the
+        scores, their masked sum and the probabilities (a select against a full-size MASKED tensor made two
+        more, each kept by the compiled prefill graph: ~200 MB apiece per layer at batch 4, 7B widths)."""
+        bias = (1.0 - keep.astype(ms.float32)) * MASKED  # -0.0 where kept: adds nothing
+        return softmax_f32(scores + bias, dtype)
+
+    def output(self, out, b, s):
+        """[B, kv, rep * S, d] attention output -> wo([B, S, heads * d])."""
+        d = self.head_dim
+        out = out.reshape(b, self.heads, s, d).transpose(0, 2, 1, 3).reshape(b, s, self.heads * d)
+        return self.wo(out)
 
     def attend(self, q, k, v, keep):
         """keep: bool, broadcastable to [B, heads, S, T]; True where a query may look."""
         b, _, s, _ = q.shape
-        scores = (self.bmm_t(q, self.repeat(k)) * self.scale).astype(ms.float32)
-        scores = ops.where(keep, scores, ops.full_like(scores, MASKED))
-        probs = softmax_f32(scores, q.dtype)
-        out = self.bmm(probs, self.repeat(v)).transpose(0, 2, 1, 3).reshape(b, s, self.heads * self.head_dim)
-        return self.wo(out)
+        scores = self.scores(self.grouped(q), k).reshape(b, self.heads, s, -1)
+        probs = self.masked_probs(scores, keep, q.dtype).reshape(b, self.kv_heads, self.rep * s, -1)
+        return self.output(self.bmm(probs, v), b, s)
+
+    def attend_cached(self, q, k, v, k_cache, v_cache, keep):
+        """Attention of the new positions (q, k, v: [B, *, 1, d]) over the cache's T slots and themselves,
+        without writing the cache. keep: bool [B, 1, 1, T + 1], the cache slots a row may see, then the new
+        position (always True). One softmax over both parts, so it equals attention over the written cache."""
+        b, _, s, _ = q.shape
+        t = k_cache.shape[2]
+        qg = self.grouped(q)
+        scores = ops.concat((self.scores(qg, k_cache), self.scores(qg, k)), -1).reshape(b, self.heads, s, t + s)
+        probs = self.masked_probs(scores, keep, q.dtype).reshape(b, self.kv_heads, self.rep * s, t + s)
+        out = self.bmm(probs[..., :t], v_cache) + self.bmm(probs[..., t:], v)
+        return self.output(out, b, s)
 
 
 class FeedForward(nn.Cell):
@@ -122,14 +154,12 @@ class DecoderLayer(nn.Cell):
         x = x + self.attention.attend(q, k, v, keep)
         return x + self.feed_forward(self.ffn_norm(x)), k, v
 
-    def step(self, x, cos, sin, keep, slot, k_cache, v_cache):
-        """One new position per row: write its k/v at `slot` (bool [1, 1, T, 1], the same cache slot for every
-        row: rows are left-padded to one length) of the fixed-length cache."""
+    def step(self, x, cos, sin, keep, k_cache, v_cache):
+        """One new position per row, attending over the cache (not written here: see KVCache). Returns the
+        layer output and the new position's k and v ([B, kv, 1, d]) for the caller to store."""
         q, k, v = self.attention.qkv(self.attention_norm(x), cos, sin)
-        k_cache = ops.where(slot, ops.broadcast_to(k, k_cache.shape), k_cache)
-        v_cache = ops.where(slot, ops.broadcast_to(v, v_cache.shape), v_cache)
-        x = x + self.attention.attend(q, k_cache, v_cache, keep)
-        return x + self.feed_forward(self.ffn_norm(x)), k_cache, v_cache
+        x = x + self.attention.attend_cached(q, k, v, k_cache, v_cache, keep)
+        return x + self.feed_forward(self.ffn_norm(x)), k, v
 
 
 class Embedding(nn.Cell):
@@ -176,14 +206,57 @@ class LanguageModel(nn.Cell):
         logits = self.logits(x[:, -1:]) if last_only else self.logits(x)
         return logits, ks, vs, states + (self.model.norm_out(x),)
 
-    def step(self, ids, positions, keep, slot, k_caches, v_caches):
+    def step(self, ids, positions, keep, k_caches, v_caches):
+        """One decode step: logits [B, 1, V] and the new position's k and v of every layer, stacked
+        ([layers, B, kv, 1, d] each: one host transfer for all layers)."""
         cos, sin = ops.gather(self.cos, positions, 0), ops.gather(self.sin, positions, 0)
         x = self.model.tok_embeddings(ids)
         ks, vs = (), ()
         i = 0
         for layer in self.model.layers:
-            x, k, v = layer.step(x, cos, sin, keep, slot, k_caches[i], v_caches[i])
+            x, k, v = layer.step(x, cos, sin, keep, k_caches[i], v_caches[i])
             ks, vs = ks + (k,), vs + (v,)
             i = i + 1
-        return self.logits(x), ks, vs
+        return self.logits(x), ops.stack(ks), ops.stack(vs)
 
+
+class KVCache:
+    """Per-layer k and v caches [B, kv, T, d] in host (numpy) memory, handed to the compiled step as input
+    tensors that share that memory (Tensor.from_numpy: no copy), and written one slot at a time in place.
+
+    MindSpore 2.10 graph mode on CPU offered no in-place write of a graph input, and a Parameter cache is
+    written by ScatterNdUpdate, which copies the whole tensor (~17 ms per 44 MB cache, measured), so the
+    slot write is done here, on the host, where it costs B * kv * d numbers per layer. This is a CPU design:
+    on Ascend or GPU the host cache would be copied to the device every step."""
+
+    def __init__(self, ks, vs, total: int):
+        """ks, vs: per-layer prefill k and v ([B, kv, S, d] tensors or arrays); slots S..total-1 start at 0."""
+        self.k = [self._padded(t, total) for t in ks]
+        self.v = [self._padded(t, total) for t in vs]
+
+    @staticmethod
+    def _padded(t, total):
+        a = t.asnumpy() if hasattr(t, "asnumpy") else np.asarray(t)
+        out = np.zeros(a.shape[:2] + (total,) + a.shape[3:], dtype=a.dtype)
+        out[:, :, :a.shape[2]] = a
+        return out
+
+    def tensors(self) -> tuple:
+        """(k, v) tuples of tensors viewing the cache memory, for the compiled step (mutable: a plain tuple
+        would be a compile-time constant)."""
+        view = ms.Tensor.from_numpy
+        return ms.mutable(tuple(view(a) for a in self.k)), ms.mutable(tuple(view(a) for a in self.v))
+
+    def layer(self, i: int) -> tuple:
+        return ms.Tensor.from_numpy(self.k[i]), ms.Tensor.from_numpy(self.v[i])
+
+    def write(self, i: int, slot: int, k, v) -> None:
+        """Layer i's new position ([B, kv, 1, d]) into `slot`."""
+        self.k[i][:, :, slot] = (k.asnumpy() if hasattr(k, "asnumpy") else np.asarray(k))[:, :, 0]
+        self.v[i][:, :, slot] = (v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v))[:, :, 0]
+
+    def write_all(self, slot: int, ks, vs) -> None:
+        """Every layer's new position (the step's stacked [layers, B, kv, 1, d] outputs) into `slot`."""
+        ks, vs = ks.asnumpy(), vs.asnumpy()
+        for i in range(len(self.k)):
+            self.write(i, slot, ks[i], vs[i])

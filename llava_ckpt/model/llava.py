@@ -9,7 +9,7 @@ from mindspore import nn, ops, Tensor
 
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
-from .llama import LanguageModel
+from .llama import KVCache, LanguageModel
 from .vision import VisionEncoder, layers_run, patch_count
 
 
@@ -95,8 +95,8 @@ class _Step(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, ids, positions, keep, slot, k_cache, v_cache):
-        return self.model.language_model.step(ids, positions, keep, slot, k_cache, v_cache)
+    def construct(self, ids, positions, keep, k_cache, v_cache):
+        return self.model.language_model.step(ids, positions, keep, k_cache, v_cache)
 
 
 def greedy(logits: np.ndarray) -> np.ndarray:
@@ -203,14 +203,13 @@ class Runner:
         b, s = mask.shape
         total = s + max_new_tokens
         lengths = mask.sum(axis=1).astype(np.int32)
-
-        def pad(t):  # [B, kv, S, d] -> [B, kv, total, d]
-            return ops.concat((t, ops.zeros(t.shape[:2] + (total - s,) + t.shape[3:], t.dtype)), 2)
-
-        # mutable: a plain tuple of tensors is a compile-time constant (one recompile per step)
-        k, v = ms.mutable(tuple(pad(t) for t in k_prompt)), ms.mutable(tuple(pad(t) for t in v_prompt))
-        visible = np.zeros((b, total), dtype=bool)
+        cache = KVCache(k_prompt, v_prompt, total)
+        del k_prompt, v_prompt
+        # visible[:, j] for j < total: cache slot j holds a position this row may see; visible[:, total]: the
+        # position being fed (attended directly, written to its slot after the step)
+        visible = np.zeros((b, total + 1), dtype=bool)
         visible[:, :s] = mask
+        visible[:, total] = True
         eos_ids = np.array(sorted({int(e) for e in eos}), dtype=np.int64)
         done = np.zeros(b, dtype=bool)
         tokens, logits, decoded = [], [last] if keep_logits else None, 0
@@ -225,15 +224,15 @@ class Runner:
             if n >= max_new_tokens or done.all():
                 break
             slot = s + n - 1
-            visible[:, slot] = True
             decoded += int((~done).sum())
+            k, v = cache.tensors()
             out = self._step(Tensor(chosen.reshape(b, 1).astype(np.int32)),
-                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(visible[:, None, None, :]),
-                             Tensor((np.arange(total) == slot).reshape(1, 1, total, 1)), k, v)
+                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(visible[:, None, None, :]), k, v)
             last = out[0].asnumpy()[:, -1]
+            cache.write_all(slot, out[1], out[2])
+            visible[:, slot] = True
             if keep_logits:
                 logits.append(last)
-            k, v = ms.mutable(tuple(out[1])), ms.mutable(tuple(out[2]))
             chosen = np.asarray(choose(last)).astype(np.int64)
         grid = np.stack(tokens, axis=1)  # [B, n]
         rows, finish = [], []

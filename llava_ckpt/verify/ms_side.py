@@ -223,11 +223,13 @@ class MsSide:
         self._release(layer)
         return out
 
-    def decoder_step(self, i: int, x, cos, sin, keep, slot, k_cache, v_cache):
-        """DecoderLayer.step of layer i (one new position, the fixed-length KV cache): (output, k, v)."""
+    def decoder_step(self, i: int, x, cos, sin, keep, k_cache, v_cache):
+        """DecoderLayer.step of layer i (one new position attending over the KV cache and itself): (output,
+        the new position's k, v) for the caller to write into the cache (model.llama.KVCache)."""
         self._begin()
         layer = self._load(self._decoder_cell(), f"{TEXT}layers.{i}.")
-        out = layer.step(x, cos, sin, keep, slot, k_cache, v_cache)
+        out = layer.step(x, cos, sin, keep, k_cache, v_cache)
+        self.synchronize()  # done reading the cache before the caller writes the new slot into it
         self._release(layer)
         return out
 

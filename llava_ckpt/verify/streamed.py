@@ -182,24 +182,21 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
     logits = logits.asnumpy()
     tokens = []
     if max_new_tokens > 0:
+        from ..model.llama import KVCache
         s = int(np.asarray(input_ids).shape[1])
         total = s + max_new_tokens
-        ks, vs = [_pad(ms, k, total) for k in ks], [_pad(ms, v, total) for v in vs]
+        cache = KVCache(ks, vs, total)
+        del ks, vs
         slots = np.arange(total)
         tokens.append(int(np.argmax(logits[0, -1])))
         while len(tokens) < max_new_tokens and tokens[-1] not in eos:
             pos = s + len(tokens) - 1
             x = clock.run("mindspore", ms.token_embeddings, [tokens[-1]])
             cos, sin = ms.rope([pos])
-            keep = ms.Tensor((slots <= pos)[None])
-            slot = ms.Tensor((slots == pos).reshape(1, 1, total, 1))
-            for i in range(len(ks)):
-                x, ks[i], vs[i] = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, keep, slot, ks[i], vs[i])
+            keep = ms.Tensor(np.append(slots < pos, True)[None, None, None])  # the cache's past, then pos itself
+            for i in range(len(cache.k)):
+                x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, keep, *cache.layer(i))
+                cache.write(i, pos, k, v)
             tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
     return {"logits": logits, "trace": trace, "tokens": tokens}
 
-
-def _pad(ms, t, total: int):
-    """[B, kv, S, d] -> [B, kv, total, d] (zeros past the prompt; the decode step writes them)."""
-    ops = ms.ops
-    return ops.concat((t, ops.zeros(t.shape[:2] + (total - t.shape[2],) + t.shape[3:], t.dtype)), 2)
