@@ -66,16 +66,16 @@ def _streamed_forward(cfg: dict, rank_dir: str, rank: int, world: int, plan: dic
     tensors = load_tensors(rank_dir)
     ms = MsSide(cfg, tensors, dtype=plan.get("dtype", "float32"), device_target=plan.get("device", "CPU"),
                 rank=rank, world=world)
+    new_tokens = int(job.get("max_new_tokens", 0))
     try:
-        got = rank_walk(ms, cfg, arrays["input_ids"], arrays["pixel_values"], int(job.get("max_new_tokens", 0)),
-                        eos=tuple(job.get("eos", ())))
+        got = rank_walk(ms, cfg, arrays["input_ids"], arrays["pixel_values"], new_tokens,
+                        eos=tuple(job.get("eos", ())), trace=bool(job.get("trace")) and rank == 0)
     finally:
         ms.close()
         tensors.close()
     out = {"logits": np.asarray(got["logits"], dtype=np.float32)}
-    if job.get("trace"):
-        out.update({f"trace_{i:04d}": t for i, t in enumerate(got["trace"])})
-    meta = {"tokens": got["tokens"]} if int(job.get("max_new_tokens", 0)) > 0 else {}
+    out.update({f"trace_{i:04d}": t for i, t in enumerate(got["trace"])})
+    meta = {"tokens": got["tokens"]} if new_tokens > 0 else {}
     return meta, out
 
 

@@ -115,7 +115,8 @@ def parallel_adapter(adapter, cfg: dict, world: int, dtype: str):
 def build_parallel(cfg: dict, rank: int, world: int, fused: bool, dtype: str = "float32"):
     """This rank's LlavaVlm (local shapes, parallel cells swapped in), parameters still empty."""
     from .llava import LlavaVlm
-    check_rank(rank, world)
+    if not 0 <= rank < world:
+        raise fail(f"rank {rank} is outside a world of {world}")
     lcfg = local_config(cfg, world)
     model = LlavaVlm(lcfg, dtype=dtype, fused=fused)
     tc, lt = cfg["text_config"], lcfg["text_config"]
@@ -128,11 +129,6 @@ def build_parallel(cfg: dict, rank: int, world: int, fused: bool, dtype: str = "
     parallel_adapter(model.adapter, cfg, world, dtype)
     _name_parameters(model)
     return model
-
-
-def check_rank(rank: int, world: int) -> None:
-    if not 0 <= rank < world:
-        raise fail(f"rank {rank} is outside a world of {world}")
 
 
 def _name_parameters(model) -> None:

@@ -56,8 +56,9 @@ class HfSide:
 
     def _read(self, names: list) -> dict:
         """canonical name -> float32 tensor (rounded) in the arena, read with pread (no file stays mapped)."""
-        return {name: self._rounded(self._info(name), read_into_arena(self.arena, self.reader, self._info(name),
-                                                                      np.float32)) for name in names}
+        infos = {name: self._info(name) for name in names}
+        return {name: self._rounded(info, read_into_arena(self.arena, self.reader, info, np.float32))
+                for name, info in infos.items()}
 
     def _rounded(self, info, a: np.ndarray):
         """`a` (float32, read from `info`) rounded in place through self.round_to."""

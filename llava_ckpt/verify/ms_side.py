@@ -85,17 +85,14 @@ class MsSide:
         return cell
 
     def _weight(self, name: str, shape: tuple) -> np.ndarray:
+        stored = self.infos[name] if self.infos is not None else self.tensors[name]  # header only, or the data
+        if tuple(stored.shape) != shape:
+            raise fail(f"{name}: checkpoint shape {tuple(stored.shape)}, the config needs {shape}")
         if self.infos is not None:
-            info = self.infos[name]
-            if tuple(info.shape) != shape:
-                raise fail(f"{name}: checkpoint shape {tuple(info.shape)}, the config needs {shape}")
-            return read_into_arena(self.arena, self.reader, info, self.target)
-        value = self.tensors[name]
-        if tuple(value.shape) != shape:
-            raise fail(f"{name}: checkpoint shape {tuple(value.shape)}, the config needs {shape}")
-        if value.dtype.kind not in "fV" and str(value.dtype) != "bfloat16":
-            raise fail(f"{name}: dtype {value.dtype} is not a float type")
-        return cast_into(self.arena.take(shape, self.target), value)
+            return read_into_arena(self.arena, self.reader, stored, self.target)
+        if stored.dtype.kind not in "fV" and str(stored.dtype) != "bfloat16":
+            raise fail(f"{name}: dtype {stored.dtype} is not a float type")
+        return cast_into(self.arena.take(shape, self.target), stored)
 
     def _release(self, *cells):
         """Give a step's weights back now. Cells sit in reference cycles (only a full gc.collect, ~0.5-1 s

@@ -169,16 +169,20 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
     return logits, ks, vs
 
 
-def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()) -> dict:
+def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), trace: bool = True) -> dict:
     """One tensor-parallel rank's part of verify under msrun, streamed like the walk (`ms` a MsSide for
-    this rank): the prompt's logits and every module's output, then free-running greedy decoding with the
-    parallel KV-cache step (DecoderLayer.step, the cache split by heads), walking the layers per token.
-    Every rank runs it in step with the others (their collectives pair up); rank 0's result is the one kept."""
+    this rank): the prompt's logits and, with `trace`, every module's output (only the rank whose result is
+    kept needs them), then free-running greedy decoding with the parallel KV-cache step (DecoderLayer.step,
+    the cache split by heads), walking the layers per token. Every rank runs it in step with the others
+    (their collectives pair up); rank 0's result is the one kept."""
     clock = _Clock()
-    trace = []
-    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock,
-                                       lambda name, out: trace.append(out.asnumpy().astype(np.float32)),
-                                       keep_kv=max_new_tokens > 0)
+    outputs = []
+
+    def keep(name, out):
+        if trace:
+            outputs.append(out.asnumpy().astype(np.float32))
+
+    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, keep, keep_kv=max_new_tokens > 0)
     logits = logits.asnumpy()
     tokens = []
     if max_new_tokens > 0:
@@ -198,5 +202,5 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
                 x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, keep, *cache.layer(i))
                 cache.write(i, pos, k, v)
             tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
-    return {"logits": logits, "trace": trace, "tokens": tokens}
+    return {"logits": logits, "trace": outputs, "tokens": tokens}
 
