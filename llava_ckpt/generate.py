@@ -191,8 +191,9 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     an answer (default: generation_config.json's). on_batch(outputs, done, total) is called as each batch
     finishes, outputs in input order. `timeout`: seconds the msrun ranks may take per batch (tp > 1).
     Returns {"tp", "outputs": [{"image", "prompt", "prompt_text", "token_ids", "text", "finish_reason"}],
-    "prefill_s", "decode_tokens_per_s", ...}.
+    "prefill_s", "decode_tokens_per_s", "matmul" (what batched decode steps multiply with), ...}.
     """
+    from .model.kernels import small_matmul_status
     from .prompts import load_processor
     _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed)
     if not requests:
@@ -268,6 +269,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
         "device": device,
+        "matmul": small_matmul_status(dtype, device),
         "do_sample": bool(do_sample),
         "seed": seed,
         "ms_dir": os.path.abspath(ms_dir),

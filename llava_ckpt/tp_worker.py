@@ -104,6 +104,7 @@ def main(argv=None) -> int:
         import llava_ckpt
         from llava_ckpt.errors import fail
         from llava_ckpt.io import load_tensors
+        from llava_ckpt.model import kernels
         from llava_ckpt.model.loading import set_device
         from llava_ckpt.model.llava import Runner
         from llava_ckpt.model.parallel import load_rank
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         set_device(plan.get("device", "CPU"))
         if plan.get("device", "CPU") == "CPU" and plan.get("threads"):
             ms.device_context.cpu.op_tuning.threads_num(int(plan["threads"]))
+            kernels.set_threads(int(plan["threads"]))
         init()
         rank, world = get_rank(), get_group_size()
         rank_dir = os.path.join(args.ms_dir, f"rank_{rank}")

@@ -167,14 +167,20 @@ def test_not_enough_free_space_is_caught_before_writing(tiny, tmp_path, monkeypa
 
 def test_signals_wait_until_the_swap_is_done():
     from llava_ckpt.io.atomic import _signals_deferred
+    # Python's own Ctrl-C handler, whatever the test run inherited (a shell starts background jobs with
+    # SIGINT ignored, and Python then keeps it ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with _signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            reached.append("after the signal")  # still running: the signal was held
-    assert reached == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached.append("after the signal")  # still running: the signal was held
+        assert reached == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])

@@ -19,6 +19,7 @@ from PIL import Image
 from llava_ckpt.cli import main
 from llava_ckpt.convert import convert
 from llava_ckpt.generate import generate
+from llava_ckpt.model import kernels
 
 N = 6
 QUESTIONS = ["What is this?", "Describe everything you can see in this picture, left to right, in detail.", "Hi"]
@@ -93,6 +94,8 @@ def test_greedy_batch_matches_transformers(tiny, tmp_path, requests, expected, f
         assert o["image"] == q["image"] and o["prompt"] == q["prompt"]
         assert o["finish_reason"] == "length" and len(o["token_ids"]) == N and o["text"]
     assert r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["decode_tokens"] == 3 * (N - 1)
+    if kernels._cpu_supports() is None:  # batches of 2-8 rows decode with the small_matmul kernel here
+        assert r["matmul"].startswith("small_matmul kernel ("), r["matmul"]
 
 
 def test_sampling_with_a_seed_repeats(tp1, requests, expected):

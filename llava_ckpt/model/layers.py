@@ -12,6 +12,8 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer
 
+from .kernels import SMALL_ROWS, small_matmul_op
+
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16}
 
@@ -22,17 +24,26 @@ def param(shape, dtype) -> Parameter:
 
 
 class Linear(nn.Cell):
-    """y = x @ weight.T (+ bias); weight [out, in]."""
+    """y = x @ weight.T (+ bias); weight [out, in]. A batched decode step's few rows go to the small_matmul
+    kernel where it runs (model/kernels), the rest to MindSpore's MatMul."""
 
     def __init__(self, out_dim, in_dim, bias, dtype):
         super().__init__()
         self.weight = param((out_dim, in_dim), dtype)
         self.bias = param((out_dim,), dtype) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.small_matmul = small_matmul_op(dtype)
+        self.small_rows = SMALL_ROWS
+
+    def project(self, x2d):
+        """x2d [T, in] @ weight.T; T is static in a compiled graph, so the choice is made at compile time."""
+        if self.small_matmul is not None and self.small_rows[0] <= x2d.shape[0] <= self.small_rows[1]:
+            return self.small_matmul(x2d, self.weight)
+        return self.matmul(x2d, self.weight)
 
     def construct(self, x):
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        y = self.project(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(shape[:-1] + (-1,))

@@ -50,7 +50,7 @@ class RowParallelLinear(Linear):
 
     def construct(self, x):
         shape = x.shape
-        y = self.all_reduce(self.matmul(x.reshape(-1, shape[-1]), self.weight))
+        y = self.all_reduce(self.project(x.reshape(-1, shape[-1])))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(shape[:-1] + (-1,))
@@ -83,7 +83,7 @@ class VocabParallelHead(Linear):
 
     def construct(self, x):
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)  # [T, V/N]
+        y = self.project(x.reshape(-1, shape[-1]))  # [T, V/N]
         y = self.all_gather(y.transpose(1, 0))                    # [V, T], rank 0's rows first
         return y.transpose(1, 0).reshape(shape[:-1] + (-1,))
 
