@@ -55,10 +55,11 @@ void columns_by(const float *x, const float *w, float *y, int64_t n_out, int64_t
   if (R > 1 && n < n1) columns_by<M, 1>(x, w, y, n_out, k_in, n, n1);
 }
 
-// Accumulators in registers: R * M <= 8 of the 16 vector registers.
+// R weight rows at a time, the R * M accumulators (at most 12) plus R weight vectors held in the 16 vector
+// registers; for 4 rows R = 3 measured ~10% faster than R = 2 at 7B widths.
 template <int M>
 void columns(const float *x, const float *w, float *y, int64_t n_out, int64_t k_in, int64_t n0, int64_t n1) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 3 : 1);
   columns_by<M, R>(x, w, y, n_out, k_in, n0, n1);
 }
 
