@@ -220,6 +220,11 @@ class LanguageModel(nn.Cell):
         return self.logits(x), ops.stack(ks), ops.stack(vs)
 
 
+def _on_host(t) -> np.ndarray:
+    """A MindSpore tensor's (or an array's) values as a numpy array."""
+    return t.asnumpy() if hasattr(t, "asnumpy") else np.asarray(t)
+
+
 class KVCache:
     """Per-layer k and v caches [B, kv, T, d] in host (numpy) memory, handed to the compiled step as input
     tensors that share that memory (Tensor.from_numpy: no copy), and written one slot at a time in place.
@@ -236,7 +241,7 @@ class KVCache:
 
     @staticmethod
     def _padded(t, total):
-        a = t.asnumpy() if hasattr(t, "asnumpy") else np.asarray(t)
+        a = _on_host(t)
         out = np.zeros(a.shape[:2] + (total,) + a.shape[3:], dtype=a.dtype)
         out[:, :, :a.shape[2]] = a
         return out
@@ -252,8 +257,8 @@ class KVCache:
 
     def write(self, i: int, slot: int, k, v) -> None:
         """Layer i's new position ([B, kv, 1, d]) into `slot`."""
-        self.k[i][:, :, slot] = (k.asnumpy() if hasattr(k, "asnumpy") else np.asarray(k))[:, :, 0]
-        self.v[i][:, :, slot] = (v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v))[:, :, 0]
+        self.k[i][:, :, slot] = _on_host(k)[:, :, 0]
+        self.v[i][:, :, slot] = _on_host(v)[:, :, 0]
 
     def write_all(self, slot: int, ks, vs) -> None:
         """Every layer's new position (the step's stacked [layers, B, kv, 1, d] outputs) into `slot`."""

@@ -178,11 +178,11 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
     clock = _Clock()
     outputs = []
 
-    def keep(name, out):
+    def record(name, out):
         if trace:
             outputs.append(out.asnumpy().astype(np.float32))
 
-    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, keep, keep_kv=max_new_tokens > 0)
+    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, record, keep_kv=max_new_tokens > 0)
     logits = logits.asnumpy()
     tokens = []
     if max_new_tokens > 0:
