@@ -121,7 +121,14 @@ def ours_here(ms_dir: str, requests: list, batch: int, new_tokens: int) -> dict:
     decode_tokens = second["decode_tokens"] - first["decode_tokens"]
     return {"prefill_s": prefill, "tokens_per_s": decode_tokens / decode_s, "first_prefill_s": first["prefill_s"],
             "tokens": [o["token_ids"] for o in result["outputs"][batch:]], "wall_s": wall,
-            "matmul": small_matmul_status()}
+            "matmul": small_matmul_status(), "peak_rss_gib": largest_process_gib()}
+
+
+def largest_process_gib() -> float:
+    """Peak RSS of the largest process: this one, or one it waited for (msrun and, through it, the ranks)."""
+    import resource
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(kib / 2 ** 20, 2)
 
 
 def theirs(hf_dir: str, requests: list, batch: int, new_tokens: int, model=None) -> dict:
@@ -186,9 +193,10 @@ def main():
         same = sum(a == b for a, b in zip(o["tokens"], h["tokens"]))
         same_m = sum(a == b for a, b in zip(m["tokens"], h["tokens"]))
         print(f"batch {batch}, baseline {m['matmul']}: prefill {m['prefill_s']:.2f} s, decode "
-              f"{m['tokens_per_s']:.2f} tokens/s; {same_m}/{batch} rows identical to transformers", flush=True)
+              f"{m['tokens_per_s']:.2f} tokens/s, peak RSS {m['peak_rss_gib']} GiB; {same_m}/{batch} rows identical "
+              f"to transformers", flush=True)
         print(f"batch {batch}, ours on {o['matmul']}: decode {o['tokens_per_s'] / m['tokens_per_s']:.2f}x the "
-              f"baseline", flush=True)
+              f"baseline, peak RSS {o['peak_rss_gib']} GiB", flush=True)
         print(f"batch {batch}: prefill ours {o['prefill_s']:.2f} s (first batch incl. compile "
               f"{o['first_prefill_s']:.1f} s), transformers {h['prefill_s']:.2f} s; decode ours "
               f"{o['tokens_per_s']:.2f} tokens/s, transformers {h['tokens_per_s']:.2f} tokens/s "
@@ -198,7 +206,8 @@ def main():
     h1, h4 = figures[("transformers", 1)], figures[("transformers", 4)]
     m1, m4 = figures[("matmul", 1)], figures[("matmul", 4)]
     print(f"batch-4 decode throughput / batch 1: ours {o4['tokens_per_s'] / o1['tokens_per_s']:.2f}x, "
-          f"baseline (MindSpore MatMul) {m4['tokens_per_s'] / m1['tokens_per_s']:.2f}x, transformers {h4['tokens_per_s'] / h1['tokens_per_s']:.2f}x (target for ours: >= 2.5x)")
+          f"baseline (MindSpore MatMul) {m4['tokens_per_s'] / m1['tokens_per_s']:.2f}x, "
+          f"transformers {h4['tokens_per_s'] / h1['tokens_per_s']:.2f}x (target for ours: >= 2.5x)")
     print(f"targets: ours at least as fast per token as transformers at batch 1 "
           f"({'met' if o1['tokens_per_s'] >= h1['tokens_per_s'] else 'NOT met'}) and batch 4 "
           f"({'met' if o4['tokens_per_s'] >= h4['tokens_per_s'] else 'NOT met'}); batch-4 throughput >= 2.5x "
@@ -213,7 +222,8 @@ def main():
         print(f"tp 2 under msrun, batch 4: prefill {p['prefill_s']:.2f} s, decode {p['tokens_per_s']:.2f} tokens/s "
               f"(tp 1 in one process: {o4['prefill_s']:.2f} s, {o4['tokens_per_s']:.2f} tokens/s -> tp2/tp1 "
               f"decode {p['tokens_per_s'] / o4['tokens_per_s']:.2f}x); whole run incl. msrun start, load, compile "
-              f"{p['wall_s']:.0f} s vs {o4['wall_s']:.0f} s; tokens {'identical' if same else 'DIFFER'} to tp 1")
+              f"{p['wall_s']:.0f} s vs {o4['wall_s']:.0f} s; largest process's peak RSS {p['peak_rss_gib']} GiB; "
+              f"tokens {'identical' if same else 'DIFFER'} to tp 1")
 
 
 if __name__ == "__main__":
