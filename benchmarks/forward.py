@@ -50,7 +50,7 @@ def build(layers: int, text_tokens: int):
 
 def bench_forward(repeats: int, layers: int, text_tokens: int) -> dict:
     import torch
-    from llava_ckpt.config import normalize_config
+    from llava_ckpt.engine.config import normalize_config
     from llava_ckpt.model import Runner, build_and_load
     t = time.perf_counter()
     hf, weights, ids, pixels = build(layers, text_tokens)

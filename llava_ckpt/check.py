@@ -12,22 +12,12 @@ import re
 
 from .errors import CheckpointError, fail
 from .io.files import sha256_file
-from .io.source import read_index
-from .manifest import NAME, read_manifest
+from .io.manifest import NAME, output_layout, read_manifest
+from .io.paths import is_plain_name, within
+from .io.ranks import weight_paths
+from .io.readers import read_index
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".pkl", ".npy", ".npz")
-RANK_FILE = re.compile(r"^rank_(\d+)/llava\.(ckpt|safetensors)$")
-
-
-def _plain(rel) -> bool:
-    """A relative path inside OUT: no absolute path, no `..`, no empty or `.` parts, no backslashes."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
-        return False
-    return all(part not in ("", ".", "..") for part in rel.split("/"))
-
-
-def _inside(root: str, path: str) -> bool:
-    return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
 def _hash_file(path: str, ranges: dict) -> tuple:
@@ -51,14 +41,16 @@ def _entries(manifest: dict, where: str) -> list:
     return files
 
 
-def _expected_paths(manifest: dict) -> list:
-    """The files a complete output of this manifest's kind must have."""
-    tp, fmt = manifest.get("tp"), manifest.get("format")
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or fmt not in ("ckpt", "safetensors"):
-        return []
+def _layout(manifest: dict, where: str) -> tuple:
+    """(the files a complete output of this manifest's kind must have, {rank file: rank} of a tp > 1 output);
+    nothing is known of an export's HF folder."""
+    if manifest.get("command") == "export":
+        return [], {}
+    tp, fmt = output_layout(manifest, where)
+    weights = weight_paths(tp, fmt)
     if tp == 1:
-        return [f"llava.{fmt}"]
-    return [f"rank_{r}/llava.{fmt}" for r in range(tp)] + ["strategy.ckpt"]
+        return weights, {}
+    return weights + ["strategy.ckpt"], {rel: r for r, rel in enumerate(weights)}
 
 
 def check(out: str) -> dict:
@@ -68,19 +60,23 @@ def check(out: str) -> dict:
     where = os.path.join(out, NAME)
     manifest = read_manifest(out)
     entries = _entries(manifest, where)
-    root = os.path.realpath(out)
     problems: list = []
+    try:
+        expected, rank_files = _layout(manifest, where)
+    except CheckpointError as exc:
+        expected, rank_files = [], {}
+        problems.append(str(exc))
     checked = 0
     listed: set = set()
     tensors = manifest.get("tensors")
     replicated = [t.get("name") for t in tensors if isinstance(t, dict) and t.get("split_dim", 0) is None] \
-        if isinstance(tensors, list) and manifest.get("tp", 1) != 1 else []
+        if isinstance(tensors, list) and rank_files else []
     rank_parts: dict = {}  # rank file -> {tensor: sha256 of its bytes}
     for i, entry in enumerate(entries):
         rel = entry.get("path") if isinstance(entry, dict) else None
         size = entry.get("size") if isinstance(entry, dict) else None
         sha = entry.get("sha256") if isinstance(entry, dict) else None
-        if not _plain(rel):
+        if not is_plain_name(rel):
             problems.append(f"{where}: files[{i}] path {rel!r} is not a plain path inside {out}; not opened")
             continue
         if not isinstance(size, int) or not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -94,7 +90,7 @@ def check(out: str) -> dict:
         if not os.path.lexists(path):
             problems.append(f"{rel}: missing")
             continue
-        if not _inside(root, path):
+        if not within(path, out):
             problems.append(f"{rel}: resolves outside {out} ({os.path.realpath(path)}); not opened")
             continue
         if not os.path.isfile(path):
@@ -105,9 +101,8 @@ def check(out: str) -> dict:
         if actual != size:
             problems.append(f"{rel}: {actual} bytes, the manifest says {size} (truncated or changed)")
             continue
-        match = RANK_FILE.match(rel)
         ranges = {}
-        if match and replicated:
+        if rel in rank_files and replicated:
             try:
                 index = read_index(path)
                 ranges = {n: index[n].pieces for n in replicated if n in index}
@@ -117,9 +112,9 @@ def check(out: str) -> dict:
         digest, parts = _hash_file(path, ranges)
         if digest != sha:
             problems.append(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {sha[:16]}...: corrupted")
-        if match and parts:
-            rank_parts[(int(match.group(1)), rel)] = parts
-    for rel in _expected_paths(manifest):
+        if rel in rank_files and parts:
+            rank_parts[(rank_files[rel], rel)] = parts
+    for rel in expected:
         if rel not in listed:
             problems.append(f"{where}: does not list {rel}, which a complete output has")
     for dirpath, dirnames, filenames in os.walk(out):

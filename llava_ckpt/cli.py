@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import CheckpointError
+from .export import DEFAULT_SHARD_SIZE
 
 
 class Interrupted(KeyboardInterrupt):
@@ -130,7 +131,7 @@ def shard(converted_dir, out, tp, as_json):
                    "default: the files MS_SRC carries.")
 @click.option("--dtype", type=DTYPES, default=None,
               help="Cast every tensor (default: the HF source's dtype a convert output records, else as stored).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Cut files at this size when MS_SRC does not record its HF files (5GB, 500MB, 2GiB, bytes).")
 @click.option("--mapping", default=None, metavar="FILE",
               help="The mapping table MS_SRC was converted with, if not the packaged one (convert --mapping).")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-from .config import load_config, read_config
+from .engine.config import load_config, read_config
+from .engine.forward import PlannedTarget, in_file_order, write_checkpoint
+from .engine.mapping import load_table, plan, detect_layout, table_for, to_canonical, unused_names
+from .engine.records import tensor_entries
+from .engine.splits import check_divides, distinct_units
 from .errors import fail
-from .hf_source import read_tensors, side_files
 from .io.dtypes import code_for, dtype_name
-from .manifest import tensor_entries
-from .mapping import load_table, plan, detect_layout, table_for, to_canonical, unused_names
-from .stream import Job, in_file_order, write_output
-from .tp import check_divides, distinct_units
+from .io.hf_folder import read_tensors, side_files
 
 
 def _listing(names, limit=8, sort=True) -> str:
@@ -35,7 +35,8 @@ def choose_table(src: str, mapping: str | None = None) -> dict:
 
 
 def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, mapping: str | None = None):
-    """Check the checkpoint in `src` against the table and return (jobs, context) without writing anything."""
+    """Check the checkpoint in `src` against the table and return (planned targets, context) without writing
+    anything."""
     table = choose_table(src, mapping)
     cfg = load_config(src, table)
     targets = plan(table, cfg, {"fuse_qkv": fuse_qkv})
@@ -59,7 +60,7 @@ def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, 
         if extra:
             parts.append(f"unexpected tensors: {_listing(extra)}")
         raise fail(f"{src} does not match the {table['name']} table ({layout_name} layout): " + "; ".join(parts))
-    jobs = []
+    planned = []
     out_code = code_for(dtype) if dtype else None
     for t in targets:
         infos = tuple(by_canonical[s] for s in t.sources)
@@ -70,10 +71,10 @@ def plan_conversion(src: str, dtype: str | None = None, fuse_qkv: bool = False, 
         if len({i.dtype for i in infos}) != 1:
             raise fail(f"{infos[0].path}: tensors fused into {t.name} have different dtypes")
         code = out_code or infos[0].dtype
-        jobs.append(Job(t, infos, code, tuple(i.name for i in infos), dtype_name(code)))
+        planned.append(PlannedTarget(t, infos, code, tuple(i.name for i in infos), dtype_name(code)))
     context = {"cfg": cfg, "table": table, "layout": layout_name, "files": files, "tensors": tensors,
                "side_files": side_files(src)}
-    return in_file_order(jobs, [p for _, p in files]), context
+    return in_file_order(planned, [p for _, p in files]), context
 
 
 def tp_units(targets) -> list:
@@ -100,8 +101,8 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fus
         known_hashes = {os.path.realpath(os.path.join(got["path"], f["path"])): f["sha256"]
                         for f in got.get("files", []) if f.get("sha256")}
         src = got["path"]
-    jobs, ctx = plan_conversion(src, dtype, fuse_qkv, mapping)
-    units = tp_units([j.target for j in jobs])
+    planned, ctx = plan_conversion(src, dtype, fuse_qkv, mapping)
+    units = tp_units([p.target for p in planned])
     check_divides(units, tp)
     table = ctx["table"]
     manifest = {
@@ -109,9 +110,9 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fus
         "source": dict(provenance, path=os.path.abspath(src), layout=ctx["layout"]),
         "mapping": {"name": table["name"], "version": table.get("version"),
                     "sha256": table["sha256"], "file": os.path.basename(table["path"])},
-        "options": {"dtype": dtype, "format": fmt, "fuse_qkv": fuse_qkv, "tp": tp},
+        "options": {"dtype": dtype, "fuse_qkv": fuse_qkv},
         "tp_sizes": distinct_units(units),
-        "tensors": tensor_entries(jobs, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
+        "tensors": tensor_entries(planned, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
     }
-    return write_output(out, src, jobs, fmt, tp, ctx["files"], manifest, progress, known_hashes,
-                        side_files=ctx["side_files"])
+    return write_checkpoint(out, src, planned, fmt, tp, ctx["files"], manifest, progress, known_hashes,
+                            side_files=ctx["side_files"])

@@ -16,12 +16,12 @@ import shutil
 
 import numpy as np
 
-from .config import normalize_config
+from .engine.config import normalize_config
 from .errors import fail
-from .io.atomic import staging_dir, publish_dir
+from .io.output import staging_dir, publish_dir
 from .io.dtypes import code_for, numpy_dtype, itemsize
 from .io.writers import SafetensorsWriter
-from .mapping import load_table, plan
+from .engine.mapping import load_table, plan
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "llava-1.5-7b-hf")
 COPIED = ["added_tokens.json", "chat_template.json", "generation_config.json", "special_tokens_map.json",
@@ -74,7 +74,7 @@ def hub_tensors(cfg: dict, table: dict | None = None) -> list:
 
 def _file_for(name: str, cfg: dict, real_map: dict) -> str:
     """The real checkpoint's file for this name, with layer indices scaled to the real depth.
-    `cfg` is a normalized config (llava_ckpt.config.normalize_config)."""
+    `cfg` is a normalized config (llava_ckpt.engine.config.normalize_config)."""
     text_layers = cfg["text_config"]["num_hidden_layers"]
     vision_layers = cfg["vision_config"]["num_hidden_layers"]
 

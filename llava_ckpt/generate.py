@@ -4,14 +4,13 @@ Requests are (image, question) pairs. Each question goes inside the checkpoint's
 its transformers processor (llava_ckpt.prompts), as Hugging Face users do. Requests run in batches of
 `batch_size`: one forward pass per batch, rows left-padded with an attention mask and per-row positions,
 one KV cache, rows stopping at an eos token of generation_config.json (as transformers' generate does
-for LLaVA); a batch gives the same tokens as its requests one at a time. A converted folder with rank_<r>/
-folders runs as that many tensor-parallel ranks under msrun (llava_ckpt.tp_run), same tokens as tp 1.
+for LLaVA); a batch gives the same tokens as its requests one at a time. A --tp output runs as that many
+tensor-parallel ranks under msrun (runtime/msrun.py, each batch a job for `batch_job`), same tokens as tp 1.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -72,51 +71,23 @@ def read_requests(path: str) -> list:
 # ---------------------------------------------------------------- the converted folder
 
 def open_output(ms_dir: str) -> dict:
-    """Check `ms_dir` is a convert/shard output with what generate needs; returns {"cfg", "tp"}."""
-    from .config import load_config
-    from .manifest import read_manifest
+    """Check `ms_dir` is a convert/shard output with what generate needs; returns {"cfg", "tp", "rank_dirs",
+    "layout"} (tp and the rank folders as its manifest records them)."""
+    from .engine.config import load_config
+    from .engine.records import checked_entries, split_layout
+    from .io.manifest import NAME, output_layout, read_manifest
+    from .io.ranks import rank_folders
     if not os.path.isdir(ms_dir):
         raise fail(f"{ms_dir} is not a folder")
     manifest = read_manifest(ms_dir)
-    tp = (manifest.get("options") or {}).get("tp", 1)
-    if not isinstance(tp, int) or tp < 1:
-        raise fail(f"{ms_dir}/manifest.json: options.tp is {tp!r}, not a positive integer")
+    where = os.path.join(ms_dir, NAME)
+    tp, _ = output_layout(manifest, where)
     if not os.path.isfile(os.path.join(ms_dir, "config.json")):
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
-    ranks = sorted(int(d[5:]) for d in os.listdir(ms_dir)
-                   if re.fullmatch(r"rank_\d+", d) and os.path.isdir(os.path.join(ms_dir, d)))
-    if tp > 1:
-        missing = [f"rank_{r}" for r in range(tp) if r not in ranks]
-        if missing:
-            raise fail(f"{ms_dir} is a --tp {tp} output but {', '.join(missing)} is missing")
-        if ranks != list(range(tp)):
-            raise fail(f"{ms_dir} is a --tp {tp} output but holds rank folders {ranks}")
-    elif ranks:
-        raise fail(f"{ms_dir}: manifest says tp 1 but the folder holds rank_<r>/ folders")
-    return {"cfg": cfg, "tp": tp}
-
-
-def special_ids(ms_dir: str, processor) -> tuple:
-    """(eos ids, pad id) from generation_config.json (as transformers' generate reads them), falling back on
-    the tokenizer's."""
-    from .io.files import read_json
-    gen = {}
-    path = os.path.join(ms_dir, "generation_config.json")
-    if os.path.exists(path):
-        gen = read_json(path)
-        if not isinstance(gen, dict):
-            raise fail(f"{path} is not a JSON object")
-    tok = processor.tokenizer
-    eos = gen.get("eos_token_id", tok.eos_token_id)
-    eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
-    pad = gen.get("pad_token_id")
-    if pad is None:
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-    if not all(isinstance(e, int) for e in eos) or not isinstance(pad, int):
-        raise fail(f"{path}: eos_token_id / pad_token_id must be integers")
-    return tuple(int(e) for e in eos), int(pad)
+    dirs = rank_folders(ms_dir, tp)
+    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(checked_entries(manifest, where))}
 
 
 # ---------------------------------------------------------------- batches
@@ -151,8 +122,7 @@ def pad_left(rows: list, pad_id: int, limit: int | None = None) -> tuple:
 
 
 def run_batch(runner, arrays: dict, job: dict) -> dict:
-    """One batch on a loaded Runner (tp 1 here, every rank under msrun): {"tokens", "finish", "prefill_s",
-    "decode_s", "decode_tokens"}."""
+    """One batch on a loaded Runner: {"tokens", "finish", "prefill_s", "decode_s", "decode_tokens"}."""
     from .model.sampling import chooser
     choose = chooser(bool(job.get("do_sample")), job.get("temperature", 1.0), job.get("top_p", 1.0),
                      job.get("seed"))
@@ -161,6 +131,12 @@ def run_batch(runner, arrays: dict, job: dict) -> dict:
                                 pad_id=int(job.get("pad_id", 0)))
     out["tokens"] = [[int(t) for t in row] for row in out["tokens"]]
     return out
+
+
+def batch_job(ctx, job: dict, arrays: dict):
+    """Handler of an msrun rank (runtime/rank.py): one batch on this rank's whole model, loaded once."""
+    from .model.parallel import rank_runner
+    return run_batch(rank_runner(ctx), arrays, job), {}
 
 
 def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed):
@@ -194,7 +170,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     "prefill_s", "decode_tokens_per_s", "matmul" (what batched decode steps multiply with), ...}.
     """
     from .model.kernels import small_matmul_status
-    from .prompts import load_processor
+    from .prompts import load_processor, special_ids
     _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed)
     if not requests:
         raise fail("no requests to answer")
@@ -202,7 +178,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     info = open_output(ms_dir)
     cfg, tp = info["cfg"], info["tp"]
     processor = load_processor(ms_dir)
-    default_eos, pad_id = special_ids(ms_dir, processor)
+    default_eos, pad_id = special_ids(ms_dir, processor.tokenizer)
     eos = default_eos if eos is None else tuple(int(e) for e in eos)
     prepared = prepare(requests, processor, raw)
     if do_sample and seed is None:
@@ -212,7 +188,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         ids, mask = pad_left([p["ids"] for p in chunk], pad_id, limit)
-        jobs.append({"kind": "generate", "max_new_tokens": max_new_tokens, "eos": list(eos), "pad_id": pad_id,
+        jobs.append({"handler": f"{__name__}:batch_job", "max_new_tokens": max_new_tokens, "eos": list(eos), "pad_id": pad_id,
                      "do_sample": bool(do_sample), "temperature": float(temperature), "top_p": float(top_p),
                      "seed": None if seed is None else [int(seed), len(jobs)],
                      "arrays": {"input_ids": ids, "attention_mask": mask,
@@ -252,10 +228,10 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         for index, job in enumerate(jobs):
             finished(index, run_batch(runner, job["arrays"], job))
     else:
-        from .tp_run import run_jobs
+        from .runtime.msrun import run_jobs
         specs = [{k: v for k, v in job.items() if k not in ("start", "count")} for job in jobs]
-        run = run_jobs(ms_dir, cfg, specs, dtype=dtype, jit=jit, device=device, timeout=timeout,
-                       on_result=finished)
+        run = run_jobs(info["rank_dirs"], {"cfg": cfg, "layout": info["layout"]}, specs, dtype=dtype, jit=jit,
+                       device=device, timeout=timeout, on_result=finished)
         run_info = {"attempts": run["attempts"]}
     return dict({
         "tp": tp,

@@ -1,6 +1,7 @@
-"""Prompts as Hugging Face users build them: the checkpoint's own AutoProcessor (tokenizer, image processor)
-and chat template, so a question becomes `USER: <image>\\n... ASSISTANT:` for llava-1.5 and the image the
-processor's resized, center-cropped, normalized pixels."""
+"""Prompts as Hugging Face users build them, for verify and generate alike: the checkpoint's own AutoProcessor
+(tokenizer, image processor) and chat template, so a question becomes `USER: <image>\\n... ASSISTANT:` for
+llava-1.5 and the image the processor's resized, center-cropped, normalized pixels; and the token ids greedy
+decoding stops at and pads with, read as transformers' generate reads them."""
 from __future__ import annotations
 
 import os
@@ -66,3 +67,34 @@ def encode(processor, picture, text: str):
     batch = processor(images=picture, text=text, return_tensors="np")
     return (np.asarray(batch["input_ids"])[0].astype(np.int64),
             np.asarray(batch["pixel_values"], dtype=np.float32)[0])
+
+
+def special_ids(folder: str, tokenizer) -> tuple:
+    """(eos ids, pad id) as transformers' generate takes them: generation_config.json's eos_token_id and
+    pad_token_id, else config.json's (top level, then text_config), else the tokenizer's; pad falls back on
+    the first eos id."""
+    from .io.files import read_json
+    found = {}
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise fail(f"{path} is not a JSON object")
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+        for key in ("eos_token_id", "pad_token_id"):
+            value = data.get(key, text.get(key))
+            if key not in found and value is not None:
+                found[key] = (value, path)
+        if name == "generation_config.json":
+            break  # transformers reads config.json only when there is no generation_config.json
+    eos, where = found.get("eos_token_id", (tokenizer.eos_token_id, "the tokenizer"))
+    eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+    pad, pad_where = found.get("pad_token_id", (tokenizer.pad_token_id, "the tokenizer"))
+    if pad is None:
+        pad = eos[0] if eos else 0
+    for value, source in [(e, where) for e in eos] + [(pad, pad_where)]:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail(f"{source}: eos_token_id / pad_token_id must be integers, got {value!r}")
+    return tuple(int(e) for e in eos), int(pad)

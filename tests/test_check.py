@@ -10,7 +10,7 @@ import pytest
 from llava_ckpt.check import check
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
-from llava_ckpt.io.source import read_index
+from llava_ckpt.io.readers import read_index
 
 EXE = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
 SIDE = 10  # config, generation config, tokenizer (5 files), processor (2 files), chat template: copied into OUT

@@ -9,7 +9,7 @@ import pytest
 
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
-from llava_ckpt.hf_source import SIDE_FILES
+from llava_ckpt.io.hf_folder import SIDE_FILES
 from llava_ckpt.io import load_tensors
 
 from expected import expected, load_config, mismatches, read_hf, read_with_mindspore
@@ -139,7 +139,7 @@ def test_cli_convert_and_bad_input(tiny, tmp_path):
 
 def test_mapping_option_uses_a_copied_and_edited_table(tiny, tmp_path):
     """A user's variant table: same architecture, one target renamed, no Python changed."""
-    from llava_ckpt.mapping import load_table
+    from llava_ckpt.engine.mapping import load_table
     text = open(load_table()["path"], encoding="utf-8").read()
     edited = text.replace('ms = "language_model.model.norm_out.weight"', 'ms = "language_model.model.final_norm.weight"')
     edited = edited.replace('name = "llava-1.5-hf-to-mindformers"', 'name = "my-variant"')

@@ -166,7 +166,7 @@ def test_not_enough_free_space_is_caught_before_writing(tiny, tmp_path, monkeypa
 
 
 def test_signals_wait_until_the_swap_is_done():
-    from llava_ckpt.io.atomic import _signals_deferred
+    from llava_ckpt.io.output import _signals_deferred
     # Python's own Ctrl-C handler, whatever the test run inherited (a shell starts background jobs with
     # SIGINT ignored, and Python then keeps it ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -185,7 +185,7 @@ def test_signals_wait_until_the_swap_is_done():
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_publish_replaces_a_previous_output(tmp_path, monkeypatch, exchange):
-    from llava_ckpt.io import atomic
+    from llava_ckpt.io import output as atomic
     if not exchange:
         monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     out = tmp_path / "out"

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from llava_ckpt.config import normalize_config
+from llava_ckpt.engine.config import normalize_config
 from llava_ckpt.fixture import REFERENCE, hub_tensors, preset_config, _file_for
 
 

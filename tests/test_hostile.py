@@ -543,7 +543,7 @@ def converted(tiny, tmp_path_factory):
 
 def _records(path: Path):
     """name -> (offset, length) of each tensor's data in a .ckpt, by the package's own parser."""
-    from llava_ckpt.io.source import read_ckpt_index
+    from llava_ckpt.io.readers import read_ckpt_index
     return {name: info.pieces[0] for name, info in read_ckpt_index(str(path)).items()}
 
 

@@ -14,7 +14,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import CheckpointError, fail
-from ..hf_source import INDEX
+from ..io.hf_folder import INDEX
 from . import records, remote, transfer, where
 
 __all__ = ["download", "is_repo_id"]

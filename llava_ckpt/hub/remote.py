@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from ..errors import CheckpointError, fail
-from ..hf_source import INDEX, PICKLE_SUFFIXES, SIDE_FILES
+from ..io.hf_folder import INDEX, PICKLE_SUFFIXES, SIDE_FILES
 from ..io.files import read_json
 
 # config.json first, to refuse a non-LLaVA repo before any weights move; then the index, which names the shards
@@ -118,5 +118,5 @@ def with_index_shards(rest: list[str], index_path: str, tree: dict, repo: str) -
 
 
 def check_config(path: str, repo: str) -> None:
-    from ..config import normalize_config
+    from ..engine.config import normalize_config
     normalize_config(read_json(path, f"{repo}/config.json"), where=f"{repo}/config.json")

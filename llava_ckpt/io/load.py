@@ -5,7 +5,9 @@ import os
 from collections.abc import Mapping
 
 from ..errors import fail
-from .source import FileReader, read_index
+from .paths import inside
+from .ranks import weights_name
+from .readers import FileReader, read_index
 
 
 class LazyTensors(Mapping):
@@ -29,12 +31,14 @@ class LazyTensors(Mapping):
 
 
 def weights_file(path: str) -> str:
-    """The weight file of a converted folder (llava.ckpt or llava.safetensors), or `path` itself."""
+    """The weights file of a tp-1 output folder (llava.ckpt or llava.safetensors, which must resolve inside it),
+    or `path` itself when it is a weights file."""
     if os.path.isdir(path):
-        for name in ("llava.ckpt", "llava.safetensors"):
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return candidate
+        for fmt in ("ckpt", "safetensors"):
+            if os.path.lexists(os.path.join(path, weights_name(fmt))):
+                candidate = os.path.join(path, weights_name(fmt))
+                if os.path.isfile(inside(path, weights_name(fmt), candidate)):
+                    return candidate
         raise fail(f"no llava.ckpt or llava.safetensors in {path}")
     if not os.path.isfile(path):
         raise fail(f"{path} does not exist")

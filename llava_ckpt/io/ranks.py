@@ -1,9 +1,10 @@
-"""A rank folder set (`rank_<r>/` folders, one weights file each) and tensors cut across its ranks, read as one.
+"""Rank folders (`rank_<r>/`, one weights file each): the one scan that finds them, and tensors cut across
+ranks read as one.
 
 A RankedTensor answers "rows [lo, hi) of the whole tensor" from the rank pieces, chunk by chunk, so the whole
 tensor is never in memory; pieces that should be replicas are compared as they are read, and a difference
-names the tensor and the two ranks. Which rank holds which block comes from tp.py (split kinds, or a MindSpore
-layout through tp.rank_blocks).
+names the tensor and the two ranks. Which rank holds which block comes from engine/splits.py (split kinds, or
+a MindSpore layout through splits.rank_blocks).
 """
 from __future__ import annotations
 
@@ -14,34 +15,78 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import fail
-from .source import FileReader, TensorInfo
+from .paths import inside
+from .readers import FileReader, TensorInfo
 
-RANK_DIR = re.compile(r"rank_(\d+)")
+RANK_FOLDER = re.compile(r"rank_([0-9]+)")
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
 
 
-def rank_dirs(folder: str) -> list:
-    """Paths of folder/rank_0 .. rank_{N-1} (an empty list when there are none). Gaps, duplicates such as
-    rank_01, and rank folders that are links leading outside `folder` are refused."""
+def rank_folder_name(rank: int) -> str:
+    return f"rank_{rank}"
+
+
+def weights_name(fmt: str) -> str:
+    """The weights file of an output (or of one of its rank folders): llava.ckpt or llava.safetensors."""
+    return f"llava.{fmt}"
+
+
+def weight_paths(tp: int, fmt: str) -> list:
+    """The weight files an output of `tp` ranks in `fmt` holds, relative to it, in rank order."""
+    if tp == 1:
+        return [weights_name(fmt)]
+    return [f"{rank_folder_name(r)}/{weights_name(fmt)}" for r in range(tp)]
+
+
+def rank_folders(folder: str, tp: int | None = None) -> list:
+    """Paths of folder/rank_0 .. rank_{N-1}: the one scan of rank folders.
+
+    With `tp` (what an output's manifest records) exactly rank_0 .. rank_{tp-1} must be there (none for tp 1):
+    a missing one, or one the manifest does not count, is named. Without it (rank folders that distributed
+    training saved) the folders found must be rank_0 .. rank_{N-1}, N >= 0. Either way names with leading
+    zeros (rank_01) and rank folders that resolve outside `folder` are refused."""
     found = {}
-    root = os.path.realpath(folder)
     for entry in sorted(os.listdir(folder)):
-        m = RANK_DIR.fullmatch(entry)
+        m = RANK_FOLDER.fullmatch(entry)
         path = os.path.join(folder, entry)
         if not m or not os.path.isdir(path):
             continue
         if str(int(m.group(1))) != m.group(1):
             raise fail(f"{path}: rank folders are named rank_0, rank_1, ... (no leading zeros)")
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            raise fail(f"{path} resolves outside {folder} ({os.path.realpath(path)})")
+        inside(folder, entry, path)
         found[int(m.group(1))] = path
-    if not found:
-        return []
+    if tp is not None:
+        wanted = range(tp) if tp > 1 else range(0)
+        missing = [rank_folder_name(r) for r in wanted if r not in found]
+        extra = [rank_folder_name(r) for r in sorted(found) if r not in wanted]
+        if missing or extra:
+            parts = ([f"{', '.join(missing)} missing"] if missing else []) + \
+                    ([f"{', '.join(extra)} not part of it"] if extra else [])
+            layout = f"rank_0 .. rank_{tp - 1}" if tp > 1 else "no rank folders"
+            raise fail(f"{folder}: its manifest records tp {tp} ({layout}): {'; '.join(parts)}")
+        return [found[r] for r in wanted]
     if sorted(found) != list(range(len(found))):
         missing = sorted(set(range(max(found) + 1)) - set(found))
         raise fail(f"{folder}: rank folders are not rank_0..rank_{max(found)}: "
-                   f"{', '.join(f'rank_{r}' for r in missing)} missing")
+                   f"{', '.join(rank_folder_name(r) for r in missing)} missing")
     return [found[r] for r in range(len(found))]
+
+
+def output_weight_files(folder: str, tp: int, fmt: str) -> list:
+    """[(path relative to `folder`, real path)] of the weight files a convert / shard output of `tp` ranks in
+    `fmt` holds (its manifest says which), each a regular file resolving inside `folder`; the rank folders are
+    checked by the one scan first, so a missing or extra one is named."""
+    rank_folders(folder, tp)
+    out = []
+    for rel in weight_paths(tp, fmt):
+        path = os.path.join(folder, rel)
+        real = inside(folder, rel, path) if os.path.lexists(path) else None
+        if real is None or not os.path.isfile(real):
+            if tp == 1:
+                raise fail(f"no llava.ckpt or llava.safetensors in {folder}: its manifest records {rel}")
+            raise fail(f"{os.path.dirname(path)}: no {weights_name(fmt)} (missing rank file)")
+        out.append((rel, real))
+    return out
 
 
 def rank_weight_file(rank_dir: str, preferred=("llava.ckpt", "llava.safetensors")) -> str:
@@ -49,21 +94,18 @@ def rank_weight_file(rank_dir: str, preferred=("llava.ckpt", "llava.safetensors"
     one there is. A missing file, or several checkpoints to choose from, is an error naming the folder."""
     for name in preferred:
         if os.path.lexists(os.path.join(rank_dir, name)):
-            return _inside_file(rank_dir, name)
+            return _regular(rank_dir, name)
     names = sorted(n for n in os.listdir(rank_dir) if n.endswith(WEIGHT_SUFFIXES))
     if not names:
         raise fail(f"{rank_dir}: no .ckpt or .safetensors file (missing rank file)")
     if len(names) > 1:
         raise fail(f"{rank_dir} holds {len(names)} checkpoints ({', '.join(names[:4])}); keep one per rank folder")
-    return _inside_file(rank_dir, names[0])
+    return _regular(rank_dir, names[0])
 
 
-def _inside_file(folder: str, name: str) -> str:
+def _regular(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
-    real = os.path.realpath(path)
-    root = os.path.realpath(folder)
-    if os.path.commonpath([root, real]) != root:
-        raise fail(f"{path} resolves outside {folder} ({real})")
+    real = inside(folder, name, path)
     if not os.path.isfile(real):
         raise fail(f"{path} is not a regular file")
     return real

@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..errors import fail
-from ..mapping import detect_options, is_unused, load_table, table_for, unused_names
+from ..engine.mapping import detect_options, is_unused, load_table, table_for, unused_names
 from .layers import NP_DTYPES
 
 

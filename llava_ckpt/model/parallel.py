@@ -1,18 +1,20 @@
 """Megatron-style tensor parallelism for the reference model: one rank's cells with one rank's shapes.
 
-The model is the ordinary LlavaVlm built from a config whose text sizes (heads, KV heads, intermediate
-size, vocab) are divided by the world size, so every parameter has exactly the shape of this rank's slice
-in rank_<r>/ and `load_weights` fills it unchanged (same names, same shape checks). Then the cells whose
-output must be combined across ranks are swapped for parallel versions with the same parameter names:
+Which cells are parallel, and how, is not written here: it is the split kind of each cell's weight, as the
+mapping table declares it (and an output's manifest records it), read through engine/splits.py:
 
-- column-parallel (no communication): wq/wk/wv or w_qkv (the rank slice holds whole KV groups
-  [q rows of its heads; k_g; v_g]), w1/w3 or w_gate_hidden (whole interleaved gate/up pairs), adapter;
-- row-parallel + AllReduce (bias, if any, added once after the reduce): wo, w2, adapter_2;
-- vocab-parallel embedding: this rank holds rows [r*V/N, (r+1)*V/N): masked lookup + AllReduce;
-- vocab-split lm_head: local logits, AllGather along the vocab;
-- vision tower, norms: replicated (plain cells).
+- column: a Linear holding its block of output rows (its bias cut with it), no communication (wq/wk/wv or
+  w_qkv, w1/w3 or w_gate_hidden, the projector's first layer in the LLaVA-1.5 table);
+- row: a Linear holding its block of input columns; its output is AllReduced and its bias, whole on every rank,
+  added once after the reduce (wo, w2, the projector's second layer);
+- vocab: the embedding (rows [r*V/N, (r+1)*V/N): masked lookup + AllReduce) or lm_head (local logits,
+  AllGather along the vocabulary);
+- replicated: the plain cell (vision tower, norms).
 
-The forward itself is the existing code (LlavaVlm.prefill through Runner), unchanged.
+`parallelize` swaps each Linear / Embedding of a cell by its weight's kind for the parallel cell with the same
+parameter names and the rank's shape (splits.rank_shape of the whole shape), so `load_weights` fills it from the
+rank file unchanged. The model is the ordinary LlavaVlm built from a config whose head counts, intermediate size
+and vocabulary are this rank's (`local_config`, for the attention's reshapes); its forward is unchanged.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import copy
 
 from mindspore import nn, ops
 
+from ..engine.splits import rank_shape, split_dim
 from ..errors import fail
 from .layers import Linear, param
+from .llama import Embedding
 
 
 def local_config(cfg: dict, world: int) -> dict:
@@ -88,45 +92,66 @@ class VocabParallelHead(Linear):
         return y.transpose(1, 0).reshape(shape[:-1] + (-1,))
 
 
-def _swap_row(owner, attr, dtype):
-    old = getattr(owner, attr)
-    out_dim, in_dim = old.weight.shape
-    setattr(owner, attr, RowParallelLinear(out_dim, in_dim, old.bias is not None, dtype))
+PARALLEL_CELLS = (RowParallelLinear, VocabParallelEmbedding, VocabParallelHead)
 
 
-def parallel_decoder_layer(layer, dtype: str):
-    """A DecoderLayer built with local sizes, made a rank's: wo and w2 row-parallel (the rest is column-
-    parallel by its local shapes alone)."""
-    _swap_row(layer.attention, "wo", dtype)
-    _swap_row(layer.feed_forward, "w2", dtype)
-    return layer
+def rank_cell(cell, name: str, layout: dict, rank: int, world: int, dtype: str):
+    """The parallel version of `cell` (a Linear or Embedding whose weight is `name`), or `cell` itself when its
+    weight is replicated."""
+    if name not in layout:
+        raise fail(f"{name}: the checkpoint's split layout does not list it")
+    kind, shape = layout[name]
+    local = rank_shape(shape, kind, world)
+    bias = getattr(cell, "bias", None) is not None
+    if bias:  # cut with the weight's output rows, or whole where the outputs are (row: added after the reduce)
+        bias_name = name[:-len("weight")] + "bias"
+        bias_kind = layout.get(bias_name, (None,))[0]
+        if bias_kind is None or (split_dim(bias_kind, 1) == 0) != (split_dim(kind, 2) == 0):
+            raise fail(f"{bias_name}: split {bias_kind!r} beside a {kind!r} weight; the reference model's parallel "
+                       "cells cut a bias with its weight's output rows or hold it whole")
+    if kind == "replicated":
+        return cell
+    if isinstance(cell, Embedding) and kind == "vocab":
+        return VocabParallelEmbedding(local[0], local[1], rank * local[0], dtype)
+    if isinstance(cell, Linear) and kind == "column":
+        return Linear(local[0], local[1], bias, dtype)
+    if isinstance(cell, Linear) and kind == "row":
+        return RowParallelLinear(local[0], local[1], bias, dtype)
+    if isinstance(cell, Linear) and kind == "vocab" and not bias:
+        return VocabParallelHead(local[0], local[1], world, dtype)
+    raise fail(f"{name}: the reference model has no tensor-parallel form of a {type(cell).__name__} split {kind!r}")
 
 
-def parallel_adapter(adapter, cfg: dict, world: int, dtype: str):
-    """The projector made a rank's: adapter column-parallel (its bias split with it), adapter_2 row-parallel
-    (bias replicated)."""
-    h, vh = cfg["text_config"]["hidden_size"], cfg["vision_config"]["hidden_size"]
-    bias = bool(cfg.get("multimodal_projector_bias", True))
-    adapter.adapter = Linear(h // world, vh, bias, dtype)
-    adapter.adapter_2 = RowParallelLinear(h, h // world, bias, dtype)
-    return adapter
-
-
-def build_parallel(cfg: dict, rank: int, world: int, fused: bool, dtype: str = "float32"):
-    """This rank's LlavaVlm (local shapes, parallel cells swapped in), parameters still empty."""
-    from .llava import LlavaVlm
+def parallelize(cell, prefix: str, layout: dict, rank: int, world: int, dtype: str):
+    """Swap, in place, every Linear and Embedding under `cell` (whose parameter names start with `prefix`) for
+    rank `rank`'s cell by its weight's split kind. `layout`: parameter name -> (split kind, whole shape).
+    Any other parameter under `cell` that the layout splits is refused (it has no parallel form here)."""
     if not 0 <= rank < world:
         raise fail(f"rank {rank} is outside a world of {world}")
-    lcfg = local_config(cfg, world)
-    model = LlavaVlm(lcfg, dtype=dtype, fused=fused)
-    tc, lt = cfg["text_config"], lcfg["text_config"]
-    h, vl = tc["hidden_size"], lt["vocab_size"]
-    lm = model.language_model
-    lm.model.tok_embeddings = VocabParallelEmbedding(vl, h, rank * vl, dtype)
-    lm.lm_head = VocabParallelHead(vl, h, world, dtype)
-    for layer in lm.model.layers:
-        parallel_decoder_layer(layer, dtype)
-    parallel_adapter(model.adapter, cfg, world, dtype)
+    swapped = set()
+    for path, child in list(cell.cells_and_names()):
+        if isinstance(child, PARALLEL_CELLS) or not isinstance(child, (Linear, Embedding)) or not path:
+            continue
+        weight = prefix + path + (".weight" if isinstance(child, Linear) else ".embedding_weight")
+        new = rank_cell(child, weight, layout, rank, world, dtype)
+        swapped.update((weight, weight[:-len("weight")] + "bias"))
+        if new is not child:
+            parent_path, _, attr = path.rpartition(".")
+            parent = cell if not parent_path else dict(cell.cells_and_names())[parent_path]
+            setattr(parent, attr, new)
+    for path, _ in cell.parameters_and_names():
+        name = prefix + path
+        if name not in swapped and layout.get(name, ("replicated",))[0] != "replicated":
+            raise fail(f"{name}: split {layout[name][0]!r}, but the reference model has no tensor-parallel form "
+                       "for that cell")
+    return cell
+
+
+def build_parallel(cfg: dict, rank: int, world: int, fused: bool, layout: dict, dtype: str = "float32"):
+    """This rank's LlavaVlm (local shapes, parallel cells swapped in by `layout`), parameters still empty."""
+    from .llava import LlavaVlm
+    model = LlavaVlm(local_config(cfg, world), dtype=dtype, fused=fused)
+    parallelize(model, "", layout, rank, world, dtype)
     _name_parameters(model)
     return model
 
@@ -139,9 +164,24 @@ def _name_parameters(model) -> None:
                 p.name = f"{prefix}.{key}" if prefix else key
 
 
-def load_rank(cfg: dict, tensors, rank: int, world: int, dtype: str = "float32"):
+def load_rank(cfg: dict, tensors, rank: int, world: int, layout: dict, dtype: str = "float32"):
     """Build this rank's model for the layout its tensor names show and fill it from its own file."""
     from .loading import detect_fused, load_weights
-    model = build_parallel(cfg, rank, world, detect_fused(tensors.keys()), dtype)
+    model = build_parallel(cfg, rank, world, detect_fused(tensors.keys()), layout, dtype)
     load_weights(model, tensors)
     return model
+
+
+def rank_runner(ctx):
+    """The whole model of an msrun rank (runtime/rank.py's `ctx`: its rank folder, `context` holding the config
+    and the split layout), loaded once per process and kept in ctx.cache, compiled unless ctx.jit is False."""
+    if "runner" not in ctx.cache:
+        from ..io import load_tensors
+        from .llava import Runner
+        tensors = load_tensors(ctx.rank_dir)
+        try:
+            model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype)
+        finally:
+            tensors.close()
+        ctx.cache["runner"] = Runner(model, jit=ctx.jit)
+    return ctx.cache["runner"]

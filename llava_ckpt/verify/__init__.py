@@ -1,13 +1,14 @@
 """`verify`: run converted weights in the reference MindSpore model and compare with transformers, layer by
 layer, on the same image and prompt.
 
-  inputs.py     the processor's inputs (image, chat template, tokens) and eos ids
-  converted.py  the converted weights: one folder or rank_<r>/ folders reassembled by llava_ckpt.tp
+  inputs.py     the processor's inputs (image, chat template, tokens) and eos ids, as llava_ckpt.prompts builds them
+  converted.py  the converted weights: one folder or rank_<r>/ folders reassembled by their split kinds
   hf_side.py    transformers' own modules, one at a time, weights read lazily from the source safetensors
   ms_side.py    the reference model's own cells, one at a time, weights read lazily from the converted files
   streamed.py   the walk: both sides module by module, prefill then greedy decoding with KV caches
   compare.py    tolerances; logits, module and greedy comparisons
   report.py     the human-readable report
+  ranks.py      the job a tp output's msrun ranks run (runtime/msrun.py launches them) and its handlers
   run.py        orchestration (msrun ranks, the walk, the result dict)
 """
 from .compare import TOLERANCES

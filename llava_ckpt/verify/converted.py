@@ -1,5 +1,5 @@
 """The converted weights verify reads: a tp-1 folder, or rank_<r>/ folders reassembled by the manifest's
-split kinds (llava_ckpt.tp). Everything is lazy: one tensor is read when it is asked for."""
+split kinds (engine/splits.py). Everything is lazy: one tensor is read when it is asked for."""
 from __future__ import annotations
 
 import os
@@ -7,14 +7,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import tp as tpr
+from ..engine import splits
 from ..errors import fail
-
-_CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+from ..io.dtypes import DTYPES, dtype_name
 
 
 class RankTensors(Mapping):
-    """Whole tensors from rank pieces (tp.merge by each tensor's split kind). Replicated tensors that differ
+    """Whole tensors from rank pieces (splits.merge by each tensor's split kind). Replicated tensors that differ
     between ranks are recorded in `replica_mismatch` (rank 0's copy is used), so verify can report them
     beside the numerical checks instead of stopping at the first one."""
 
@@ -25,10 +24,10 @@ class RankTensors(Mapping):
     def __getitem__(self, name):
         parts = [r[name] for r in self.ranks]
         kind = self.kinds[name]
-        if tpr.split_dim(kind, parts[0].ndim) is None and not tpr.replicas_equal(parts):
+        if splits.split_dim(kind, parts[0].ndim) is None and not splits.replicas_equal(parts):
             self.replica_mismatch.add(name)
             return parts[0]
-        return tpr.merge(parts, kind, name)
+        return splits.merge(parts, kind, name)
 
     def __iter__(self):
         return iter(self.ranks[0])
@@ -45,32 +44,37 @@ class RankTensors(Mapping):
                 r.close()
 
 
-def open_converted(ms_dir: str):
-    """(lazy name -> array mapping, tp degree) for a convert/shard output folder."""
+def open_converted(ms_dir: str) -> dict:
+    """A convert / shard output for verify: {"tensors" (lazy name -> array mapping, rank pieces merged), "tp",
+    "rank_dirs", "layout" (engine.records.split_layout, for the ranks' parallel cells)}. tp and the rank folders
+    come from the manifest; a bare folder holding one llava.ckpt / llava.safetensors (no manifest) is tp 1."""
+    from ..engine.records import checked_entries, split_layout
     from ..io import load_tensors
-    from ..io.ranks import rank_dirs
+    from ..io.manifest import NAME, output_layout, read_manifest
+    from ..io.ranks import rank_folders
     if not os.path.isdir(ms_dir):
         raise fail(f"{ms_dir} is not a folder")
-    dirs = rank_dirs(ms_dir)
-    if not dirs:
-        return load_tensors(ms_dir), 1
-    from ..manifest import read_manifest
+    if not os.path.lexists(os.path.join(ms_dir, NAME)):
+        if rank_folders(ms_dir):
+            raise fail(f"{ms_dir} holds rank_<r>/ folders but no {NAME} saying how its tensors are split")
+        return {"tensors": load_tensors(ms_dir), "tp": 1, "rank_dirs": [], "layout": None}
+    where = os.path.join(ms_dir, NAME)
     manifest = read_manifest(ms_dir)
-    kinds = {}
-    for entry in manifest.get("tensors", []):
-        if not isinstance(entry, dict) or entry.get("split") not in tpr.SPLIT_KINDS:
-            name = entry.get("name") if isinstance(entry, dict) else entry
-            raise fail(f"{ms_dir}/manifest.json: no split kind for {name!r}")
-        kinds[entry["name"]] = entry["split"]
+    tp, _ = output_layout(manifest, where)
+    dirs = rank_folders(ms_dir, tp)
+    layout = split_layout(checked_entries(manifest, where))
+    if tp == 1:
+        return {"tensors": load_tensors(ms_dir), "tp": 1, "rank_dirs": [], "layout": layout}
     ranks = [load_tensors(d) for d in dirs]
     names = set(ranks[0].keys())
     for d, r in zip(dirs[1:], ranks[1:]):
         if set(r.keys()) != names:
             raise fail(f"{ms_dir}: {os.path.basename(d)} holds different tensor names than rank_0")
-    unknown = sorted(names - set(kinds))
+    unknown = sorted(names - set(layout))
     if unknown:
-        raise fail(f"{ms_dir}/manifest.json does not list {', '.join(unknown[:5])}")
-    return RankTensors(ranks, kinds), len(ranks)
+        raise fail(f"{where} does not list {', '.join(unknown[:5])}")
+    kinds = {name: kind for name, (kind, _) in layout.items()}
+    return {"tensors": RankTensors(ranks, kinds), "tp": tp, "rank_dirs": dirs, "layout": layout}
 
 
 def stored_dtypes(tensors) -> dict:
@@ -79,5 +83,5 @@ def stored_dtypes(tensors) -> dict:
         return tensors.dtypes()
     infos = getattr(tensors, "infos", None)
     if isinstance(infos, dict):
-        return {n: _CODES.get(i.dtype, str(i.dtype)) for n, i in infos.items()}
+        return {n: dtype_name(i.dtype) if i.dtype in DTYPES else str(i.dtype) for n, i in infos.items()}
     return {n: str(np.asarray(v).dtype) for n, v in tensors.items()}

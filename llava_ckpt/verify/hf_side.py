@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import fail
 from ..io.dtypes import dtype_name
-from ..io.source import FileReader
+from ..io.readers import FileReader
 from .weights import Arena, as_torch, cast_into, read_into_arena
 
 VISION = "vision_tower.vision_model."
@@ -28,8 +28,8 @@ class HfSide:
     def __init__(self, hf_src: str, cfg: dict, round_to: list, arena: Arena | None = None):
         import torch
         from transformers import LlavaConfig
-        from ..hf_source import read_tensors
-        from ..mapping import detect_layout, plan, table_for, to_canonical
+        from ..io.hf_folder import read_tensors
+        from ..engine.mapping import detect_layout, plan, table_for, to_canonical
         self.torch = torch
         self.config = LlavaConfig.from_pretrained(hf_src)
         self.text, self.vision = self.config.text_config, self.config.vision_config

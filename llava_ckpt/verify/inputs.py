@@ -1,13 +1,12 @@
 """The inputs both sides get: the source's own processor (tokenizer, chat template, image processor) on the
-image and prompt, and the end-of-sequence tokens greedy decoding stops at.
+image and prompt, and the end-of-sequence tokens greedy decoding stops at (llava_ckpt.prompts builds both,
+for generate too).
 
 The bundled image (assets/default_image.png, a house, a tree and the sun) was drawn with pillow.
 """
 from __future__ import annotations
 
 import os
-
-import numpy as np
 
 from ..errors import fail
 
@@ -27,41 +26,15 @@ def resolve_source(hf_src: str) -> str:
 
 
 def build_inputs(hf_src: str, image: str | None, prompt: str | None) -> dict:
-    """Tokenized prompt and pixels from the checkpoint's own processor (real tokenizer and chat template)."""
-    from PIL import Image
-    from transformers import AutoProcessor
+    """Tokenized prompt and pixels from the checkpoint's own processor (real tokenizer and chat template), built
+    as generate builds them (llava_ckpt.prompts), and the eos ids greedy decoding stops at."""
+    from ..prompts import encode, format_prompt, load_image, load_processor, special_ids
     path = image or DEFAULT_IMAGE
-    try:
-        with Image.open(path) as im:
-            picture = im.convert("RGB")
-    except FileNotFoundError:
-        raise fail(f"image {path} does not exist") from None
-    except OSError as exc:
-        raise fail(f"cannot read image {path}: {exc}") from None
-    try:
-        processor = AutoProcessor.from_pretrained(hf_src)
-    except (OSError, ValueError) as exc:
-        raise fail(f"cannot load the processor (tokenizer, image processor) from {hf_src}: {exc}") from None
-    question = prompt or DEFAULT_PROMPT
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    else:
-        text = f"USER: <image>\n{question} ASSISTANT:"
-    batch = processor(images=picture, text=text, return_tensors="np")
+    picture = load_image(path)
+    processor = load_processor(hf_src)
+    text = format_prompt(processor, prompt or DEFAULT_PROMPT)
+    ids, pixels = encode(processor, picture, text)
     tokenizer = processor.tokenizer
-    return {"input_ids": np.asarray(batch["input_ids"]).astype(np.int64),
-            "pixel_values": np.asarray(batch["pixel_values"], dtype=np.float32),
-            "text": text, "image": os.path.abspath(path),
+    return {"input_ids": ids[None], "pixel_values": pixels[None], "text": text, "image": os.path.abspath(path),
+            "eos": special_ids(hf_src, tokenizer)[0],
             "decode": lambda ids: tokenizer.decode(ids, skip_special_tokens=False)}
-
-
-def eos_tokens(hf_src: str) -> tuple:
-    """The eos ids transformers' generate would stop at (generation_config.json, else config.json)."""
-    from transformers import GenerationConfig, LlavaConfig
-    try:
-        gen = GenerationConfig.from_pretrained(hf_src)
-    except (OSError, ValueError):
-        gen = GenerationConfig.from_model_config(LlavaConfig.from_pretrained(hf_src))
-    eos = gen.eos_token_id
-    return () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import fail
-from ..io.source import FileReader
+from ..io.readers import FileReader
 from .weights import Arena, cast_into, read_into_arena
 
 TEXT = "language_model.model."
@@ -26,10 +26,11 @@ TEXT = "language_model.model."
 class MsSide:
     """The reference model's steps for one process (`rank`/`world` None: whole tensors) or for one
     tensor-parallel rank under msrun (`rank`, `world`: this rank's slices from its own rank file, in the
-    parallel cells of model/parallel.py, communicating with the other ranks inside each step)."""
+    parallel cells of model/parallel.py built by `layout`'s split kinds, communicating with the other ranks
+    inside each step)."""
 
     def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU",
-                 arena: Arena | None = None, rank: int | None = None, world: int = 1):
+                 arena: Arena | None = None, rank: int | None = None, world: int = 1, layout: dict | None = None):
         import mindspore
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
@@ -42,12 +43,14 @@ class MsSide:
         self.reader = FileReader()
         self.infos = getattr(tensors, "infos", None)  # a single file: read straight into the arena
         self.cfg, self.tensors, self.dtype = cfg, tensors, dtype
-        self.rank, self.world = rank, int(world)
+        self.rank, self.world, self.layout = rank, int(world), layout
+        if rank is not None and layout is None:
+            raise fail("a tensor-parallel rank needs the checkpoint's split layout")
         self.target = NP_DTYPES[dtype]
         self.fused = detect_fused(tensors.keys())
         # lazy parameters: names and shapes, no memory
         whole = (LlavaVlm(cfg, dtype=dtype, fused=self.fused) if rank is None
-                 else build_parallel(cfg, rank, self.world, self.fused, dtype))
+                 else build_parallel(cfg, rank, self.world, self.fused, layout, dtype))
         self.check_names({p.name: tuple(p.shape) for p in whole.get_parameters()})
         self.image_token = whole.image_token
         del whole
@@ -106,31 +109,32 @@ class MsSide:
 
     def _embedding_cell(self):
         from ..model.llama import Embedding
-        from ..model.parallel import VocabParallelEmbedding
-        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
-        if self.rank is None:
-            return Embedding(vocab, hidden, self.dtype)
-        return VocabParallelEmbedding(vocab, hidden, self.rank * vocab, self.dtype)
+        return self._rank(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype),
+                          f"{TEXT}tok_embeddings.embedding_weight")
 
     def _head_cell(self):
         from ..model.layers import Linear
-        from ..model.parallel import VocabParallelHead
-        vocab, hidden = self.tc["vocab_size"], self.tc["hidden_size"]
-        if self.rank is None:
-            return Linear(vocab, hidden, False, self.dtype)
-        return VocabParallelHead(vocab, hidden, self.world, self.dtype)
+        return self._rank(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
+                          "language_model.lm_head.weight")
 
-    def _decoder_cell(self):
+    def _decoder_cell(self, i: int):
         from ..model.llama import DecoderLayer
-        from ..model.parallel import parallel_decoder_layer
-        layer = DecoderLayer(self.tc, self.fused, self.dtype)
-        return layer if self.rank is None else parallel_decoder_layer(layer, self.dtype)
+        return self._parallel(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
 
     def _adapter_cell(self):
         from ..model.llava import Adapter
-        from ..model.parallel import parallel_adapter
-        adapter = Adapter(self.cfg, self.dtype)
-        return adapter if self.rank is None else parallel_adapter(adapter, self.cfg, self.world, self.dtype)
+        return self._parallel(Adapter(self.cfg, self.dtype), "adapter.")
+
+    def _rank(self, cell, weight: str):
+        """A lone Embedding / Linear as this rank holds it (itself in one process)."""
+        from ..model.parallel import rank_cell
+        return cell if self.rank is None else rank_cell(cell, weight, self.layout, self.rank, self.world, self.dtype)
+
+    def _parallel(self, cell, prefix: str):
+        """A cell with its Linears as this rank holds them (itself in one process)."""
+        from ..model.parallel import parallelize
+        return cell if self.rank is None else parallelize(cell, prefix, self.layout, self.rank, self.world,
+                                                          self.dtype)
 
     def _language_model(self, **cells):
         """What LanguageModel's own methods read from `self`, holding only the cells a step loaded."""
@@ -215,7 +219,7 @@ class MsSide:
     def decoder_prefill(self, i: int, x, cos, sin, keep):
         """DecoderLayer.prefill of layer i: (output, k, v)."""
         self._begin()
-        layer = self._load(self._decoder_cell(), f"{TEXT}layers.{i}.")
+        layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
         out = layer.prefill(x, cos, sin, keep)
         self._release(layer)
         return out
@@ -224,7 +228,7 @@ class MsSide:
         """DecoderLayer.step of layer i (one new position attending over the KV cache and itself): (output,
         the new position's k, v) for the caller to write into the cache (model.llama.KVCache)."""
         self._begin()
-        layer = self._load(self._decoder_cell(), f"{TEXT}layers.{i}.")
+        layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
         out = layer.step(x, cos, sin, keep, k_cache, v_cache)
         self.synchronize()  # done reading the cache before the caller writes the new slot into it
         self._release(layer)

@@ -13,7 +13,7 @@ import os
 from ..errors import fail
 from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
 from .converted import open_converted, stored_dtypes
-from .inputs import build_inputs, eos_tokens, resolve_source
+from .inputs import build_inputs, resolve_source
 
 # How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
@@ -38,16 +38,16 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise fail(f"timeout must be a positive number of seconds, got {timeout!r}")
     hf_src = resolve_source(hf_src)
-    from ..config import load_config
-    from ..hf_source import read_tensors
+    from ..engine.config import load_config
+    from ..io.hf_folder import read_tensors
     cfg = load_config(hf_src)
     read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
-    tensors, tp = open_converted(ms_dir)
+    converted = open_converted(ms_dir)
+    tensors, tp = converted["tensors"], converted["tp"]
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
-        if use_msrun:
-            from ..tp_run import rank_count
-            rank_count(ms_dir)  # a tp-1 folder is refused before the slow part
+        if use_msrun and tp == 1:  # refused before the slow part
+            raise fail(f"{ms_dir} is a tp-1 output: running ranks under msrun needs a --tp output")
         stored = stored_dtypes(tensors)
         # storage rounding first, then the float16 compute cast: the order our side applies them in
         narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
@@ -62,12 +62,13 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if ids.shape[1] + max_new_tokens > ms.max_positions:
             raise fail(f"sequence length {ids.shape[1] + max_new_tokens} exceeds max_position_embeddings "
                        f"{ms.max_positions}")
-        eos = eos_tokens(hf_src)
+        eos = inputs["eos"]
         ranks = None
         if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
-            from ..tp_run import run_ranks
-            ranks = run_ranks(ms_dir, cfg, ids, pixels, dtype=dtype, device=device_target,
-                              timeout=timeout, trace=True, max_new_tokens=max_new_tokens, eos=eos, streamed=True)
+            from .ranks import run_ranks
+            ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
+                              device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
+                              eos=eos, streamed=True)
         from .hf_side import HfSide
         from .streamed import walk
         tol = TOLERANCES[dtype]

@@ -82,7 +82,7 @@ def cast_into(out: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def read_into_arena(arena: Arena, reader, info, dtype) -> np.ndarray:
-    """One stored tensor (io.source.TensorInfo) in `dtype`, in the arena: read straight in when the stored
+    """One stored tensor (io.readers.TensorInfo) in `dtype`, in the arena: read straight in when the stored
     dtype is already `dtype`, otherwise through the staging buffer and a cast."""
     from ..io.dtypes import numpy_dtype
     stored = numpy_dtype(info.dtype)

@@ -1,4 +1,4 @@
-"""Rank folder sets and tensors read across ranks (llava_ckpt/io/ranks.py), checked against tp.rank_slice."""
+"""Rank folders and tensors read across ranks (llava_ckpt/io/ranks.py), checked against tests/oracles.py."""
 import os
 
 import numpy as np
@@ -6,9 +6,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from llava_ckpt.errors import CheckpointError
-from llava_ckpt.io.ranks import rank_dirs, rank_weight_file, ranked_tensor
-from llava_ckpt.io.source import FileReader, read_index
-from llava_ckpt.tp import rank_blocks, rank_slice
+from llava_ckpt.io.ranks import rank_folders, rank_weight_file, ranked_tensor
+from llava_ckpt.io.readers import FileReader, read_index
+from llava_ckpt.engine.splits import rank_blocks
+from oracles import rank_slice
 
 
 def _write_ranks(tmp_path, full, kind, tp):
@@ -76,13 +77,21 @@ def test_pieces_that_disagree_are_refused(tmp_path):
 
 
 def test_rank_folders_and_their_files(tmp_path):
-    assert rank_dirs(str(tmp_path)) == []
+    assert rank_folders(str(tmp_path)) == []
     for r in (0, 1, 3):
         (tmp_path / f"rank_{r}").mkdir()
     with pytest.raises(CheckpointError, match="rank_2 missing"):
-        rank_dirs(str(tmp_path))
+        rank_folders(str(tmp_path))
+    # with the tp a manifest records: the missing and the uncounted folders are named
+    with pytest.raises(CheckpointError, match=r"records tp 2 \(rank_0 \.\. rank_1\): rank_3 not part of it"):
+        rank_folders(str(tmp_path), 2)
+    with pytest.raises(CheckpointError, match=r"records tp 4 .*: rank_2 missing"):
+        rank_folders(str(tmp_path), 4)
+    with pytest.raises(CheckpointError, match=r"records tp 1 \(no rank folders\): rank_0, rank_1, rank_3 not part"):
+        rank_folders(str(tmp_path), 1)
     os.rmdir(tmp_path / "rank_3")
-    assert [os.path.basename(d) for d in rank_dirs(str(tmp_path))] == ["rank_0", "rank_1"]
+    assert [os.path.basename(d) for d in rank_folders(str(tmp_path))] == ["rank_0", "rank_1"]
+    assert rank_folders(str(tmp_path), 2) == rank_folders(str(tmp_path))
     with pytest.raises(CheckpointError, match="missing rank file"):
         rank_weight_file(str(tmp_path / "rank_0"))
     (tmp_path / "rank_0" / "a-1_1.ckpt").write_bytes(b"x")

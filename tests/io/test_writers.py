@@ -2,7 +2,7 @@ import ml_dtypes
 import numpy as np
 
 from llava_ckpt.io import writers
-from llava_ckpt.io.source import FileReader, read_ckpt_index
+from llava_ckpt.io.readers import FileReader, read_ckpt_index
 
 
 def _write(path, arrays):
@@ -89,7 +89,7 @@ def test_training_counters_are_indexed_only_when_asked(tmp_path):
     import pytest
     from safetensors.numpy import save_file
     from llava_ckpt.errors import CheckpointError
-    from llava_ckpt.io.source import read_index
+    from llava_ckpt.io.readers import read_index
     save_file({"w": np.ones(3, np.float32), "global_step": np.array([7], np.int32)}, str(tmp_path / "t.safetensors"))
     with pytest.raises(CheckpointError, match="unsupported dtype 'I32'"):
         read_index(str(tmp_path / "t.safetensors"))

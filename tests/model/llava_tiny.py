@@ -127,5 +127,5 @@ def pixels(seed: int = 0) -> np.ndarray:
 
 def ms_config(model) -> dict:
     """The normalized config dict the reference model reads (as load_config would give for the saved dir)."""
-    from llava_ckpt.config import normalize_config
+    from llava_ckpt.engine.config import normalize_config
     return normalize_config(model.config.to_dict())

@@ -34,7 +34,8 @@ def test_13b_structure_shards_to_4_and_8(src, tmp_path, tp):
     out = str(tmp_path / f"tp{tp}")
     convert(src, out, fmt="safetensors", tp=tp, progress=False)
     from llava_ckpt.verify.converted import open_converted
-    merged, n = open_converted(out)
+    got = open_converted(out)
+    merged, n = got["tensors"], got["tp"]
     w = merged["language_model.model.layers.0.attention.wq.weight"]
     assert n == tp and w.shape == (160, 160) and merged.replica_mismatch == set()
     merged.close()

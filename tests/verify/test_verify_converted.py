@@ -1,4 +1,4 @@
-"""Rank files read back as whole tensors through llava_ckpt.tp's split kinds; replicas that differ are
+"""Rank files read back as whole tensors through their manifest's split kinds; replicas that differ are
 recorded, not silently averaged or picked."""
 import json
 import os
@@ -17,8 +17,8 @@ def test_rank_files_reassemble_to_the_tp1_tensors(tiny, tmp_path):
     one, two = str(tmp_path / "tp1"), str(tmp_path / "tp2")
     convert(tiny, one, fmt="safetensors", fuse_qkv=True, progress=False)
     convert(tiny, two, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
-    whole, tp = open_converted(one)
-    merged, tp2 = open_converted(two)
+    a, b = open_converted(one), open_converted(two)
+    (whole, tp), (merged, tp2) = (a["tensors"], a["tp"]), (b["tensors"], b["tp"])
     assert (tp, tp2) == (1, 2) and set(merged) == set(whole)
     kinds = {e["name"]: e["split"] for e in json.load(open(os.path.join(two, "manifest.json")))["tensors"]}
     assert {"column", "row", "vocab", "replicated"} <= set(kinds.values())
@@ -38,16 +38,24 @@ def test_replica_mismatch_is_recorded(tiny, tmp_path):
     rank1.close()
     tensors[name] = tensors[name] + 1
     save_file(tensors, os.path.join(out, "rank_1", "llava.safetensors"))
-    merged, _ = open_converted(out)
+    merged = open_converted(out)["tensors"]
     got = merged[name]
     assert merged.replica_mismatch == {name}
     assert np.array_equal(got, load_tensors(os.path.join(out, "rank_0"))[name])
 
 
-def test_rank_folders_must_be_numbered_without_gaps(tmp_path):
-    for d in ("rank_0", "rank_2"):
-        os.makedirs(tmp_path / d)
-    with pytest.raises(CheckpointError, match="rank_1 missing"):
-        open_converted(str(tmp_path))
+def test_rank_folders_come_from_the_manifest(tiny, tmp_path):
+    out = tmp_path / "tp2"
+    convert(tiny, str(out), fmt="safetensors", tp=2, progress=False)
+    got = open_converted(str(out))
+    assert got["tp"] == 2 and [os.path.basename(d) for d in got["rank_dirs"]] == ["rank_0", "rank_1"]
+    assert got["layout"]["language_model.model.layers.0.attention.wo.weight"][0] == "row"
+    os.rename(out / "rank_1", tmp_path / "rank_1")
+    with pytest.raises(CheckpointError, match=r"records tp 2 .*rank_1 missing"):
+        open_converted(str(out))
     with pytest.raises(CheckpointError, match="is not a folder"):
         open_converted(str(tmp_path / "nope"))
+    bare = tmp_path / "bare"
+    (bare / "rank_0").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds rank_<r>/ folders but no manifest.json"):
+        open_converted(str(bare))

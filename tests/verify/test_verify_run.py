@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from llava_ckpt.cli import main
-from llava_ckpt.config import load_config
+from llava_ckpt.engine.config import load_config
 from llava_ckpt.convert import convert
 from llava_ckpt.errors import CheckpointError
 from llava_ckpt.io import load_tensors

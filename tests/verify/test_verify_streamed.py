@@ -4,7 +4,7 @@ decoding (Runner.generate: the KV-cache step path) and show it catches a differe
 import numpy as np
 import pytest
 
-from llava_ckpt.config import load_config
+from llava_ckpt.engine.config import load_config
 from llava_ckpt.convert import convert
 from llava_ckpt.io import load_tensors
 from llava_ckpt.model.llava import Runner

@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from llava_ckpt.io.source import FileReader, read_safetensors_header
+from llava_ckpt.io.readers import FileReader, read_safetensors_header
 from llava_ckpt.verify.weights import Arena, cast_into, read_into_arena
 
 LAYER = [((64, 32), np.float32), ((32, 64), np.float32), ((7,), np.float16), ((3, 5, 2), np.float32)]

@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import fail
-from .tp import SPLIT_KINDS
+from ..errors import fail
+from .splits import SPLIT_KINDS
 
 
 def _rows(shapes) -> list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import fail
+from ..errors import fail
 
 MAX_CONFIG = 16 << 20
 
@@ -119,7 +119,7 @@ def _check_feature_layer(cfg: dict, where: str) -> None:
 
 def read_config(folder: str) -> dict:
     """`folder/config.json` as written (bounded read, one clear error if missing or not JSON)."""
-    from .io.files import read_json
+    from ..io.files import read_json
     return read_json(os.path.join(folder, "config.json"), limit=MAX_CONFIG)
 
 

@@ -30,15 +30,13 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import CheckpointError, fail
-from .io.files import write_atomic
-from .io.protobuf import bytes_field, fields, int_field, ints_field, read_varint
-from .tp import check_degree, split_dim, tensor_map
+from ..engine.splits import check_degree, split_dim, tensor_map
+from ..errors import CheckpointError, fail
+from .files import write_atomic
+from .protobuf import bytes_field, fields, int_field, ints_field, read_varint
 
 # ----------------------------------------------------------------------------------------------------------------
 # proto2 wire format, just what ParallelStrategyMap needs
-
-
 
 def _layout_bytes(tp: int, tmap: Sequence[int]) -> bytes:
     """ParallelLayouts: dev_matrix=1, tensor_map=2, param_split_shape=3, indices_offset=4, field=5,
@@ -93,7 +91,7 @@ def _normalize(params, tp: int) -> list:
 def strategy_bytes(params: Iterable[tuple], tp: int) -> bytes:
     """Serialized ParallelStrategyMap for tensor parallelism of degree `tp`.
 
-    params: iterable of (name, split_kind, ndim_or_shape). split_kind is one of tp.SPLIT_KINDS; the third item is the
+    params: iterable of (name, split_kind, ndim_or_shape). split_kind is one of engine.splits.SPLIT_KINDS; the third item is the
     number of dims (int) or the full, unsplit shape (sequence of ints; then divisibility by tp is checked).
     Names must be unique and free of '-'. Order is kept in the file.
     """
@@ -131,15 +129,6 @@ class Layout:
         for d in self.dev_matrix:
             n *= d
         return n
-
-    @property
-    def split_axis(self) -> "int | None":
-        """The split tensor dim (the one mapped to a dev_matrix axis of size > 1), or None if replicated."""
-        axes = [i for i, m in enumerate(self.tensor_map)
-                if m >= 0 and self.dev_matrix[len(self.dev_matrix) - 1 - m] > 1]
-        if len(axes) > 1:
-            raise fail(f"layout {self} splits more than one dim")
-        return axes[0] if axes else None
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple:
@@ -222,7 +211,7 @@ def read_strategy(path: "str | os.PathLike") -> dict:
         raise fail(f"strategy file {path} is not a regular file" if os.path.exists(path)
                    else f"strategy file {path} does not exist")
     if path.endswith(".json"):
-        from .io.files import read_json
+        from .files import read_json
         return parse_json_strategy(read_json(path, f"strategy file {path}", MAX_STRATEGY), path)
     try:
         with open(path, "rb") as f:

@@ -1,4 +1,4 @@
-"""The TP strategy file (llava_ckpt/strategy.py) against MindSpore's own tools.
+"""The TP strategy file (llava_ckpt/io/strategy.py) against MindSpore's own tools.
 
 Per-rank slices are written into rank_<r>/ folders (.ckpt via ms.save_checkpoint, .safetensors via the
 safetensors package), then ms.transform_checkpoints (to one unsplit rank), ms.merge_sliced_parameter and
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from llava_ckpt.errors import CheckpointError
-from llava_ckpt.strategy import Layout, parse_strategy, read_strategy, strategy_bytes, write_strategy
-from llava_ckpt.tp import SPLIT_KINDS, rank_slice, split_dim, tensor_map
+from llava_ckpt.io.strategy import Layout, parse_strategy, read_strategy, strategy_bytes, write_strategy
+from llava_ckpt.engine.splits import SPLIT_KINDS, rank_blocks, split_dim, tensor_map
+from oracles import rank_slice
 
 # Every split kind the shard command uses, with shapes divisible by 4.
 SPEC = [
@@ -58,7 +59,7 @@ def test_write_read_roundtrip_and_atomic(tmp_path):
     for name, kind, shape in SPEC:
         lay = layouts[name]
         assert lay == Layout((1, 4), tuple(tensor_map(kind, len(shape))), (), 0, 0, 0)
-        assert lay.tp == 4 and lay.split_axis == split_dim(kind, len(shape))
+        assert lay.tp == 4 and rank_blocks(lay.dev_matrix, lay.tensor_map, 4)[0] == split_dim(kind, len(shape))
     # ndim given as an int gives the same bytes as the full shape
     assert strategy_bytes([(n, k, len(s)) for n, k, s in SPEC], 4) == strategy_bytes(params, 4)
     # overwrite in place

@@ -1,4 +1,4 @@
-"""The streaming core (llava_ckpt/stream.py) with tensors far larger than its chunk and the writers' blocks.
+"""The way forward (llava_ckpt/engine/forward.py) with tensors far larger than its chunk and the writers' blocks.
 
 The tiny fixture's tensors fit in one 16 MiB chunk, so here the chunk is shrunk to 3000 bytes (not a multiple
 of any row size) and the writer block to 8 KiB: every gather (grouped q/k/v, interleaved gate/up, casts, rank
@@ -8,7 +8,7 @@ against tests/expected.py, which spells the mapping out by hand.
 import numpy as np
 import pytest
 
-from llava_ckpt import stream
+from llava_ckpt.engine import forward
 from llava_ckpt.convert import convert
 from llava_ckpt.io import writers
 from llava_ckpt.shard import shard
@@ -21,7 +21,7 @@ CHUNK, BLOCK = 3000, 8192
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(stream, "CHUNK", CHUNK)
+    monkeypatch.setattr(forward, "CHUNK", CHUNK)
     monkeypatch.setattr(writers, "BLOCK", BLOCK)
 
 
@@ -53,7 +53,7 @@ def test_shard_across_chunks(tiny, tmp_path, small_chunks, fuse, direct):
 
 def test_spans_never_cross_a_rank_boundary():
     for n_rows, step, tp in [(100, 7, 4), (64, 64, 2), (12, 5, 3)]:
-        spans = stream._spans(n_rows, step, 0, tp)
+        spans = forward._spans(n_rows, step, 0, tp)
         per = n_rows // tp
         assert [(a, b) for _, a, b in spans] == sorted((a, b) for _, a, b in spans)
         assert all(r * per <= a < b <= (r + 1) * per and b - a <= step for r, a, b in spans)

@@ -5,12 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from llava_ckpt.config import load_config
+from llava_ckpt.engine.config import load_config
 from llava_ckpt.convert import convert
 from llava_ckpt.io import load_tensors
 from llava_ckpt.model import Runner, build_and_load, trace_names
 from llava_ckpt.model.vision import patch_count
-from llava_ckpt.tp_run import run_ranks
+from llava_ckpt.verify.converted import open_converted
+from llava_ckpt.verify.ranks import run_ranks
 
 
 def _inputs(cfg):
@@ -39,7 +40,9 @@ def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
 
     out = str(tmp_path / "tp2-fused")  # the fused layout on the ranks; verify's msrun test runs the unfused one
     convert(tiny, out, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
-    got = run_ranks(out, cfg, ids, pixels, trace=True, max_new_tokens=3, device="CPU", timeout=240)
+    ranks = open_converted(out)
+    got = run_ranks(ranks["rank_dirs"], cfg, ranks["layout"], ids, pixels, trace=True, max_new_tokens=3,
+                    device="CPU", timeout=240)
     assert got["world"] == 2
     assert got["logits"].shape == ref.shape
     err = float(np.abs(got["logits"] - ref).max())
@@ -61,7 +64,7 @@ def test_kill_run_reaches_ranks_in_their_own_session(tmp_path):
     import time
 
     import psutil
-    from llava_ckpt.tp_run import kill_run
+    from llava_ckpt.runtime.msrun import kill_run
 
     work = str(tmp_path / "llava-tp-run")
     rank = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', "
@@ -88,7 +91,7 @@ def test_msrun_dies_with_a_launcher_killed_outright(tmp_path):
     import psutil
 
     marker = str(tmp_path / "msrun-stand-in")
-    code = ("import subprocess, sys, time; from llava_ckpt.tp_run import _die_with_launcher; "
+    code = ("import subprocess, sys, time; from llava_ckpt.runtime.msrun import _die_with_launcher; "
             f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', {marker!r}], "
             "start_new_session=True, preexec_fn=_die_with_launcher); time.sleep(120)")
     launcher = subprocess.Popen([sys.executable, "-c", code])

@@ -1,17 +1,11 @@
-"""manifest.json: what was converted, from what, how, and the sha256 of every file written."""
+"""The manifest's tensor records: one entry per output tensor (how it was made, from which HF tensors and files,
+how it is split), written by convert and shard and checked when a command reads them back."""
 from __future__ import annotations
 
-import json
-import os
-
-from . import __version__
-from .errors import fail
-from .io.dtypes import BY_NAME, dtype_name
-from .io.files import read_json, write_atomic
+from ..errors import fail
+from ..io.dtypes import BY_NAME, dtype_name
 from .mapping import is_unused
-from .tp import SPLIT_KINDS, rank_shape, split_dim
-
-NAME = "manifest.json"
+from .splits import SPLIT_KINDS, rank_shape, split_dim
 
 
 def tensor_entries(jobs, tp: int, unused, file_names: dict | None = None) -> list:
@@ -40,21 +34,6 @@ def tensor_entries(jobs, tp: int, unused, file_names: dict | None = None) -> lis
     return entries
 
 
-def write_manifest(folder: str, manifest: dict) -> str:
-    manifest = dict(manifest, tool="llava-ckpt", version=__version__)
-    return write_atomic(os.path.join(folder, NAME), json.dumps(manifest, indent=1) + "\n")
-
-
-def read_manifest(folder: str) -> dict:
-    path = os.path.join(folder, NAME)
-    if not os.path.lexists(path):
-        raise fail(f"{folder} has no {NAME}: not an output of llava-ckpt convert")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("tool") != "llava-ckpt":
-        raise fail(f"{path} is not a llava-ckpt manifest")
-    return manifest
-
-
 def checked_entries(manifest: dict, where: str) -> list:
     """The manifest's tensor entries, refusing any malformed one with a clear error (it is input too)."""
     entries = manifest.get("tensors")
@@ -81,3 +60,9 @@ def checked_entries(manifest: dict, where: str) -> list:
             if not ok(e):
                 raise fail(f"{where}: tensors[{i}] has an invalid {field!r}: {e.get(field)!r}")
     return entries
+
+
+def split_layout(entries) -> dict:
+    """name -> [split kind, whole shape] of every tensor of checked manifest entries: what the reference
+    model's tensor-parallel cells are built from (model/parallel.py). Plain lists, so it travels as JSON."""
+    return {e["name"]: [e["split"], list(e["shape"])] for e in entries}

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from llava_ckpt.config import load_config, normalize_config
+from llava_ckpt.engine.config import load_config, normalize_config
 from llava_ckpt.errors import CheckpointError
 from llava_ckpt.fixture import REFERENCE
-from llava_ckpt.mapping import load_table, plan, detect_layout, to_canonical
+from llava_ckpt.engine.mapping import load_table, plan, detect_layout, to_canonical
 
 
 def test_real_config_plan_covers_the_real_index():
@@ -75,7 +75,7 @@ def test_an_op_with_a_split_it_does_not_allow_is_refused_naming_the_entry(tmp_pa
 def test_sizes_are_expressions_over_config_keys(tmp_path):
     table = load_table()
     cfg = load_config(REFERENCE)
-    sizes = __import__("llava_ckpt.mapping", fromlist=["sizes"]).sizes(table, cfg)
+    sizes = __import__("llava_ckpt.engine.mapping", fromlist=["sizes"]).sizes(table, cfg)
     assert sizes["positions"] == 577 and sizes["v_layers_run"] == 23 and sizes["q_per_kv"] == 1
     raw = json.load(open(f"{REFERENCE}/config.json"))
     raw["text_config"]["num_key_value_heads"] = 5

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from llava_ckpt.convert import convert
 from llava_ckpt.export import export
-from llava_ckpt.export import parse_size
+from llava_ckpt.export.plan import parse_size
 from llava_ckpt.errors import CheckpointError
 
 from expected import as_ml_dtypes, expected, load_config, read_hf
@@ -158,10 +158,10 @@ def training(tiny, tmp_path_factory):
     """A single-file training checkpoint (.ckpt, MindSpore's own writer) and a 2-rank one (rank_0/, rank_1/,
     strategy file), both of the same fine-tuned weights, plus the HF tensors export must give back."""
     import mindspore as ms
-    from llava_ckpt.config import normalize_config
-    from llava_ckpt.mapping import load_table, plan
-    from llava_ckpt.strategy import write_strategy
-    from llava_ckpt.tp import rank_slice
+    from llava_ckpt.engine.config import normalize_config
+    from llava_ckpt.engine.mapping import load_table, plan
+    from llava_ckpt.io.strategy import write_strategy
+    from oracles import rank_slice
     root = tmp_path_factory.mktemp("training")
     tuned, ms_tensors = _fine_tuned(tiny)
     ms.save_checkpoint(_training_params(ms_tensors, ms), str(root / "train.ckpt"))
@@ -197,7 +197,7 @@ def test_distributed_training_checkpoint_merges_to_the_same_tensors(tiny, traini
     dist = tmp_path / "dist"
     shutil.copytree(training["dist"], dist)
     if strategy == "json":  # MindSpore's JSON form of the same layouts
-        from llava_ckpt.strategy import read_strategy
+        from llava_ckpt.io.strategy import read_strategy
         layouts = read_strategy(dist / "strategy.ckpt")
         (dist / "strategy.ckpt").unlink()
         items = {n: {"dev_matrix": list(l.dev_matrix), "tensor_map": list(l.tensor_map), "param_split_shape": [],
@@ -216,7 +216,7 @@ def test_transformers_on_the_export_matches_the_reference_model_on_the_training_
                                                                                           tmp_path):
     import torch
     from transformers import LlavaForConditionalGeneration
-    from llava_ckpt.config import load_config as load_cfg
+    from llava_ckpt.engine.config import load_config as load_cfg
     from llava_ckpt.model import Runner, build_and_load
     from llava_ckpt.verify.compare import TOLERANCES, compare_logits
     from llava_ckpt.verify.inputs import build_inputs
@@ -292,8 +292,8 @@ def test_shard_output_round_trips(tiny, tmp_path):
 def test_source_rows_read_the_op_backwards(op, shapes, groups):
     """What export gathers for each source equals the source, and ops.inverse on the whole target."""
     from types import SimpleNamespace
-    from llava_ckpt import ops
-    from llava_ckpt.export import source_rows
+    from llava_ckpt.engine import ops
+    from llava_ckpt.engine.inverse import source_rows
     rng = np.random.default_rng(0)
     sources = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     target = ops.forward(op, sources, groups)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from llava_ckpt import ops
-from llava_ckpt.ops import forward, inverse
+from llava_ckpt.engine import ops
+from llava_ckpt.engine.ops import forward, inverse
 
 
 def test_ops_have_exact_inverses():

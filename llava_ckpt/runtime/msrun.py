@@ -1,9 +1,10 @@
-"""Run a tensor-parallel output (rank_<r>/ folders) as N real ranks under msrun.
+"""The msrun launcher: jobs run on a tensor-parallel output's rank folders as N real ranks under msrun.
 
-Each rank (`python -m llava_ckpt.tp_worker`) loads only its own rank_<r>/ file into Megatron-style parallel
-cells (model/parallel.py); communication is MindSpore's (mccl backend on CPU). The launcher writes the jobs
-(inputs as .npz, options in jobs.json) to a temporary folder, starts msrun on 127.0.0.1 with a free port and
-collects rank 0's results as they appear, so a caller can show each one as soon as it is ready.
+Each rank (`python -m llava_ckpt.runtime.rank`) reads only its own rank folder; communication is MindSpore's
+(mccl backend on CPU). A job names its handler ("module:function", e.g. generate's batch or verify's walk), so
+the runtime knows nothing of what the jobs do. The launcher writes the jobs (inputs as .npz, options and the
+shared `context` in jobs.json) to a temporary folder, starts msrun on 127.0.0.1 with a free port and collects
+rank 0's results as they appear, so a caller can show each one as soon as it is ready.
 
 - A failed or hung run is retried once with the jobs not done yet (a large AllReduce on CPU rarely fails
   and then teardown hangs); a rank that fails on bad input (CheckpointError) is not retried.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,22 +29,9 @@ import time
 
 import numpy as np
 
-from .errors import fail
+from ..errors import fail
 
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
-
-
-def rank_count(ms_dir: str) -> int:
-    """N for a folder holding rank_0..rank_<N-1>; refuses a tp-1 output or a gap in the numbering."""
-    if not os.path.isdir(ms_dir):
-        raise fail(f"{ms_dir} is not a folder")
-    ranks = sorted(int(d[5:]) for d in os.listdir(ms_dir)
-                   if re.fullmatch(r"rank_\d+", d) and os.path.isdir(os.path.join(ms_dir, d)))
-    if not ranks:
-        raise fail(f"{ms_dir} has no rank_<r>/ folders: running ranks needs a tp > 1 output")
-    if ranks != list(range(len(ranks))):
-        raise fail(f"{ms_dir}: rank folders are not rank_0..rank_{len(ranks) - 1}")
-    return len(ranks)
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rank_threads(world: int) -> int:
@@ -89,7 +76,7 @@ def _tail(work: str, log_dir: str, limit: int = 3000) -> str:
 
 def _die_with_launcher() -> None:
     """In msrun's process before exec (Linux): SIGKILL it when this launcher dies, even by SIGKILL, so its
-    ranks (which die with msrun, see tp_worker) never outlive the run."""
+    ranks (which die with msrun, see runtime/rank.py) never outlive the run."""
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -134,7 +121,7 @@ def _read_result(work: str, index: int) -> dict:
     return result
 
 
-def _attempt(ms_dir: str, world: int, work: str, pending: list, timeout: float, results: dict, on_result):
+def _attempt(world: int, work: str, pending: list, timeout: float, results: dict, on_result):
     """One msrun run over the pending jobs; fills `results` as rank 0 writes them. Returns "" when every
     pending job finished, else a diagnostic."""
     for name in os.listdir(work):
@@ -147,7 +134,7 @@ def _attempt(ms_dir: str, world: int, work: str, pending: list, timeout: float, 
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = _msrun() + [f"--worker_num={world}", f"--local_worker_num={world}", "--master_addr=127.0.0.1",
                       f"--master_port={free_port()}", "--join=True", f"--log_dir={log_dir}",
-                      "python", "-m", "llava_ckpt.tp_worker", os.path.abspath(ms_dir), work]
+                      "python", "-m", "llava_ckpt.runtime.rank", work]
     todo = list(pending)
     why = ""
     with open(os.path.join(work, "msrun.out"), "wb") as out:
@@ -188,15 +175,18 @@ def _attempt(ms_dir: str, world: int, work: str, pending: list, timeout: float, 
     return f"{why}\n{_tail(work, log_dir)}"
 
 
-def run_jobs(ms_dir: str, cfg: dict, jobs: list, dtype: str = "float32", jit: bool = True, device: str = "CPU",
-             timeout: float = 300.0, retries: int = 1, on_result=None) -> dict:
-    """Run jobs on `ms_dir`'s ranks in one msrun launch (the model is loaded once).
+def run_jobs(rank_dirs: list, context: dict, jobs: list, dtype: str = "float32", jit: bool = True,
+             device: str = "CPU", timeout: float = 300.0, retries: int = 1, on_result=None) -> dict:
+    """Run jobs on one rank per folder of `rank_dirs` (rank r reads rank_dirs[r] only) in one msrun launch.
 
-    jobs: list of {"kind": "forward" | "generate", "arrays": {name: np.ndarray}, ...options} (see tp_worker).
-    on_result(index, result) is called in job order as each finishes. Returns {"results": list in job order,
-    "world", "seconds", "attempts"}.
+    jobs: list of {"handler": "module:function", "arrays": {name: np.ndarray}, ...options}; rank r calls
+    handler(rank_context, job, arrays) -> (JSON-able result, arrays) for each (runtime/rank.py), and rank 0's
+    results come back. `context` (JSON-able) reaches every handler. on_result(index, result) is called in job
+    order as each finishes. Returns {"results": list in job order, "world", "seconds", "attempts"}.
     """
-    world = rank_count(ms_dir)
+    world = len(rank_dirs)
+    if world < 2:
+        raise fail("running ranks needs a tp > 1 output (two or more rank folders)")
     if not jobs:
         raise fail("no jobs to run")
     if not timeout or timeout <= 0:
@@ -206,59 +196,26 @@ def run_jobs(ms_dir: str, cfg: dict, jobs: list, dtype: str = "float32", jit: bo
     try:
         specs = []
         for i, job in enumerate(jobs):
-            arrays = dict(job["arrays"])
             with open(os.path.join(work, f"job_{i}.npz"), "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **dict(job["arrays"]))
             specs.append({k: v for k, v in job.items() if k != "arrays"})
-        with open(os.path.join(work, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
         results, errors = {}, []
         for attempt in range(1 + retries):
             pending = [i for i in range(len(jobs)) if i not in results]
             plan = {"dtype": dtype, "jit": bool(jit), "device": device, "package": PACKAGE, "jobs": specs,
-                    "pending": pending, "threads": rank_threads(world)}
+                    "pending": pending, "threads": rank_threads(world),
+                    "rank_dirs": [os.path.abspath(d) for d in rank_dirs], "context": context}
             with open(os.path.join(work, "jobs.json"), "w", encoding="utf-8") as f:
                 json.dump(plan, f)
-            why = _attempt(ms_dir, world, work, pending, timeout, results, on_result)
+            why = _attempt(world, work, pending, timeout, results, on_result)
             if not why:
                 return {"results": [results[i] for i in range(len(jobs))], "world": world,
                         "attempts": attempt + 1, "seconds": round(time.perf_counter() - t0, 2)}
             errors.append(why)
             if "CheckpointError" in why:  # bad input, not a flaky run: retrying cannot help
                 break
-        raise fail(f"running {world} ranks of {ms_dir} under msrun failed "
+        where = os.path.dirname(os.path.abspath(rank_dirs[0]))
+        raise fail(f"running {world} ranks of {where} under msrun failed "
                    f"({len(errors)} attempt(s)):\n{errors[-1]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def run_ranks(ms_dir: str, cfg: dict, input_ids, pixel_values, dtype: str = "float32", jit: bool = True,
-              device: str = "CPU", timeout: float = 300.0, retries: int = 1, trace: bool = False,
-              max_new_tokens: int = 0, eos=(), streamed: bool = False) -> dict:
-    """One prompt batch on `ms_dir`'s ranks under msrun: {"logits" (rank 0's full-vocab prompt logits
-    [B, S, V] float32), "trace" (list of arrays in model.trace_names(cfg) order, if trace), "tokens" (greedy
-    new tokens of a batch-1 prompt, stopping after an eos token, if max_new_tokens > 0), "world", "seconds",
-    "attempts"}.
-
-    `cfg` is the normalized LLaVA config (config.load_config). jit=True compiles each rank's forward (graph
-    mode, AllReduce/AllGather inside the graph); jit=False runs PyNative. Both were checked with
-    communication on CPU. `device` is every rank's MindSpore device target. `streamed`: each rank walks its
-    model layer by layer (verify.streamed.rank_walk, eager; `jit` does not apply), holding one layer's slices
-    at a time instead of its whole rank model.
-    """
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
-    if max_new_tokens and ids.shape[0] != 1:
-        raise fail("greedy tokens are for one prompt at a time (generate runs batches)")
-    job = {"kind": "forward", "trace": bool(trace), "max_new_tokens": int(max_new_tokens), "streamed": bool(streamed),
-           "eos": [int(e) for e in eos],
-           "arrays": {"input_ids": ids.astype(np.int32), "pixel_values": np.asarray(pixel_values, np.float32)}}
-    run = run_jobs(ms_dir, cfg, [job], dtype=dtype, jit=jit, device=device, timeout=timeout, retries=retries)
-    r = run["results"][0]
-    out = {"logits": r["logits"], "world": run["world"], "seconds": run["seconds"], "attempts": run["attempts"]}
-    if trace:
-        out["trace"] = [r[k] for k in sorted(k for k in r if k.startswith("trace_"))]
-    if max_new_tokens > 0:
-        out["tokens"] = list(r["tokens"])
-    return out

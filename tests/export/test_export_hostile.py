@@ -153,7 +153,7 @@ def missing_rank_folder(made, tmp):
 def replicas_differ(made, tmp):
     src = tmp / "src"
     shutil.copytree(made / "ranks", src)
-    from llava_ckpt.io.source import read_ckpt_index
+    from llava_ckpt.io.readers import read_ckpt_index
     offset, length = read_ckpt_index(str(src / "rank_1" / "llava.ckpt"))[NORM].pieces[0]
     with open(src / "rank_1" / "llava.ckpt", "r+b") as f:
         f.seek(offset + 10)
@@ -173,7 +173,7 @@ def _ckpt_without(path: Path, name: str) -> bytes:
     from llava_ckpt.io.protobuf import fields
     raw = path.read_bytes()
     keep, pos = bytearray(), 0
-    from llava_ckpt.io.source import read_ckpt_index
+    from llava_ckpt.io.readers import read_ckpt_index
     data_offset = read_ckpt_index(str(path))[name].pieces[0][0]
     for _, _, (a, b) in fields(raw, 0, len(raw)):
         start = pos
@@ -200,8 +200,8 @@ def strategy_garbage(made, tmp):
 def strategy_for_other_rank_count(made, tmp):
     src = tmp / "src"
     shutil.copytree(made / "ranks", src)
-    from llava_ckpt.io.source import read_ckpt_index
-    from llava_ckpt.strategy import write_strategy
+    from llava_ckpt.io.readers import read_ckpt_index
+    from llava_ckpt.io.strategy import write_strategy
     names = list(read_ckpt_index(str(src / "rank_0" / "llava.ckpt")))
     write_strategy(src / "strategy.ckpt", [(n, "replicated", 1) for n in names], 4)
     return src, [], ["4 devices", "2 ranks"]

@@ -1,4 +1,4 @@
-"""Open a Hugging Face checkpoint folder safely: which files hold which tensors, all headers validated.
+"""A Hugging Face checkpoint folder, read safely: which files hold which tensors, all headers validated.
 
 Only safetensors are read. Pickle formats (.bin/.pt/.pth/.pkl) are refused, never opened. Every file
 named by the index must resolve inside the folder (no `..`, no absolute paths, no symlink escapes).
@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import fail
-from .io.source import read_safetensors_header
+from ..errors import fail
+from .paths import inside
+from .readers import read_safetensors_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -24,25 +25,18 @@ SIDE_FILES = (
 MAX_SIDE_FILE = 64 * 1024 * 1024  # tokenizer.json of LLaMA is about 2 MB
 
 
-def inside(folder: str, name: str, what: str) -> str:
-    """The real path of `name` in `folder`; refuses anything that resolves outside it."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise fail(f"{what}: file name {name!r} is not a plain name inside the checkpoint folder")
-    root = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(root, name))
-    if not any(os.path.commonpath([r, path]) == r for r in allowed_roots(folder)):
-        raise fail(f"{what}: {name!r} resolves outside the checkpoint folder ({path})")
-    return path
+def _inside(folder: str, name: str, what: str) -> str:
+    """paths.inside, also allowing the hub cache's blob store when `folder` is a snapshot."""
+    return inside(folder, name, what, blob_store(folder))
 
 
-def allowed_roots(folder: str) -> list:
-    """The folder itself, plus the repo's blob store when the folder is a hub-cache snapshot
-    (models--org--name/snapshots/<commit>/file -> ../../blobs/<hash>)."""
-    roots = [os.path.realpath(folder)]
+def blob_store(folder: str) -> tuple:
+    """The repo's blob store when `folder` is a hub-cache snapshot (models--org--name/snapshots/<commit>/file ->
+    ../../blobs/<hash>): files of the snapshot may lead there. Empty otherwise."""
     parent = os.path.dirname(os.path.abspath(folder))
     if os.path.basename(parent) == "snapshots":
-        roots.append(os.path.realpath(os.path.join(parent, "..", "blobs")))
-    return roots
+        return (os.path.join(parent, "..", "blobs"),)
+    return ()
 
 
 def weight_files(folder: str) -> list:
@@ -51,7 +45,7 @@ def weight_files(folder: str) -> list:
         raise fail(f"{folder} is not a folder")
     index_path = os.path.join(folder, INDEX)
     if os.path.lexists(index_path):
-        _regular_file(inside(folder, INDEX, index_path), index_path)
+        _regular_file(_inside(folder, INDEX, index_path), index_path)
         try:
             with open(index_path, "rb") as f:
                 raw = f.read(MAX_INDEX + 1)
@@ -64,7 +58,7 @@ def weight_files(folder: str) -> list:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise fail(f"{index_path}: not a valid safetensors index (needs a weight_map object)") from None
         files = sorted(set(weight_map.values()), key=str)
-        paths = [inside(folder, name, index_path) for name in files]
+        paths = [_inside(folder, name, index_path) for name in files]
         for name, path in zip(files, paths):
             if name.endswith(PICKLE_SUFFIXES):
                 raise fail(f"{index_path} names {name}, a pickle file: refused, never unpickled "
@@ -80,7 +74,7 @@ def weight_files(folder: str) -> list:
             raise fail(f"{folder} holds only pickle weights ({', '.join(pickles)}); they are refused, never "
                        "unpickled: convert them to safetensors first")
         raise fail(f"no safetensors weights in {folder}")
-    files = [(n, inside(folder, n, folder)) for n in names]
+    files = [(n, _inside(folder, n, folder)) for n in names]
     for name, path in files:
         _regular_file(path, os.path.join(folder, name))
     return files, None
@@ -124,7 +118,7 @@ def side_files(folder: str) -> list:
         path = os.path.join(folder, name)
         if not os.path.lexists(path):
             continue
-        real = inside(folder, name, path)
+        real = _inside(folder, name, path)
         _regular_file(real, path)
         if os.path.getsize(real) > MAX_SIDE_FILE:
             raise fail(f"{path} is larger than {MAX_SIDE_FILE >> 20} MiB: not a {name}")

@@ -1,4 +1,4 @@
-"""Tensor parallelism, in one place: the split kinds a mapping table may name and every rule about them.
+"""The split rules, in one place: the split kinds a mapping table may name and every rule about them.
 
 A split kind says how `--tp N` cuts a tensor (Megatron's rules):
   column      dim 0: output rows of an [out, in] weight, and its bias
@@ -7,7 +7,8 @@ A split kind says how `--tp N` cuts a tensor (Megatron's rules):
   vocab       dim 0 of an embedding or lm_head (rows = vocabulary entries)
   replicated  every rank holds the whole tensor
 Rank r holds the r-th of N equal contiguous blocks along the split dim. Convert, shard, the strategy file,
-the manifest, verify, export and the tensor-parallel model all import these functions.
+the manifest, verify, export and the tensor-parallel cells of the reference model all import these
+functions; none of them spells a split dim out again.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import fail
+from ..errors import fail
 
 SPLIT_DIMS = {"column": 0, "vocab": 0, "row": 1, "replicated": None}
 SPLIT_KINDS = tuple(SPLIT_DIMS)
@@ -57,30 +58,6 @@ def rank_shape(shape: Sequence[int], kind: str, tp: int) -> tuple:
     return tuple(shape)
 
 
-def rank_slice(shape: Sequence[int], kind: str, tp: int, rank: int) -> tuple:
-    """Index tuple that cuts rank `rank`'s block out of a full tensor of `shape` (a view: copy it before
-    writing it anywhere)."""
-    check_degree(tp)
-    if not 0 <= rank < tp:
-        raise fail(f"rank {rank} is outside 0..{tp - 1}")
-    shape = tuple(int(d) for d in shape)
-    dim = split_dim(kind, len(shape))
-    index = [slice(None)] * len(shape)
-    if dim is not None:
-        if shape[dim] % tp:
-            raise fail(f"dim {dim} of size {shape[dim]} does not split into {tp} equal parts ({kind} split)")
-        step = shape[dim] // tp
-        index[dim] = slice(rank * step, (rank + 1) * step)
-    return tuple(index)
-
-
-def full_shape(rank_shape_: Sequence[int], kind: str, tp: int) -> tuple:
-    """The whole tensor's shape from one rank's."""
-    shape = [int(d) for d in rank_shape_]
-    dim = split_dim(kind, len(shape))
-    if dim is not None:
-        shape[dim] *= tp
-    return tuple(shape)
 
 
 def merge(parts: Sequence[np.ndarray], kind: str, name: str = "tensor") -> np.ndarray:
@@ -113,18 +90,6 @@ def tensor_map(kind: str, ndim: int) -> list:
         tmap[dim] = 0
     return tmap
 
-
-def kind_of_tensor_map(tmap: Sequence[int]) -> str:
-    """The split kind a strategy file's tensor_map describes (inverse of tensor_map; column and vocab look
-    the same there: both are dim 0)."""
-    tmap = list(tmap)
-    if all(t == -1 for t in tmap):
-        return "replicated"
-    if tmap[0] == 0 and all(t == -1 for t in tmap[1:]):
-        return "column"
-    if len(tmap) == 2 and tmap == [-1, 0]:
-        return "row"
-    raise fail(f"tensor_map {tmap} is not a column, row or replicated layout")
 
 
 def distinct_units(units: Sequence[tuple]) -> dict:

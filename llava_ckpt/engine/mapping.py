@@ -3,8 +3,8 @@ plans every target tensor of a conversion.
 
 A table is data: which config.json it is for ([model]), the size names its shapes use ([sizes]), its layer
 sets, options and unused tensors, the source layouts it accepts, and one [[tensor]] entry per target (see the
-comment at the top of mappings/llava-1.5.toml). The ops an entry names are the typed kinds of llava_ckpt/ops.py;
-the split kinds are llava_ckpt/tp.py's. Nothing about a particular model is written in Python here.
+comment at the top of mappings/llava-1.5.toml). The ops an entry names are the typed kinds of engine/ops.py;
+the split kinds are engine/splits.py's. Nothing about a particular model is written in Python here.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 from . import ops
-from .errors import fail
-from .tp import SPLIT_KINDS, split_dim
+from ..errors import fail
+from .splits import SPLIT_KINDS, split_dim
 
 DEFAULT_TABLE = "llava-1.5"
 
@@ -322,13 +322,6 @@ def to_canonical(name: str, layout: dict) -> str:
             return hub_prefix + name[len(prefix):]
     return name
 
-
-def from_canonical(name: str, layout: dict) -> str:
-    """A hub-layout name spelled in `layout` (inverse of to_canonical)."""
-    for hub_prefix, prefix in sorted(layout.items(), key=lambda kv: -len(kv[0])):
-        if name.startswith(hub_prefix):
-            return prefix + name[len(hub_prefix):]
-    return name
 
 
 def detect_layout(table: dict, names, expected) -> str:

@@ -1,11 +1,13 @@
-"""Tensor-parallel rules (llava_ckpt/tp.py): split dims, rank blocks, merging, strategy tensor maps, degrees."""
+"""The split rules (llava_ckpt/engine/splits.py): split dims, rank shapes, merging, strategy tensor maps and the
+rank blocks they describe, degrees; held to tests/oracles.py's independent spelling of the rule."""
 import numpy as np
 import pytest
 
-from llava_ckpt.errors import CheckpointError
-from llava_ckpt.tp import (
-    check_divides, full_shape, kind_of_tensor_map, merge, rank_shape, rank_slice, split_dim, tensor_map, valid_degrees,
+from llava_ckpt.engine.splits import (
+    SPLIT_KINDS, check_divides, merge, rank_blocks, rank_shape, split_dim, tensor_map, valid_degrees,
 )
+from llava_ckpt.errors import CheckpointError
+from oracles import rank_slice
 
 
 def test_split_axis_and_tensor_map():
@@ -21,27 +23,12 @@ def test_split_axis_and_tensor_map():
             split_dim(*bad)
 
 
-def test_rank_slice_blocks_cover_the_tensor():
-    full = np.arange(8 * 12).reshape(8, 12)
-    for kind, axis in [("column", 0), ("row", 1)]:
-        for tp in (1, 2, 4):
-            parts = [full[rank_slice(full.shape, kind, tp, r)] for r in range(tp)]
-            assert all(p.shape[axis] == full.shape[axis] // tp for p in parts)
-            assert np.array_equal(np.concatenate(parts, axis=axis), full)
-    assert full[rank_slice(full.shape, "replicated", 4, 3)].shape == full.shape
-    with pytest.raises(CheckpointError, match="equal parts"):
-        rank_slice((6, 4), "column", 4, 0)
-    with pytest.raises(CheckpointError):
-        rank_slice((8, 4), "column", 4, 4)
-
-
 def test_merge_inverts_rank_slices_and_refuses_differing_replicas():
     full = np.arange(8 * 12, dtype=np.float32).reshape(8, 12)
     for kind in ("column", "row", "vocab", "replicated"):
         for tp in (1, 2, 4):
             parts = [np.ascontiguousarray(full[rank_slice(full.shape, kind, tp, r)]) for r in range(tp)]
             assert rank_shape(full.shape, kind, tp) == parts[0].shape
-            assert full_shape(parts[0].shape, kind, tp) == full.shape
             assert np.array_equal(merge(parts, kind), full)
     parts = [full.copy(), full.copy()]
     parts[1][3, 4] += 1
@@ -49,10 +36,14 @@ def test_merge_inverts_rank_slices_and_refuses_differing_replicas():
         merge(parts, "replicated", "w")
 
 
-def test_tensor_maps_read_back_to_kinds():
-    for kind, ndim, back in [("column", 2, "column"), ("vocab", 2, "column"), ("row", 2, "row"),
-                             ("replicated", 3, "replicated"), ("row", 1, "replicated")]:
-        assert kind_of_tensor_map(tensor_map(kind, ndim)) == back
+def test_tensor_maps_describe_the_blocks_each_rank_holds():
+    """A strategy file's tensor_map, read back the way a MindSpore layout is read (rank_blocks), names the split
+    dim of the kind and gives rank r block r."""
+    for kind in SPLIT_KINDS:
+        for ndim in (1, 2):
+            dim, blocks, n = rank_blocks([1, 4], tensor_map(kind, ndim), 4)
+            assert dim == split_dim(kind, ndim), (kind, ndim)
+            assert (blocks, n) == (([0, 1, 2, 3], 4) if dim is not None else ([0] * 4, 1)), (kind, ndim)
 
 
 def test_degrees_name_what_they_do_not_divide():

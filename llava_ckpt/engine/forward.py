@@ -1,0 +1,201 @@
+"""The way forward, shared by convert and shard: planned targets in, rank files out, one pass, flat memory.
+
+For each target tensor, output rows are produced in chunks of about CHUNK bytes by gathering source rows
+through the op's row map (engine/ops.py), cast, cut for each rank by the target's split kind (engine/splits.py),
+and handed to the rank's writer (a plain rename is read straight into the writer's blocks). Writers hash
+what they are given and write it on a thread of their own. Memory holds a few chunks, never a whole
+tensor, whatever the model size. The folder is written through the one output transaction (io/output.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ..io.dtypes import numpy_dtype, itemsize
+from ..io.output import staged_output
+from ..io.ranks import rank_folder_name, weights_name
+from ..io.readers import FileReader
+from ..io.strategy import write_strategy
+from ..io.writers import open_writer
+from .mapping import Target
+from .ops import row_map
+from .splits import rank_shape, split_dim
+
+CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PlannedTarget:
+    """One target tensor as it will be written: its sources resolved to files, its output dtype."""
+    target: Target
+    infos: tuple          # TensorInfo of each source, in the target's source order
+    out_dtype: str        # safetensors code
+    source_names: tuple   # the sources' names as spelled in their files (for the manifest)
+    out_dtype_name: str   # float16 | bfloat16 | float32
+
+
+def in_file_order(planned, paths) -> list:
+    """Planned targets sorted by where their sources sit on disk, so reading is one sequential sweep per file (the
+    kernel's readahead then serves a cold cache at full disk speed, and the background hasher, reading the
+    same files front to back, finds the pages already cached). The output order follows; MindSpore does not
+    care about the order of a checkpoint's tensors."""
+    rank = {p: i for i, p in enumerate(paths)}
+    return sorted(planned, key=lambda j: min((rank.get(i.path, len(rank)), i.pieces[0][0]) for i in j.infos))
+
+
+def target_dim(target: Target) -> int | None:
+    """The dim `--tp` cuts (None: every rank holds the whole tensor)."""
+    return split_dim(target.split, len(target.shape))
+
+
+def target_rank_shape(target: Target, tp: int) -> tuple:
+    return rank_shape(target.shape, target.split, tp)
+
+
+def _gather(reader: FileReader, item: PlannedTarget, src: np.ndarray, row: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Output rows [a, b) of the item's target, in the source dtype."""
+    idx, rows = src[a:b], row[a:b]
+    first = int(idx[0])
+    if (idx == first).all() and rows[-1] - rows[0] == b - a - 1:  # one contiguous run: read it straight
+        return reader.read_rows(item.infos[first], int(rows[0]), int(rows[-1]) + 1)
+    shape = item.target.shape
+    out = np.empty((b - a,) + tuple(shape[1:]), dtype=numpy_dtype(item.infos[0].dtype))
+    for k in np.unique(idx):
+        sel = idx == k
+        wanted = rows[sel]
+        lo, hi = int(wanted.min()), int(wanted.max()) + 1
+        block = reader.read_rows(item.infos[int(k)], lo, hi)
+        out[sel] = block[wanted - lo]
+    return out
+
+
+def _direct_run(item: PlannedTarget, row, out_np, dim) -> bool:
+    """True when the target is its one source's bytes unchanged (rename, no cast, not cut along dim 1)."""
+    return (dim != 1 and len(item.infos) == 1 and numpy_dtype(item.infos[0].dtype) == out_np
+            and bool((row == np.arange(len(row))).all()))
+
+
+def _chunk_rows(item: PlannedTarget) -> int:
+    row_bytes = max(1, item.infos[0].row_bytes, itemsize(item.out_dtype) * int(np.prod(item.target.shape[1:] or (1,))))
+    return max(1, CHUNK // row_bytes)
+
+
+def _spans(n_rows: int, step: int, dim, tp: int) -> list:
+    """(rank or None for every rank, first row, end row) chunks; under a dim-0 split no chunk crosses ranks."""
+    if dim == 0:
+        per = n_rows // tp
+        return [(r, a, min(a + step, (r + 1) * per)) for r in range(tp) for a in range(r * per, (r + 1) * per, step)]
+    return [(None, a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes: int | None = None) -> None:
+    """Stream every planned target into the rank writers (writers[r] for rank r), in order."""
+    reader = FileReader()
+    maps: dict = {}
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               file=sys.stderr, desc="writing", leave=False)
+    try:
+        for item in planned:
+            t = item.target
+            key = (t.op, t.source_shapes, t.groups)
+            if key not in maps:
+                maps[key] = row_map(t.op, t.source_shapes, t.groups)
+            src, row = maps[key]
+            out_np = numpy_dtype(item.out_dtype)
+            dim = target_dim(t) if tp > 1 else None
+            rshape = target_rank_shape(t, tp)
+            rbytes = int(np.prod(rshape)) * out_np.itemsize
+            for w in writers:
+                w.begin(t.name, rshape, item.out_dtype, rbytes)
+            spans = _spans(len(src), _chunk_rows(item), dim, tp)
+            direct = _direct_run(item, row, out_np, dim)
+            for rank, a, b in spans:
+                if direct:  # same dtype, one contiguous source run: pread straight into the writers' blocks
+                    info = item.infos[0]
+                    first = int(row[a]) * info.row_bytes
+                    n = (b - a) * info.row_bytes
+                    for w in ([writers[rank]] if rank is not None else writers):
+                        w.fill(n, lambda view, off: reader.read_bytes(info, first + off, first + off + len(view), view))
+                    bar.update(n * (1 if rank is not None else len(writers)))
+                    continue
+                data = _gather(reader, item, src, row, a, b)
+                if data.dtype != out_np:
+                    data = data.astype(out_np)
+                if rank is not None:
+                    writers[rank].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                elif dim == 1:
+                    cols = t.shape[1] // tp
+                    for r, w in enumerate(writers):
+                        w.write(np.ascontiguousarray(data[:, r * cols:(r + 1) * cols]).reshape(-1).view(np.uint8))
+                else:
+                    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                    for w in writers:
+                        w.write(flat)
+                bar.update(data.nbytes * (tp if rank is None and dim is None else 1))
+            for w in writers:
+                w.end()
+    finally:
+        bar.close()
+        reader.close()
+
+
+def open_rank_writers(stage: str, fmt: str, planned, tp: int, layout_dir: bool) -> tuple:
+    """One writer per rank: STAGE/llava.<fmt>, or STAGE/rank_<r>/llava.<fmt> when layout_dir."""
+    specs = [(j.target.name, target_rank_shape(j.target, tp), j.out_dtype) for j in planned]
+    paths, writers = [], []
+    try:
+        for r in range(tp):
+            folder = os.path.join(stage, rank_folder_name(r)) if layout_dir else stage
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, weights_name(fmt))
+            writers.append(open_writer(path, fmt, specs))
+            paths.append(path)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return paths, writers
+
+
+def output_bytes(planned, tp: int) -> int:
+    """Bytes of tensor data the writers will produce, all ranks together."""
+    total = 0
+    for j in planned:
+        n = int(np.prod(j.target.shape)) * itemsize(j.out_dtype)
+        total += n * tp if target_dim(j.target) is None else n
+    return total
+
+
+def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, manifest: dict, progress: bool,
+                     known_hashes=None, expected_hashes=None, inputs_key: str = "files", side_files=(),
+                     expected_side=None) -> dict:
+    """Write all ranks, the side files, the strategy file (tp > 1) and the manifest into OUT, atomically.
+
+    `inputs` [(name, path)] are hashed while the data streams and recorded under manifest["source"][inputs_key]
+    (io.output.staged_output says how `known_hashes` and `expected_hashes` count); `side_files` [(name, path)]
+    (config, tokenizer, processor, chat template) are copied beside the weights so the output stands alone."""
+    total = output_bytes(planned, tp)
+    with staged_output(out, src, total, inputs, known_hashes, expected_hashes, inputs_key) as staged:
+        paths, writers = open_rank_writers(staged.stage, fmt, planned, tp, layout_dir=tp > 1)
+        try:
+            write_targets(planned, writers, tp, progress, total)
+            digests = [w.close() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for path, digest in zip(paths, digests):
+            staged.add(os.path.relpath(path, staged.stage), digest)
+        staged.copy_side_files(side_files, expected_side)
+        if tp > 1:
+            write_strategy(os.path.join(staged.stage, "strategy.ckpt"),
+                           [(j.target.name, j.target.split, j.target.shape) for j in planned], tp)
+            staged.add("strategy.ckpt")
+        staged.manifest = dict(manifest, tp=tp, format=fmt)
+    files = staged.files
+    return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(planned),
+            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}
