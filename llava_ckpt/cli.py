@@ -88,6 +88,9 @@ def main():
 
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+OVERWRITE = ("Replace OUT when it holds another llava-ckpt output (of another command, source or options); "
+             "a rerun of the same command replaces its own output without it, and a folder holding anything "
+             "else is never replaced.")
 FORMATS = click.Choice(["ckpt", "safetensors"])
 
 
@@ -101,13 +104,14 @@ FORMATS = click.Choice(["ckpt", "safetensors"])
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
 @click.option("--mapping", default=None, metavar="FILE",
               help="Mapping table (.toml) to use instead of the packaged one that accepts SRC's config.json.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_clean_errors
-def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
+def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as_json):
     """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
     from .convert import convert as run
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
-                 progress=_progress(as_json), mapping=mapping)
+                 progress=_progress(as_json), mapping=mapping, overwrite=overwrite)
     _report(result, as_json)
 
 
@@ -115,12 +119,13 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
 @click.argument("converted_dir")
 @click.argument("out")
 @click.option("--tp", type=int, required=True, help="Number of tensor-parallel ranks.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def shard(converted_dir, out, tp, as_json):
+def shard(converted_dir, out, tp, overwrite, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
-    _report(run(converted_dir, out, tp=tp, progress=_progress(as_json)), as_json)
+    _report(run(converted_dir, out, tp=tp, progress=_progress(as_json), overwrite=overwrite), as_json)
 
 
 @main.command()
@@ -135,14 +140,20 @@ def shard(converted_dir, out, tp, as_json):
               help="Cut files at this size when MS_SRC does not record its HF files (5GB, 500MB, 2GiB, bytes).")
 @click.option("--mapping", default=None, metavar="FILE",
               help="The mapping table MS_SRC was converted with, if not the packaged one (convert --mapping).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, as_json):
+def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, overwrite, as_json):
     """Export a MindSpore checkpoint MS_SRC (convert/shard output, .ckpt/.safetensors file, or rank_<r>/ folders
     with a strategy file) to a Hugging Face folder HF_OUT."""
     from .export import export as run
-    _report(run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
-                progress=_progress(as_json), mapping=mapping), as_json)
+    result = run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
+                 progress=_progress(as_json), mapping=mapping, overwrite=overwrite)
+    if result["missing_side_files"]:
+        click.echo(f"warning: {hf_out} has no {', '.join(result['missing_side_files'])}: transformers loads its "
+                   "weights, but AutoProcessor (prompts, images) needs them; pass --config HF_FOLDER to copy "
+                   "them from the Hugging Face folder", err=True)
+    _report(result, as_json)
 
 
 @main.command()

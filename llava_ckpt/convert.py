@@ -12,10 +12,11 @@ from .engine.config import load_config, read_config
 from .engine.forward import PlannedTarget, in_file_order, write_checkpoint
 from .engine.mapping import load_table, plan, detect_layout, table_for, to_canonical, unused_names
 from .engine.records import tensor_entries
-from .engine.splits import check_divides, distinct_units
+from .engine.splits import check_degree, check_divides, distinct_units
 from .errors import fail
 from .io.dtypes import code_for, dtype_name
-from .io.hf_folder import read_tensors, side_files
+from .io.hf_folder import read_tensors, refuse_ms_output, side_files
+from .io.output import check_out
 
 
 def _listing(names, limit=8, sort=True) -> str:
@@ -26,6 +27,8 @@ def _listing(names, limit=8, sort=True) -> str:
 
 def choose_table(src: str, mapping: str | None = None) -> dict:
     """`mapping` (a table name or a .toml path) if given, else the packaged table that accepts config.json."""
+    refuse_ms_output(src, "convert reads the Hugging Face folder it came from, and `llava-ckpt export "
+                          f"{src} HF_OUT` turns it back into one")
     if mapping:
         return load_table(mapping)
     path = os.path.join(src, "config.json")
@@ -84,18 +87,24 @@ def tp_units(targets) -> list:
 
 
 def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fuse_qkv: bool = False, tp: int = 1,
-            revision: str | None = None, progress: bool = True, mapping: str | None = None) -> dict:
+            revision: str | None = None, progress: bool = True, mapping: str | None = None,
+            overwrite: bool = False) -> dict:
     """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary.
 
-    `mapping`: a table name or .toml path (default: the packaged table that accepts src's config.json)."""
+    `mapping`: a table name or .toml path (default: the packaged table that accepts src's config.json).
+    `overwrite`: replace an OUT that holds another llava-ckpt output (a folder holding anything else is never
+    replaced; a rerun of the same conversion replaces its own output without asking)."""
     if fmt not in ("ckpt", "safetensors"):
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
+    check_degree(tp)
     provenance = {}
     known_hashes = {}
     if not os.path.isdir(src):
         from .hub import is_repo_id, download
         if not is_repo_id(src):
             raise fail(f"{src} is neither a checkpoint folder nor a hub repo id")
+        # what OUT holds is checked before the download, as far as it can be known now
+        check_out(out, None, {"command": "convert", "source.repo_id": src}, overwrite)
         got = download(src, revision=revision, progress=progress)
         provenance = {k: got[k] for k in ("repo_id", "revision", "commit_sha") if k in got}
         known_hashes = {os.path.realpath(os.path.join(got["path"], f["path"])): f["sha256"]
@@ -115,4 +124,4 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fus
         "tensors": tensor_entries(planned, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
     }
     return write_checkpoint(out, src, planned, fmt, tp, ctx["files"], manifest, progress, known_hashes,
-                            side_files=ctx["side_files"])
+                            side_files=ctx["side_files"], overwrite=overwrite)

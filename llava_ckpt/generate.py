@@ -57,9 +57,14 @@ def read_requests(path: str) -> list:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise fail(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("image"), str) \
-                    or not isinstance(item.get("prompt"), str):
-                raise fail(f"{path} line {number}: expected an object {{\"image\": path, \"prompt\": text}}")
+            if not isinstance(item, dict):
+                raise fail(f"{path} line {number}: expected an object {{\"image\": path, \"prompt\": text}}, "
+                           f"got {type(item).__name__}")
+            for key, what in (("image", "a path"), ("prompt", "text")):
+                if key not in item:
+                    raise fail(f"{path} line {number}: no {key!r} (each line is {{\"image\": path, \"prompt\": text}})")
+                if not isinstance(item[key], str):
+                    raise fail(f"{path} line {number}: {key!r} must be {what}, got {type(item[key]).__name__}")
             image = item["image"]
             out.append({"image": image if os.path.isabs(image) else os.path.join(folder, image),
                         "prompt": item["prompt"]})
@@ -71,36 +76,58 @@ def read_requests(path: str) -> list:
 # ---------------------------------------------------------------- the converted folder
 
 def open_output(ms_dir: str) -> dict:
-    """Check `ms_dir` is a convert/shard output with what generate needs; returns {"cfg", "tp", "rank_dirs",
-    "layout"} (tp and the rank folders as its manifest records them)."""
+    """Check `ms_dir` is a convert/shard output with what generate needs, its weight files there and of the
+    sizes its manifest records (each file's header valid); returns {"cfg", "tp", "rank_dirs", "layout"}."""
     from .engine.config import load_config
     from .engine.records import checked_entries, split_layout
-    from .io.manifest import NAME, output_layout, read_manifest
+    from .io.manifest import NAME, checked_weight_files, output_layout, read_ms_output
     from .io.ranks import rank_folders
-    if not os.path.isdir(ms_dir):
-        raise fail(f"{ms_dir} is not a folder")
-    manifest = read_manifest(ms_dir)
+    from .io.readers import read_index
+    manifest = read_ms_output(ms_dir, "generate takes what convert or shard wrote")
     where = os.path.join(ms_dir, NAME)
     tp, _ = output_layout(manifest, where)
     if not os.path.isfile(os.path.join(ms_dir, "config.json")):
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
+    for _, path in checked_weight_files(ms_dir, manifest):
+        read_index(path)  # headers / record index only: a damaged file is named before any model starts
     dirs = rank_folders(ms_dir, tp)
     return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(checked_entries(manifest, where))}
 
 
 # ---------------------------------------------------------------- batches
 
-def prepare(requests: list, processor, raw: bool = False) -> list:
-    """Every request's image read and prompt formatted and tokenized, before any model is loaded (bad input
-    fails fast). Returns [{"image", "prompt", "prompt_text", "ids", "pixels"}]."""
-    from .prompts import encode, format_prompt, load_image
+def check_requests(requests: list, cfg: dict, folder: str, max_new_tokens: int) -> list:
+    """Every request's image read (PIL) and its prompt's length floor checked against the context, before
+    transformers, MindSpore or msrun start (bad input fails in well under a second). Returns the requests with
+    their pictures."""
+    from .engine.config import image_token_count
+    from .prompts import check_length, load_image, prompt_floor
+    limit = int(cfg["text_config"]["max_position_embeddings"])
     out = []
-    for req in requests:
-        text = format_prompt(processor, req["prompt"], raw)
+    for n, req in enumerate(requests, 1):
+        if not isinstance(req, dict) or not isinstance(req.get("image"), str) or not isinstance(req.get("prompt"), str):
+            raise fail(f"request {n}: expected {{\"image\": path, \"prompt\": text}}, got {req!r:.80}")
         picture = load_image(req["image"])
-        ids, pixels = encode(processor, picture, text)
+        floor = prompt_floor(folder, req["prompt"], image_token_count(cfg))
+        if floor is not None:
+            check_length(floor, max_new_tokens, limit, f"request {n}'s prompt", exact=False)
+        out.append(dict(req, picture=picture))
+    return out
+
+
+def prepare(requests: list, processor, cfg: dict, max_new_tokens: int, raw: bool = False) -> list:
+    """Every request's prompt formatted and tokenized by the processor and its exact length checked, before
+    any model is loaded. `requests` come from check_requests (pictures read). Returns [{"image", "prompt",
+    "prompt_text", "ids", "pixels"}]."""
+    from .prompts import check_length, encode, format_prompt
+    limit = int(cfg["text_config"]["max_position_embeddings"])
+    out = []
+    for n, req in enumerate(requests, 1):
+        text = format_prompt(processor, req["prompt"], raw)
+        ids, pixels = encode(processor, req["picture"], text)
+        check_length(len(ids), max_new_tokens, limit, f"request {n}'s prompt")
         out.append({"image": req["image"], "prompt": req["prompt"], "prompt_text": text, "ids": ids,
                     "pixels": pixels})
     return out
@@ -177,10 +204,11 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     t_start = time.perf_counter()
     info = open_output(ms_dir)
     cfg, tp = info["cfg"], info["tp"]
+    checked = check_requests(requests, cfg, ms_dir, max_new_tokens)
     processor = load_processor(ms_dir)
     default_eos, pad_id = special_ids(ms_dir, processor.tokenizer)
     eos = default_eos if eos is None else tuple(int(e) for e in eos)
-    prepared = prepare(requests, processor, raw)
+    prepared = prepare(checked, processor, cfg, max_new_tokens, raw)
     if do_sample and seed is None:
         seed = int(np.random.SeedSequence().entropy % (1 << 63))  # reported, so the run can be repeated
     limit = int(cfg["text_config"]["max_position_embeddings"]) - max_new_tokens

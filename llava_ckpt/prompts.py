@@ -15,16 +15,24 @@ FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 def load_image(path: str):
-    """The image at `path` as RGB (PIL), or one clear error for a missing, unreadable or non-image file."""
+    """The image at `path` as RGB (PIL), or one clear error for a missing, unreadable, oversized or non-image
+    file. Fast (no transformers): callers read every image before anything slow starts."""
+    import warnings
     from PIL import Image
     if not os.path.exists(path):
         raise fail(f"image {path} does not exist")
     if not os.path.isfile(path):
         raise fail(f"image {path} is not a file")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL reports truncated / non-image files this way
+        with warnings.catch_warnings():
+            # a large but legal image (above half of PIL's bomb limit) would print a warning; the limit
+            # itself still raises DecompressionBombError, refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise fail(f"cannot read image {path}: too large ({exc})") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as exc:  # PIL's truncated / non-image files
         raise fail(f"cannot read image {path}: {exc}") from None
 
 
@@ -60,6 +68,32 @@ def format_prompt(processor, question: str, raw: bool = False) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return FALLBACK_TEMPLATE.format(question=question)
+
+
+def prompt_floor(folder: str, question: str, image_tokens: int) -> int | None:
+    """A lower bound of the prompt's length in tokens, without transformers (its import takes seconds): the
+    question tokenized alone by the checkpoint's tokenizer.json (the fast `tokenizers` library), less two for
+    the merges its neighbours may change, plus the image's tokens. None when there is no tokenizer.json. Used
+    to refuse a prompt that cannot fit before anything slow starts; the exact length is checked once the
+    processor has formatted it."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:  # noqa: BLE001 - the processor, loaded later, reports a broken tokenizer properly
+        return None
+    return max(0, len(tokenizer.encode(question, add_special_tokens=False).ids) - 2) + image_tokens
+
+
+def check_length(length: int, max_new_tokens: int, max_positions: int, what: str, exact: bool = True) -> None:
+    """Refuse a prompt whose `length` tokens and `max_new_tokens` do not fit the model's context."""
+    if length + max_new_tokens > max_positions:
+        size = f"{length} tokens" if exact else f"at least {length} tokens"
+        raise fail(f"{what} is {size} with its image; with {max_new_tokens} new tokens that exceeds the model's "
+                   f"context of {max_positions} positions (max_position_embeddings): shorten it or lower "
+                   "--max-new-tokens")
 
 
 def encode(processor, picture, text: str):

@@ -10,23 +10,21 @@ from .engine.records import checked_entries
 from .engine.splits import check_divides
 from .errors import fail
 from .io.dtypes import code_for
-from .io.manifest import NAME, output_layout, read_manifest, recorded_side_files
-from .io.ranks import output_weight_files
+from .io.manifest import NAME, checked_weight_files, output_layout, read_ms_output, recorded_side_files
 from .io.readers import read_index
 
 
-def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
-    """Write OUT/rank_<r>/llava.<fmt> for r < tp, OUT/strategy.ckpt and OUT/manifest.json."""
-    if not os.path.isdir(converted_dir):
-        raise fail(f"{converted_dir} is not a folder")
-    manifest = read_manifest(converted_dir)
+def shard(converted_dir: str, out: str, tp: int, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write OUT/rank_<r>/llava.<fmt> for r < tp, OUT/strategy.ckpt and OUT/manifest.json. `overwrite`:
+    replace an OUT that holds another llava-ckpt output."""
+    manifest = read_ms_output(converted_dir, "shard takes what convert wrote")
     where = os.path.join(converted_dir, NAME)
     if not isinstance(manifest.get("mapping"), dict):
         raise fail(f"{where}: 'mapping' is not an object")
     source_tp, fmt = output_layout(manifest, where)
     if source_tp != 1:
         raise fail(f"{converted_dir} is already split into {source_tp} ranks; shard takes a tp-1 output")
-    (name, _), = output_weight_files(converted_dir, 1, fmt)
+    (name, _), = checked_weight_files(converted_dir, manifest)
     path = os.path.join(converted_dir, name)
     infos = read_index(path)
     entries = checked_entries(manifest, where)
@@ -60,4 +58,4 @@ def shard(converted_dir: str, out: str, tp: int, progress: bool = True) -> dict:
     side = recorded_side_files(converted_dir, manifest, where)
     return write_checkpoint(out, converted_dir, planned, fmt, tp, [(os.path.basename(path), os.path.realpath(path))],
                             new_manifest, progress, expected_hashes=recorded, inputs_key="converted_files",
-                            side_files=side, expected_side=listed)
+                            side_files=side, expected_side=listed, overwrite=overwrite)

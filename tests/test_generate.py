@@ -167,7 +167,7 @@ def _bad_inputs(tmp, images, tp1, tp2, tiny):
         "no requests": ([tp1], "no requests"),
         "empty requests file": ([tp1, "--requests", str(empty)], "holds no requests"),
         "malformed line": ([tp1, "--requests", str(broken)], "line 2: not valid JSON"),
-        "line without prompt": ([tp1, "--requests", str(no_prompt)], "line 1: expected an object"),
+        "line without prompt": ([tp1, "--requests", str(no_prompt)], "line 1: no 'prompt'"),
         "not converted": ([tiny, "--image", images[0]] + q, "not an output of llava-ckpt convert"),
         "missing rank": ([str(gap), "--image", images[0]] + q, "records tp 2 (rank_0 .. rank_1): rank_1 missing"),
         "bad top-p": ([tp1, "--image", images[0], "--do-sample", "--top-p", "2"] + q, "top_p"),

@@ -486,7 +486,7 @@ def test_disk_full_on_rerun_keeps_the_previous_output(tiny, tmp_path):
     out = tmp_path / "out"
     assert run("convert", tiny, out).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run("convert", tiny, out, "--dtype", "float32", preexec_fn=_file_size_limit(1 << 20))
+    proc = run("convert", tiny, out, "--dtype", "float32", "--overwrite", preexec_fn=_file_size_limit(1 << 20))
     assert proc.returncode == 2 and proc.stderr.startswith("error: File too large") and proc.stderr.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -548,19 +548,22 @@ def _records(path: Path):
 
 
 def ckpt_truncated(conv, tmp):
+    """The manifest records the size: the truncation is named before the file is read."""
     raw = (conv / "llava.ckpt").read_bytes()
     (conv / "llava.ckpt").write_bytes(raw[:len(raw) // 2])
-    return ["llava.ckpt", "not a valid MindSpore .ckpt", "runs past"]
+    return ["llava.ckpt", f"{len(raw) // 2} bytes, its manifest records {len(raw)}", "truncated"]
 
 
 def ckpt_garbage(conv, tmp):
-    (conv / "llava.ckpt").write_bytes(b"\x0f" * 4096)
+    """Garbage of the recorded size: the reader's own checks refuse it."""
+    size = (conv / "llava.ckpt").stat().st_size
+    (conv / "llava.ckpt").write_bytes(b"\x0f" * size)
     return ["llava.ckpt", "not a valid MindSpore .ckpt"]
 
 
 def ckpt_empty(conv, tmp):
     (conv / "llava.ckpt").write_bytes(b"")
-    return ["llava.ckpt", "empty"]
+    return ["llava.ckpt", "0 bytes, its manifest records"]
 
 
 def ckpt_flipped_data_byte(conv, tmp):
@@ -658,7 +661,7 @@ def test_sigterm_while_replacing_keeps_the_previous_output(big, tmp_path):
     out = tmp_path / "out"
     assert run("convert", big, out).returncode == 0
     before = {p.name: p.stat().st_size for p in out.iterdir()}
-    proc = interrupt_mid_write(["convert", big, out, "--tp", 2], out)
+    proc = interrupt_mid_write(["convert", big, out, "--tp", 2, "--overwrite"], out)
     stderr = proc.stderr
     assert proc.returncode == 2 and stderr.startswith("error: interrupted by SIGTERM") and stderr.count("\n") == 1
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before

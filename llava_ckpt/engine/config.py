@@ -117,6 +117,14 @@ def _check_feature_layer(cfg: dict, where: str) -> None:
         raise fail(f"{where}: vision_feature_layer {layer!r} is not an int within the vision tower's layers")
 
 
+def image_token_count(cfg: dict) -> int:
+    """How many image tokens one image becomes in the prompt: its patches, plus CLS when the 'full' feature
+    selection keeps it (576 for llava-1.5's 336-pixel, 14-pixel-patch tower). `cfg` normalized."""
+    vc = cfg["vision_config"]
+    n = (vc["image_size"] // vc["patch_size"]) ** 2
+    return n + 1 if cfg["vision_feature_select_strategy"] == "full" else n
+
+
 def read_config(folder: str) -> dict:
     """`folder/config.json` as written (bounded read, one clear error if missing or not JSON)."""
     from ..io.files import read_json

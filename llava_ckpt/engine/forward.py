@@ -172,14 +172,17 @@ def output_bytes(planned, tp: int) -> int:
 
 def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, manifest: dict, progress: bool,
                      known_hashes=None, expected_hashes=None, inputs_key: str = "files", side_files=(),
-                     expected_side=None) -> dict:
+                     expected_side=None, overwrite: bool = False) -> dict:
     """Write all ranks, the side files, the strategy file (tp > 1) and the manifest into OUT, atomically.
 
     `inputs` [(name, path)] are hashed while the data streams and recorded under manifest["source"][inputs_key]
     (io.output.staged_output says how `known_hashes` and `expected_hashes` count); `side_files` [(name, path)]
-    (config, tokenizer, processor, chat template) are copied beside the weights so the output stands alone."""
+    (config, tokenizer, processor, chat template) are copied beside the weights so the output stands alone.
+    `overwrite`: replace an OUT that holds another output (io.output.check_out)."""
     total = output_bytes(planned, tp)
-    with staged_output(out, src, total, inputs, known_hashes, expected_hashes, inputs_key) as staged:
+    manifest = dict(manifest, tp=tp, format=fmt)
+    with staged_output(out, src, total, manifest, inputs, known_hashes, expected_hashes, inputs_key,
+                       overwrite) as staged:
         paths, writers = open_rank_writers(staged.stage, fmt, planned, tp, layout_dir=tp > 1)
         try:
             write_targets(planned, writers, tp, progress, total)
@@ -195,7 +198,6 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
             write_strategy(os.path.join(staged.stage, "strategy.ckpt"),
                            [(j.target.name, j.target.split, j.target.shape) for j in planned], tp)
             staged.add("strategy.ckpt")
-        staged.manifest = dict(manifest, tp=tp, format=fmt)
     files = staged.files
     return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(planned),
             "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}

@@ -14,10 +14,11 @@ from ..engine.records import checked_entries
 from ..engine.splits import rank_blocks, split_dim
 from ..errors import fail
 from ..io.dtypes import DTYPES, dtype_name
-from ..io.hf_folder import side_files
-from ..io.manifest import NAME as MANIFEST, output_layout, read_manifest, recorded_side_files
+from ..io.hf_folder import looks_like_hf_folder, side_files
+from ..io.manifest import (NAME as MANIFEST, checked_weight_files, output_layout, read_ms_output,
+                           recorded_side_files)
 from ..io.paths import inside
-from ..io.ranks import output_weight_files, rank_folders, rank_weight_file, ranked_tensor, single
+from ..io.ranks import rank_folders, rank_weight_file, ranked_tensor, single
 from ..io.readers import read_index
 from ..io.strategy import read_strategy
 
@@ -61,6 +62,9 @@ def open_checkpoint(ms_src: str) -> MsCheckpoint:
         raise fail(f"{ms_src} is neither a file nor a folder")
     if os.path.lexists(os.path.join(ms_src, MANIFEST)):
         return _converted(ms_src)
+    if looks_like_hf_folder(ms_src):
+        raise fail(f"{ms_src} is a Hugging Face checkpoint folder: export takes MindSpore weights back to one "
+                   "(`llava-ckpt convert` goes from Hugging Face to MindSpore)")
     dirs = rank_folders(ms_src)
     if dirs:
         return _ranks(ms_src, dirs)
@@ -96,15 +100,10 @@ def _float_only(info) -> None:
 def _converted(folder: str) -> MsCheckpoint:
     """A convert / shard output: its manifest names every tensor, its split and its HF source files."""
     where = os.path.join(folder, MANIFEST)
-    manifest = read_manifest(folder)
-    command = manifest.get("command")
-    if command == "export":
-        raise fail(f"{folder} is an output of llava-ckpt export (a Hugging Face folder), not a MindSpore checkpoint")
-    if command not in ("convert", "shard"):
-        raise fail(f"{where}: command {command!r} is not convert or shard")
+    manifest = read_ms_output(folder, "export takes what convert or shard wrote")
     entries = checked_entries(manifest, where)
-    tp, fmt = output_layout(manifest, where)
-    inputs = output_weight_files(folder, tp, fmt)
+    tp, _ = output_layout(manifest, where)
+    inputs = checked_weight_files(folder, manifest)
     paths = [p for _, p in inputs]
     indexes = [read_index(p) for p in paths]
     listed = [e["name"] for e in entries]

@@ -56,3 +56,22 @@ def retyped_config(raw: dict, out_dtype: str | None) -> bytes | None:
                 d[key] = out_dtype
                 changed = True
     return (json.dumps(raw, indent=2) + "\n").encode("utf-8") if changed else None
+
+
+def check_agrees(table: dict, cfg: dict, where: str, source: MsCheckpoint) -> None:
+    """A --config must describe the model MS_SRC holds: every size the table names (heads, KV heads, layers,
+    widths, ...) as MS_SRC's own config.json says, when it carries one. Same shapes with other head counts
+    would export scrambled q/k/v rows with exit 0, so a disagreement is an error naming the key and both
+    values."""
+    from ..engine.config import normalize_config
+    from ..engine.mapping import sizes
+    own = dict(source.side).get("config.json")
+    if own is None:
+        return
+    own_where = os.path.join(source.path, "config.json")
+    theirs = sizes(table, normalize_config(read_json(own, own_where, MAX_CONFIG), own_where, table), own_where)
+    given = sizes(table, cfg, where)
+    for name, expr in table["sizes"].items():
+        if given.get(name) != theirs.get(name):
+            raise fail(f"{where} contradicts MS_SRC's own config ({own_where}): {expr} ({name}) is "
+                       f"{given.get(name)} there, {theirs.get(name)} in {own_where}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..engine.mapping import detect_options, plan
 from ..errors import fail
-from ..io.dtypes import BY_NAME, code_for, itemsize
+from ..io.dtypes import BY_NAME, casts_lose, code_for, dtype_name, itemsize
 from ..io.hf_folder import INDEX
 from ..io.manifest import NAME as MANIFEST
 from ..io.ranks import RankedTensor
@@ -42,6 +42,7 @@ class PlannedHfTensor:
     k: int
     tensor: RankedTensor
     file: str | None
+    casts: tuple = ()     # the dtypes this tensor went through: the HF source's (if recorded), stored, written
 
     @property
     def nbytes(self) -> int:
@@ -82,13 +83,22 @@ def plan_export(source: MsCheckpoint, table: dict, cfg: dict, dtype: str | None,
                 raise fail(f"{source.path}/{MANIFEST}: {t.name!r} was made by {entry['op']} of "
                            f"{len(entry['sources'])} source(s) {recorded_shapes}, split {entry['split']}; the table "
                            f"says {t.op} of {len(t.sources)} {[list(s) for s in t.source_shapes]}, split {t.split}")
+            # same shapes, other grouping (e.g. another KV-head count): the rows would come back scrambled
+            recorded = (entry.get("layout"), entry.get("groups"))
+            if recorded != (t.layout(), t.groups):
+                raise fail(f"{where} implies {t.name!r} laid out as {t.layout() or 'plain rows'} in "
+                           f"{t.groups} groups, but {source.path}/{MANIFEST} records "
+                           f"{entry.get('layout') or 'plain rows'} in {entry.get('groups')} groups: it was "
+                           "converted with another config")
             hf_names = entry["sources"]
             if isinstance(entry.get("source_files"), list) and len(entry["source_files"]) == len(t.sources):
                 files = [_plain_file(f, source) for f in entry["source_files"]]
             if not out_code and entry.get("source_dtype") in BY_NAME:
                 code = code_for(entry["source_dtype"])
+        casts = ((entry["source_dtype"],) if entry is not None and entry.get("source_dtype") in BY_NAME else ()) + \
+            (dtype_name(rt.dtype), dtype_name(code))
         for k, (name, shape) in enumerate(zip(hf_names, t.source_shapes)):
-            outs.append(PlannedHfTensor(name, tuple(shape), code, t, k, rt, files[k]))
+            outs.append(PlannedHfTensor(name, tuple(shape), code, t, k, rt, files[k], casts))
     seen = set()
     for o in outs:
         if o.name in seen:
@@ -102,6 +112,18 @@ def _plain_file(name, source: MsCheckpoint) -> str:
             or name.startswith(".") or name == INDEX):
         raise fail(f"{source.path}/{MANIFEST}: source file {name!r} is not a plain .safetensors file name")
     return name
+
+
+def round_trip(outs: list) -> dict:
+    """Whether the HF tensors written are the source's own bits: {"exact", "lossy": {"a -> b -> c": number of
+    tensors}} over the dtypes each went through (the HF source's, when MS_SRC's manifest records it; stored;
+    written). A step that narrows (float32 -> 16 bits, or float16 <-> bfloat16) loses information for good."""
+    lossy: dict = {}
+    for o in outs:
+        if casts_lose(o.casts):
+            key = " -> ".join(o.casts)
+            lossy[key] = lossy.get(key, 0) + 1
+    return {"exact": not lossy, "lossy": lossy}
 
 
 def assign_files(outs: list, max_bytes: int) -> dict:

@@ -42,5 +42,18 @@ def code_for(name: str) -> str:
         raise fail(f"unsupported dtype {name!r} (use float16, bfloat16 or float32)") from None
 
 
+def casts_lose(chain) -> bool:
+    """Whether values held in dtype chain[0] (names), cast through each dtype of `chain` in turn, can come out
+    changed. Widening to float32 keeps every value (and a later cast back to the dtype the values came from
+    gives them back); any other cast to a 16-bit dtype the values were not already rounded to (float32 ->
+    16 bits, float16 <-> bfloat16) rounds or overflows."""
+    held = {chain[0]}
+    for b in chain[1:]:
+        if b != "float32" and b not in held:
+            return True
+        held.add(b)
+    return False
+
+
 def itemsize(code: str) -> int:
     return DTYPES[code][0].itemsize if code in DTYPES else OTHER_DTYPES[code][0]

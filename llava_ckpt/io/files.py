@@ -6,7 +6,7 @@ import hashlib
 import json
 import mmap
 import os
-import tempfile
+import secrets
 
 from ..errors import fail
 
@@ -49,6 +49,19 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def create_temp(folder: str, name: str) -> tuple:
+    """(fd, path) of a new hidden `.NAME.<random>.tmp` file in `folder`, opened for writing, with the mode every
+    file we write gets: 0666 less the umask, like any other tool's output (mkstemp's 0600 would leave the
+    config unreadable to a user or container that can read the weights)."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
 def write_atomic(path: str, data) -> str:
     """Write a small file completely or not at all: temp file in the same folder, fsync, rename, fsync the
     folder. `data` is bytes or text (UTF-8). Returns the sha256 of the bytes written."""
@@ -56,7 +69,7 @@ def write_atomic(path: str, data) -> str:
         data = data.encode("utf-8")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -39,10 +39,29 @@ def blob_store(folder: str) -> tuple:
     return ()
 
 
-def weight_files(folder: str) -> list:
-    """The safetensors files of the checkpoint (from the index if there is one), as real paths."""
+def refuse_ms_output(folder: str, hint: str = "") -> None:
+    """Refuse a llava-ckpt convert / shard output (MindSpore weights) where a Hugging Face folder is wanted,
+    saying what it is (its .ckpt is not a pickle) and `hint`, what the user may have meant."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read(MAX_INDEX))
+    except (OSError, ValueError):
+        return
+    if isinstance(manifest, dict) and manifest.get("tool") == "llava-ckpt" and \
+            manifest.get("command") in ("convert", "shard"):
+        raise fail(f"{folder} is a llava-ckpt {manifest['command']} output (MindSpore weights), not a Hugging Face "
+                   "checkpoint" + (f"; {hint}" if hint else ""))
+
+
+def weight_files(folder: str, hint: str = "") -> list:
+    """The safetensors files of the checkpoint (from the index if there is one), as real paths. `hint`: see
+    refuse_ms_output."""
     if not os.path.isdir(folder):
-        raise fail(f"{folder} is not a folder")
+        raise fail(f"{folder} is not a folder" if os.path.exists(folder) else f"{folder} does not exist")
+    refuse_ms_output(folder, hint)
     index_path = os.path.join(folder, INDEX)
     if os.path.lexists(index_path):
         _regular_file(_inside(folder, INDEX, index_path), index_path)
@@ -69,15 +88,30 @@ def weight_files(folder: str) -> list:
         return list(zip(files, paths)), weight_map
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not names:
-        pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+        pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES) and not n.endswith(".ckpt"))
+        ckpts = sorted(n for n in os.listdir(folder) if n.endswith(".ckpt"))
         if pickles:
-            raise fail(f"{folder} holds only pickle weights ({', '.join(pickles)}); they are refused, never "
+            raise fail(f"{folder} holds only pickle weights ({', '.join(pickles + ckpts)}); they are refused, never "
                        "unpickled: convert them to safetensors first")
+        if ckpts:
+            raise fail(f"{folder} holds no safetensors weights, only {', '.join(ckpts)} (a MindSpore or PyTorch "
+                       "Lightning checkpoint, never loaded here): a Hugging Face checkpoint is safetensors")
         raise fail(f"no safetensors weights in {folder}")
     files = [(n, _inside(folder, n, folder)) for n in names]
     for name, path in files:
         _regular_file(path, os.path.join(folder, name))
     return files, None
+
+
+def looks_like_hf_folder(folder: str) -> bool:
+    """A Hugging Face checkpoint folder, by its file names (for messages only): a config.json beside
+    transformers' weight files (model.safetensors, model-0000k-of-0000n.safetensors) or their index."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return "config.json" in names and (INDEX in names or any(n.startswith("model") and n.endswith(".safetensors")
+                                                               for n in names))
 
 
 def _regular_file(path: str, what: str) -> None:
@@ -86,9 +120,10 @@ def _regular_file(path: str, what: str) -> None:
         raise fail(f"{what} is not a regular file")
 
 
-def read_tensors(folder: str) -> tuple:
-    """(name -> TensorInfo, [(file name, real path)]) for every tensor of the checkpoint in `folder`."""
-    files, weight_map = weight_files(folder)
+def read_tensors(folder: str, hint: str = "") -> tuple:
+    """(name -> TensorInfo, [(file name, real path)]) for every tensor of the checkpoint in `folder`. `hint`: see
+    refuse_ms_output."""
+    files, weight_map = weight_files(folder, hint)
     tensors = {}
     where = {}
     for name, path in files:

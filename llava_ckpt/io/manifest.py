@@ -19,14 +19,53 @@ def write_manifest(folder: str, manifest: dict) -> str:
     return write_atomic(os.path.join(folder, NAME), json.dumps(manifest, indent=1) + "\n")
 
 
-def read_manifest(folder: str) -> dict:
+def read_manifest(folder: str, hint: str = "") -> dict:
+    """`folder`'s manifest. `hint`: what to add to the message when there is none (what the user may have
+    meant)."""
     path = os.path.join(folder, NAME)
     if not os.path.lexists(path):
-        raise fail(f"{folder} has no {NAME}: not an output of llava-ckpt convert")
+        raise fail(f"{folder} has no {NAME}: not an output of llava-ckpt convert" + (f"; {hint}" if hint else ""))
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("tool") != "llava-ckpt":
         raise fail(f"{path} is not a llava-ckpt manifest")
     return manifest
+
+
+def read_ms_output(folder: str, hint: str = "") -> dict:
+    """The manifest of a convert / shard output (MindSpore weights), refusing anything else with what it is:
+    a Hugging Face folder that export wrote, or a folder without a manifest. `hint` is added to the message
+    (e.g. "did you swap HF_SRC and MS_DIR?")."""
+    from .hf_folder import looks_like_hf_folder
+    if not os.path.isdir(folder):
+        raise fail(f"{folder} is not a folder" if os.path.exists(folder) else f"{folder} does not exist")
+    if not os.path.lexists(os.path.join(folder, NAME)) and looks_like_hf_folder(folder):
+        raise fail(f"{folder} is a Hugging Face checkpoint folder (no {NAME}), not an output of llava-ckpt convert "
+                   "or shard (MindSpore weights)" + (f"; {hint}" if hint else ""))
+    manifest = read_manifest(folder, hint)
+    command = manifest.get("command")
+    if command == "export":
+        raise fail(f"{folder} is an output of llava-ckpt export (a Hugging Face folder), not MindSpore weights"
+                   + (f"; {hint}" if hint else ""))
+    if command not in ("convert", "shard"):
+        raise fail(f"{os.path.join(folder, NAME)}: command {command!r} is not convert or shard")
+    return manifest
+
+
+def checked_weight_files(folder: str, manifest: dict) -> list:
+    """[(relative path, real path)] of a convert / shard output's weight files, as its manifest records them
+    (tp, format), each there, inside the folder, of the size recorded: a truncated or missing rank file is
+    named before anything reads it."""
+    from .ranks import output_weight_files
+    where = os.path.join(folder, NAME)
+    tp, fmt = output_layout(manifest, where)
+    files = output_weight_files(folder, tp, fmt)
+    sizes = {f.get("path"): f.get("size") for f in manifest.get("files", []) if isinstance(f, dict)}
+    for rel, real in files:
+        size = os.path.getsize(real)
+        if rel in sizes and sizes[rel] != size:
+            raise fail(f"{os.path.join(folder, rel)}: {size} bytes, its manifest records {sizes[rel]} (truncated or "
+                       "changed; llava-ckpt check names the damage)")
+    return files
 
 
 def output_layout(manifest: dict, where: str) -> tuple:
@@ -37,6 +76,27 @@ def output_layout(manifest: dict, where: str) -> tuple:
     if fmt not in FORMATS:
         raise fail(f"{where}: 'format' is {fmt!r}, not ckpt or safetensors")
     return tp, fmt
+
+
+def identity(manifest: dict) -> dict:
+    """What makes two outputs the same run's, as {dotted key: value}: the command, its input (the hub repo and
+    revision when it was downloaded, else the path), its options, tp and format, and the mapping table's file.
+    An OUT holding an output of the same identity is that run's own, to replace on a rerun; any other is
+    replaced only when the user asks (io/output.check_out)."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    out = {"command": manifest.get("command")}
+    if source.get("repo_id"):
+        out.update({"source.repo_id": source.get("repo_id"), "source.revision": source.get("revision")})
+    else:
+        out["source.path"] = source.get("path")
+    if "converted" in source:
+        out["source.converted"] = source["converted"]
+    options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    out.update({f"options.{k}": v for k, v in sorted(options.items()) if k not in ("tp", "format")})
+    out.update({k: manifest[k] for k in ("tp", "format") if k in manifest})
+    if isinstance(manifest.get("mapping"), dict):
+        out["mapping.file"] = manifest["mapping"].get("file")
+    return out
 
 
 def recorded_side_files(folder: str, manifest: dict, where: str) -> list:

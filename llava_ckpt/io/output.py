@@ -20,32 +20,59 @@ import threading
 
 from ..errors import fail
 from .files import sha256_file, write_atomic
-from .manifest import NAME as MARKER, write_manifest
+from .manifest import NAME as MARKER, identity, write_manifest
 from .paths import within
 
 
-def _is_replaceable(out: str) -> bool:
-    """An existing OUT may be replaced only if it is empty or a previous llava-ckpt output."""
-    entries = os.listdir(out)
-    if not entries:
-        return True
+def _previous_output(out: str) -> dict | None:
+    """The manifest of what OUT holds: {} when OUT is empty, None when it holds something that is not a
+    llava-ckpt output (never ours to replace)."""
+    if not os.listdir(out):
+        return {}
     try:
         with open(os.path.join(out, MARKER), "rb") as f:
-            return json.loads(f.read()).get("tool") == "llava-ckpt"
-    except (OSError, ValueError, AttributeError):
-        return False
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool") == "llava-ckpt" else None
 
 
-def check_out(out: str, src: str | None = None) -> None:
-    """Refuse an OUT that is a file, is not ours to replace, is inside SRC, or cannot be written."""
+def describe(manifest: dict) -> str:
+    """'a convert output of /src (tp 2, ckpt)' for messages about what a folder holds."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    origin = source.get("converted") or source.get("path") or source.get("preset")
+    layout = ", ".join(f"{k} {manifest[k]}" for k in ("tp", "format") if k in manifest)
+    command = str(manifest.get("command", "llava-ckpt"))
+    return (f"{'an' if command[:1] in 'aeiou' else 'a'} {command} output" + (f" of {origin}" if origin else "")
+            + (f" ({layout})" if layout else ""))
+
+
+def check_out(out: str, src: str | None = None, job: dict | None = None, overwrite: bool = False) -> None:
+    """Refuse an OUT that is a file, is not ours to replace, holds another output than this run's, contains
+    or is inside SRC, or cannot be written.
+
+    `job`: this run's identity (io.manifest.identity of what it will record, or part of it). An OUT whose
+    manifest has the same is this run's own earlier output and is replaced;
+    any other llava-ckpt output is replaced only with `overwrite`. A folder that is not a llava-ckpt output is
+    never replaced."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise fail(f"output {out} exists and is not a folder")
-    if os.path.isdir(out) and not _is_replaceable(out):
-        raise fail(f"output folder {out} is not empty and holds no llava-ckpt manifest; "
-                   "choose an empty or new folder")
+    if os.path.isdir(out):
+        previous = _previous_output(out)
+        if previous is None:
+            raise fail(f"output folder {out} is not empty and holds no llava-ckpt manifest; "
+                       "choose an empty or new folder")
+        there = identity(previous) if previous else {}
+        differs = [f"{key} {there.get(key)!r} there, {value!r} now" for key, value in (job or {}).items()
+                   if previous and there.get(key) != value]
+        if differs and not overwrite:
+            raise fail(f"output folder {out} already holds {describe(previous)}, not this run's output "
+                       f"({'; '.join(differs[:3])}): pass --overwrite to replace it, or choose another folder")
     real_out = os.path.realpath(out)
     if src is not None and os.path.isdir(src) and within(real_out, src):
         raise fail(f"output {out} is inside the source checkpoint {src}")
+    if src is not None and os.path.exists(src) and os.path.isdir(out) and within(src, out):
+        raise fail(f"the source {src} is inside the output folder {out}: replacing {out} would delete it")
     parent = os.path.dirname(real_out) or "."
     if not os.path.isdir(parent):
         what = "is not a folder" if os.path.exists(parent) else "does not exist"
@@ -59,9 +86,10 @@ def _partial_prefix(out: str) -> str:
     return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.partial-")
 
 
-def staging_dir(out: str, src: str | None = None) -> str:
-    """A fresh hidden folder beside OUT to build the output in (stale ones from killed runs are removed)."""
-    check_out(out, src)
+def staging_dir(out: str, src: str | None = None, job: dict | None = None, overwrite: bool = False) -> str:
+    """A fresh hidden folder beside OUT to build the output in (stale ones from killed runs are removed), after
+    check_out(out, src, job, overwrite)."""
+    check_out(out, src, job, overwrite)
     prefix = _partial_prefix(out)
     old_prefix = prefix[:-len("partial-")] + "old-"
     for stale in glob.glob(glob.escape(prefix) + "*") + glob.glob(glob.escape(old_prefix) + "*"):
@@ -190,12 +218,11 @@ def _corrupted(path: str):
 
 class Staged:
     """The output being built (see staged_output): `stage` is the folder to write into, `files` the manifest's
-    `files` entries in the order they were added, `manifest` what the caller sets before the block ends."""
+    `files` entries in the order they were added."""
 
     def __init__(self, stage: str):
         self.stage = stage
         self.files: list = []
-        self.manifest: dict | None = None
 
     def add(self, rel: str, sha256: str | None = None) -> None:
         """Record a file written into the stage (its sha256 computed here unless the writer knew it)."""
@@ -215,17 +242,18 @@ class Staged:
 
 
 @contextlib.contextmanager
-def staged_output(out: str, src: str | None, need_bytes: int, inputs=(), known_hashes=None,
-                  expected_hashes=None, inputs_key: str = "files"):
-    """Build OUT in a staging folder and publish it when the block ends without an error.
+def staged_output(out: str, src: str | None, need_bytes: int, manifest: dict, inputs=(), known_hashes=None,
+                  expected_hashes=None, inputs_key: str = "files", overwrite: bool = False):
+    """Build OUT in a staging folder and publish it, with `manifest`, when the block ends without an error.
 
     `inputs` [(name, real path)] are hashed on a background thread while the block runs, except those in
     `known_hashes` (path -> sha256 already verified, e.g. by `download`); an input whose hash differs from
     `expected_hashes[path]` (its own manifest's record) fails the run. At the end the inputs are recorded as
     manifest["source"][inputs_key] ({name, size, sha256} each), the files as manifest["files"], the manifest is
     written and the staging folder swapped in. Any error discards the staging folder; an OSError becomes one
-    line naming the file as it would have been in OUT."""
-    stage = staging_dir(out, src)
+    line naming the file as it would have been in OUT. An OUT that already holds another output than this
+    manifest's (io.manifest.identity) is replaced only with `overwrite` (check_out)."""
+    stage = staging_dir(out, src, identity(manifest), overwrite)
     try:
         check_free_space(stage, need_bytes)
         hasher = _HashFiles([p for _, p in inputs], known_hashes)
@@ -242,7 +270,7 @@ def staged_output(out: str, src: str | None, need_bytes: int, inputs=(), known_h
         for path, sha in (expected_hashes or {}).items():
             if hasher.result.get(path) != sha:
                 raise _corrupted(path)
-        manifest = dict(staged.manifest)
+        manifest = dict(manifest)
         manifest["source"] = dict(manifest.get("source", {}))
         manifest["source"][inputs_key] = [{"name": n, "size": os.path.getsize(p), "sha256": hasher.result[p]}
                                           for n, p in inputs]

@@ -18,7 +18,8 @@ import threading
 from .dtypes import ms_type
 from .protobuf import bytes_field, ints_field, key, varint
 
-CKPT_SLICE = 512 * 1024 * 1024  # MindSpore splits tensor data into records of at most 512 MiB
+CKPT_SLICE = 512 * 1024 * 1024
+FILE_MODE = 0o666  # less the umask, as every tool's output files  # MindSpore splits tensor data into records of at most 512 MiB
 
 
 def ckpt_record_header(name: str, shape, code: str, content_len: int) -> bytes:
@@ -50,10 +51,10 @@ class _Sink:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), FILE_MODE)
             self._direct = hasattr(os, "O_DIRECT")
         except OSError:
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, FILE_MODE)
             self._direct = False
         self._hash = hashlib.sha256()
         self._free: queue.Queue = queue.Queue()

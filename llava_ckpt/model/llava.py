@@ -10,7 +10,8 @@ from mindspore import nn, ops, Tensor
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
 from .llama import KVCache, LanguageModel
-from .vision import VisionEncoder, layers_run, patch_count
+from ..engine.config import image_token_count
+from .vision import VisionEncoder, layers_run
 
 
 class Adapter(nn.Cell):
@@ -125,7 +126,7 @@ class Runner:
         want_px = (ids.shape[0], vc["num_channels"], vc["image_size"], vc["image_size"])
         if tuple(np.shape(pixel_values)) != want_px:
             raise fail(f"pixel_values shape {tuple(np.shape(pixel_values))}, the vision tower needs {want_px}")
-        want = patch_count(self.model.cfg)
+        want = image_token_count(self.model.cfg)
         got = (ids == self.model.image_token).sum(axis=1)
         if (got != want).any():
             raise fail(f"prompt has {int(got[got != want][0])} image tokens, the vision tower gives {want} features")

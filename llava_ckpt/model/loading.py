@@ -86,6 +86,14 @@ def build_and_load(cfg: dict, tensors: Mapping[str, np.ndarray], dtype: str = "f
     return model, stored
 
 
+def synchronize() -> None:
+    """Wait for MindSpore's queued work (its ops may run asynchronously). MindSpore 2.10's public
+    `ms.runtime.synchronize` logs "[ERROR] ... CPU device is not supported" on CPU and skips its first call
+    without synchronizing; this is the call it makes once past that check."""
+    from mindspore._c_expression import synchronize as synchronize_all
+    synchronize_all()
+
+
 def set_device(device_target: str) -> None:
     """CPU for tests here; Ascend (or GPU) is where the 7B model is meant to run."""
     import mindspore as ms

@@ -112,10 +112,3 @@ class VisionEncoder(nn.Cell):
             states = states + (x,)
         feats = x if self.keep_cls else x[:, 1:]
         return feats, states
-
-
-def patch_count(cfg: dict) -> int:
-    vc = cfg["vision_config"]
-    n = (vc["image_size"] // vc["patch_size"]) ** 2
-    return n + 1 if cfg["vision_feature_select_strategy"] == "full" else n
-

@@ -50,17 +50,20 @@ def open_converted(ms_dir: str) -> dict:
     come from the manifest; a bare folder holding one llava.ckpt / llava.safetensors (no manifest) is tp 1."""
     from ..engine.records import checked_entries, split_layout
     from ..io import load_tensors
-    from ..io.manifest import NAME, output_layout, read_manifest
+    from ..io.hf_folder import looks_like_hf_folder
+    from ..io.manifest import NAME, checked_weight_files, output_layout, read_ms_output
     from ..io.ranks import rank_folders
+    from .inputs import SWAPPED
     if not os.path.isdir(ms_dir):
-        raise fail(f"{ms_dir} is not a folder")
-    if not os.path.lexists(os.path.join(ms_dir, NAME)):
+        raise fail(f"{ms_dir} is not a folder" if os.path.exists(ms_dir) else f"{ms_dir} does not exist")
+    if not os.path.lexists(os.path.join(ms_dir, NAME)) and not looks_like_hf_folder(ms_dir):
         if rank_folders(ms_dir):
             raise fail(f"{ms_dir} holds rank_<r>/ folders but no {NAME} saying how its tensors are split")
         return {"tensors": load_tensors(ms_dir), "tp": 1, "rank_dirs": [], "layout": None}
     where = os.path.join(ms_dir, NAME)
-    manifest = read_manifest(ms_dir)
+    manifest = read_ms_output(ms_dir, SWAPPED)
     tp, _ = output_layout(manifest, where)
+    checked_weight_files(ms_dir, manifest)  # there, inside, and of the recorded sizes (truncation named now)
     dirs = rank_folders(ms_dir, tp)
     layout = split_layout(checked_entries(manifest, where))
     if tp == 1:

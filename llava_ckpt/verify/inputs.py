@@ -13,6 +13,8 @@ from ..errors import fail
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_IMAGE = os.path.join(ASSETS, "default_image.png")
 DEFAULT_PROMPT = "Describe this image in one sentence."
+# what a user who gave the two folders the wrong way round is told
+SWAPPED = "did you swap HF_SRC and MS_DIR? (llava-ckpt verify HF_SRC MS_DIR)"
 
 
 def resolve_source(hf_src: str) -> str:
@@ -25,12 +27,13 @@ def resolve_source(hf_src: str) -> str:
     return download(hf_src, progress=False)["path"]
 
 
-def build_inputs(hf_src: str, image: str | None, prompt: str | None) -> dict:
+def build_inputs(hf_src: str, image: str | None = None, prompt: str | None = None, picture=None) -> dict:
     """Tokenized prompt and pixels from the checkpoint's own processor (real tokenizer and chat template), built
-    as generate builds them (llava_ckpt.prompts), and the eos ids greedy decoding stops at."""
+    as generate builds them (llava_ckpt.prompts), and the eos ids greedy decoding stops at. `picture`: the image
+    (default: the bundled one) already read by prompts.load_image, if it was."""
     from ..prompts import encode, format_prompt, load_image, load_processor, special_ids
     path = image or DEFAULT_IMAGE
-    picture = load_image(path)
+    picture = load_image(path) if picture is None else picture
     processor = load_processor(hf_src)
     text = format_prompt(processor, prompt or DEFAULT_PROMPT)
     ids, pixels = encode(processor, picture, text)

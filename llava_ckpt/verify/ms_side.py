@@ -31,14 +31,13 @@ class MsSide:
 
     def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU",
                  arena: Arena | None = None, rank: int | None = None, world: int = 1, layout: dict | None = None):
-        import mindspore
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
         from ..model.llava import LlavaVlm
-        from ..model.loading import detect_fused, set_device
+        from ..model.loading import detect_fused, set_device, synchronize
         from ..model.parallel import build_parallel, local_config
         set_device(device_target)
-        self.Tensor, self.ops, self.synchronize = Tensor, ops, mindspore.runtime.synchronize
+        self.Tensor, self.ops, self.synchronize = Tensor, ops, synchronize
         self.arena = Arena() if arena is None else arena
         self.reader = FileReader()
         self.infos = getattr(tensors, "infos", None)  # a single file: read straight into the arena

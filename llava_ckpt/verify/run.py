@@ -13,7 +13,7 @@ import os
 from ..errors import fail
 from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
 from .converted import open_converted, stored_dtypes
-from .inputs import build_inputs, resolve_source
+from .inputs import DEFAULT_IMAGE, DEFAULT_PROMPT, SWAPPED, build_inputs, resolve_source
 
 # How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
@@ -38,12 +38,21 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise fail(f"timeout must be a positive number of seconds, got {timeout!r}")
     hf_src = resolve_source(hf_src)
-    from ..engine.config import load_config
+    from ..engine.config import image_token_count, load_config
     from ..io.hf_folder import read_tensors
+    from ..prompts import check_length, load_image, prompt_floor
+    # every input checked before transformers or MindSpore start: safetensors only, every header valid,
+    # nothing outside the folders, the image readable, the prompt not longer than the context
+    read_tensors(hf_src, SWAPPED)
     cfg = load_config(hf_src)
-    read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
+    image_path = image or DEFAULT_IMAGE
+    picture = load_image(image_path)
+    max_positions = int(cfg["text_config"]["max_position_embeddings"])
+    floor = prompt_floor(hf_src, prompt or DEFAULT_PROMPT, image_token_count(cfg))
+    if floor is not None:
+        check_length(floor, max_new_tokens, max_positions, "the prompt", exact=False)
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
         if use_msrun and tp == 1:  # refused before the slow part
@@ -53,16 +62,14 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
         if dtype == "float16" and narrow[-1:] != ["float16"]:
             narrow.append("float16")
+        inputs = build_inputs(hf_src, image_path, prompt, picture)
+        ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+        check_length(ids.shape[1], max_new_tokens, max_positions, "the prompt")
+        eos = inputs["eos"]
         from .ms_side import MsSide
         from .weights import Arena
         arena = Arena()  # one step's weights, either side's: the two never run a step at the same time
         ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target, arena=arena)  # names checked only
-        inputs = build_inputs(hf_src, image, prompt)
-        ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-        if ids.shape[1] + max_new_tokens > ms.max_positions:
-            raise fail(f"sequence length {ids.shape[1] + max_new_tokens} exceeds max_position_embeddings "
-                       f"{ms.max_positions}")
-        eos = inputs["eos"]
         ranks = None
         if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
             from .ranks import run_ranks

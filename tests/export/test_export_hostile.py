@@ -91,10 +91,44 @@ def config_contradicts_shapes(made, tmp):
 
 
 def config_option_contradicts_shapes(made, tmp):
+    """MS_SRC carries no config of its own: the shapes are all there is to check --config against."""
+    src = bare(made, tmp)
+    (src / "config.json").unlink()
     cfg = tmp / "other-config.json"
     shutil.copyfile(made / "one" / "config.json", cfg)
     edit_json(cfg, lambda c: c["text_config"].update(vocab_size=32000))
-    return made / "one", ["--config", cfg], ["tok_embeddings", "[32064, 64]", "implies [32000, 64]"]
+    return src, ["--config", cfg], ["tok_embeddings", "[32064, 64]", "implies [32000, 64]"]
+
+
+def config_option_contradicts_own_config(made, tmp):
+    """A convert output carries its config: --config must agree with it, key by key."""
+    cfg = tmp / "other-config.json"
+    shutil.copyfile(made / "one" / "config.json", cfg)
+    edit_json(cfg, lambda c: c["text_config"].update(vocab_size=32000))
+    return made / "one", ["--config", cfg], ["contradicts MS_SRC's own config", "text_config.vocab_size",
+                                             "32000 there, 32064 in"]
+
+
+SAME_SHAPES_OTHER_HEADS = {"num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 8}  # 8 x 8 = 4 x 16
+
+
+def config_option_other_heads_same_shapes(made, tmp):
+    """Other head counts, same shapes (q/k/v rows would come back scrambled with exit 0): MS_SRC's own
+    config names the key and both values."""
+    cfg = tmp / "other-config.json"
+    shutil.copyfile(made / "one" / "config.json", cfg)
+    edit_json(cfg, lambda c: c["text_config"].update(SAME_SHAPES_OTHER_HEADS))
+    return made / "one", ["--config", cfg], ["text_config.num_attention_heads", "8 there, 4 in"]
+
+
+def config_grouping_contradicts_manifest(made, tmp):
+    """Even where MS_SRC's own config.json says the same as --config (edited to match), its manifest records
+    how the rows were grouped when it was converted."""
+    src = tmp / "src"
+    shutil.copytree(made / "one", src)
+    edit_json(src / "config.json", lambda c: c["text_config"].update(SAME_SHAPES_OTHER_HEADS))
+    return src, ["--config", src / "config.json"], ["in 8 groups", "manifest.json records", "in 4 groups",
+                                                     "converted with another config"]
 
 
 def config_not_an_object(made, tmp):
@@ -128,11 +162,21 @@ def flipped_data_byte(made, tmp):
 
 
 def damaged_rank_file(made, tmp):
+    """Rank folders without a manifest: the file's own records show the damage."""
+    src = tmp / "src"
+    shutil.copytree(made / "ranks", src)
+    raw = (src / "rank_1" / "llava.ckpt").read_bytes()
+    (src / "rank_1" / "llava.ckpt").write_bytes(raw[:len(raw) // 2])
+    return src, [], ["rank_1", "llava.ckpt", "not a valid MindSpore .ckpt"]
+
+
+def truncated_rank_file_of_an_output(made, tmp):
+    """A shard output's manifest records every file's size: the truncation is named before anything is read."""
     src = tmp / "src"
     shutil.copytree(made / "tp2", src)
     raw = (src / "rank_1" / "llava.ckpt").read_bytes()
     (src / "rank_1" / "llava.ckpt").write_bytes(raw[:len(raw) // 2])
-    return src, [], ["rank_1", "llava.ckpt", "not a valid MindSpore .ckpt"]
+    return src, [], ["rank_1/llava.ckpt", f"{len(raw) // 2} bytes, its manifest records {len(raw)}", "truncated"]
 
 
 def missing_rank_file(made, tmp):
@@ -260,8 +304,9 @@ def bad_shard_size(made, tmp):
 
 
 CASES = [missing_tensor, wrong_shape, unknown_tensor, unknown_integer_tensor, config_contradicts_shapes,
-         config_option_contradicts_shapes, config_not_an_object, no_config, config_option_missing,
-         flipped_data_byte, damaged_rank_file, missing_rank_file, missing_rank_folder, replicas_differ,
+         config_option_contradicts_shapes, config_option_contradicts_own_config,
+         config_option_other_heads_same_shapes, config_grouping_contradicts_manifest, config_not_an_object, no_config, config_option_missing,
+         flipped_data_byte, damaged_rank_file, truncated_rank_file_of_an_output, missing_rank_file, missing_rank_folder, replicas_differ,
          rank_lacks_tensor, no_strategy, strategy_garbage, strategy_for_other_rank_count,
          manifest_source_file_escapes, manifest_op_contradicts_table,
          rank_file_symlink_escapes, out_inside_src, src_missing,

@@ -5,11 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from llava_ckpt.engine.config import load_config
+from llava_ckpt.engine.config import image_token_count, load_config
 from llava_ckpt.convert import convert
 from llava_ckpt.io import load_tensors
 from llava_ckpt.model import Runner, build_and_load, trace_names
-from llava_ckpt.model.vision import patch_count
 from llava_ckpt.verify.converted import open_converted
 from llava_ckpt.verify.ranks import run_ranks
 
@@ -18,7 +17,7 @@ def _inputs(cfg):
     rng = np.random.default_rng(1)
     vocab = cfg["text_config"]["vocab_size"]
     text = [t for t in rng.integers(2, vocab, 40) if t != cfg["image_token_index"]]
-    ids = np.array([[1] + text[:5] + [cfg["image_token_index"]] * patch_count(cfg) + text[5:17]], dtype=np.int64)
+    ids = np.array([[1] + text[:5] + [cfg["image_token_index"]] * image_token_count(cfg) + text[5:17]], dtype=np.int64)
     vc = cfg["vision_config"]
     pixels = rng.standard_normal((1, vc["num_channels"], vc["image_size"], vc["image_size"])).astype(np.float32)
     return ids, pixels

@@ -5,23 +5,17 @@ import glob
 import os
 import shutil
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from llava_ckpt.convert import convert
-from llava_ckpt.io import load_tensors
 from llava_ckpt.verify import format_report, verify
+from in_place import edit_tensors, swap
 
 
 def _swap_w1_w3(rank_dir, layer=1):
     (path,) = glob.glob(os.path.join(rank_dir, "*.safetensors"))
-    src = load_tensors(rank_dir)
-    t = {n: np.ascontiguousarray(np.array(src[n])) for n in src.keys()}
-    src.close()
     p = f"language_model.model.layers.{layer}.feed_forward."
-    t[p + "w1.weight"], t[p + "w3.weight"] = t[p + "w3.weight"], t[p + "w1.weight"]
-    save_file(t, path)
+    edit_tensors(path, lambda t: swap(t, p + "w1.weight", p + "w3.weight"))
 
 
 @pytest.mark.slow

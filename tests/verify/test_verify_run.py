@@ -15,6 +15,7 @@ from llava_ckpt.errors import CheckpointError
 from llava_ckpt.io import load_tensors
 from llava_ckpt.model import trace_names
 from llava_ckpt.verify import format_report, verify
+from in_place import edit_tensors
 
 TOKENS = 4  # greedy tokens per run: enough to exercise the KV cache, short enough to keep tests fast
 
@@ -188,11 +189,7 @@ def test_verify_flags_ranks_that_disagree_on_a_replicated_tensor(tiny, tmp_path)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     name = next(e["name"] for e in manifest["tensors"] if e["split"] == "replicated" and "attention_norm" in e["name"])
     rank1 = os.path.join(out, "rank_1", "llava.safetensors")
-    loaded = load_tensors(os.path.join(out, "rank_1"))
-    tensors = {k: np.array(loaded[k]) for k in loaded}
-    loaded.close()
-    tensors[name] = tensors[name] * 2
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, rank1)
+    edit_tensors(rank1, lambda t: t.update({name: t[name] * 2}))
     r = verify(tiny, out, max_new_tokens=1, msrun=False)
     assert r["replica_mismatch"] == [name]
     assert r["checks"]["logits"] and not r["passed"]
