@@ -8,6 +8,10 @@ import sys
 
 import click
 
+from .errors import fail
+
+MARKER = ".llava-ckpt-demo"
+
 
 def _step(title: str) -> None:
     click.echo(f"\n== {title}", err=False)
@@ -24,10 +28,16 @@ def demo(workdir: str | None = None) -> int:
     from .fixture import make_fixture
     from .shard import shard
     workdir = os.path.abspath(workdir or "demo-output")
-    for name in ("hf-tiny", "ms-tiny", "ms-tiny-tp2"):
+    marker = os.path.join(workdir, MARKER)
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.isfile(marker):
+        raise fail(f"{workdir} already holds files of its own; the demo writes (and on a rerun replaces) hf-tiny, "
+                   "ms-tiny and ms-tiny-tp2 there: give it an empty or new folder")
+    for name in ("hf-tiny", "ms-tiny", "ms-tiny-tp2"):  # the demo's own outputs from an earlier run
         if os.path.isdir(os.path.join(workdir, name)):
             shutil.rmtree(os.path.join(workdir, name))
     os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("made by llava-ckpt demo: its outputs here are replaced when the demo runs again\n")
     hf = os.path.join(workdir, "hf-tiny")
     ms_dir = os.path.join(workdir, "ms-tiny")
     tp_dir = os.path.join(workdir, "ms-tiny-tp2")
@@ -68,6 +78,11 @@ def demo(workdir: str | None = None) -> int:
         for name in sorted(files):
             path = os.path.join(root, name)
             click.echo(f"{os.path.getsize(path):>12,}  {os.path.relpath(path, workdir)}")
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    click.echo(f"\nhf-tiny is the Hugging Face checkpoint, ms-tiny its conversion, ms-tiny-tp2 its 2 ranks. Try them "
+               f"with the installed CLI: {os.path.relpath(exe) if exe.startswith(os.getcwd()) else exe} --help "
+               f"(or `source {os.path.join(os.path.dirname(exe), 'activate')}` to have llava-ckpt on PATH), e.g. "
+               f"llava-ckpt generate {os.path.join(os.path.relpath(workdir), 'ms-tiny')} --image IMG --prompt TEXT")
     click.echo("\ndemo " + ("passed" if passed else "FAILED"))
     return 0 if passed else 1
 

@@ -196,7 +196,6 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     Returns {"tp", "outputs": [{"image", "prompt", "prompt_text", "token_ids", "text", "finish_reason"}],
     "prefill_s", "decode_tokens_per_s", "matmul" (what batched decode steps multiply with), ...}.
     """
-    from .model.kernels import small_matmul_status
     from .prompts import load_processor, special_ids
     _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed)
     if not requests:
@@ -273,11 +272,16 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
         "device": device,
-        "matmul": small_matmul_status(dtype, device),
+        "matmul": _matmul_status(dtype, device),
         "do_sample": bool(do_sample),
         "seed": seed,
         "ms_dir": os.path.abspath(ms_dir),
     }, **run_info)
+
+
+def _matmul_status(dtype: str, device: str) -> str:
+    from .model.kernels import small_matmul_status
+    return small_matmul_status(dtype, device)
 
 
 def format_outputs(outputs: list) -> str:

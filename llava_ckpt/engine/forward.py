@@ -181,6 +181,7 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
     `overwrite`: replace an OUT that holds another output (io.output.check_out)."""
     total = output_bytes(planned, tp)
     manifest = dict(manifest, tp=tp, format=fmt)
+    where = os.path.abspath(out)  # now: when OUT is the current folder, the swap leaves the process in a gone one
     with staged_output(out, src, total, manifest, inputs, known_hashes, expected_hashes, inputs_key,
                        overwrite) as staged:
         paths, writers = open_rank_writers(staged.stage, fmt, planned, tp, layout_dir=tp > 1)
@@ -199,5 +200,5 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
                            [(j.target.name, j.target.split, j.target.shape) for j in planned], tp)
             staged.add("strategy.ckpt")
     files = staged.files
-    return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(planned),
+    return {"out": where, "format": fmt, "tp": tp, "tensors": len(planned),
             "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}

@@ -56,6 +56,7 @@ def export(ms_src: str, hf_out: str, config: str | None = None, dtype: str | Non
     out_dtypes = {o.code for o in outs}
     new_config = retyped_config(raw, dtype_name(out_dtypes.pop()) if len(out_dtypes) == 1 else None)
     total = sum(o.nbytes for o in outs)
+    where_out = os.path.abspath(hf_out)  # now: when HF_OUT is the current folder, the swap removes the process's
     manifest = {
         "command": "export",
         "source": {"path": os.path.abspath(ms_src), "kind": source.kind, "tp": source.tp,
@@ -82,7 +83,7 @@ def export(ms_src: str, hf_out: str, config: str | None = None, dtype: str | Non
         if new_config is not None:
             staged.add("config.json", write_atomic(os.path.join(staged.stage, "config.json"), new_config))
     files = staged.files
-    return {"out": os.path.abspath(hf_out), "source_kind": source.kind, "tp": source.tp, "tensors": len(outs),
+    return {"out": where_out, "source_kind": source.kind, "tp": source.tp, "tensors": len(outs),
             "skipped_training_state": len(source.skipped), "bytes": sum(f["size"] for f in files),
             "round_trip": "exact" if lossless["exact"] else "lossy: " + ", ".join(
                 f"{chain} ({n} tensors)" for chain, n in lossless["lossy"].items()),

@@ -88,15 +88,21 @@ def identity(manifest: dict) -> dict:
     if source.get("repo_id"):
         out.update({"source.repo_id": source.get("repo_id"), "source.revision": source.get("revision")})
     else:
-        out["source.path"] = source.get("path")
+        out["source.path"] = _resolved(source.get("path"))
     if "converted" in source:
-        out["source.converted"] = source["converted"]
+        out["source.converted"] = _resolved(source["converted"])
     options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
     out.update({f"options.{k}": v for k, v in sorted(options.items()) if k not in ("tp", "format")})
     out.update({k: manifest[k] for k in ("tp", "format") if k in manifest})
     if isinstance(manifest.get("mapping"), dict):
         out["mapping.file"] = manifest["mapping"].get("file")
     return out
+
+
+def _resolved(path):
+    """A recorded input path with its links resolved, so the same folder reached through a symlink is the same
+    input."""
+    return os.path.realpath(path) if isinstance(path, str) else path
 
 
 def recorded_side_files(folder: str, manifest: dict, where: str) -> list:

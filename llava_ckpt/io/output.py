@@ -57,6 +57,11 @@ def check_out(out: str, src: str | None = None, job: dict | None = None, overwri
     never replaced."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise fail(f"output {out} exists and is not a folder")
+    real_out = os.path.realpath(out)
+    if src is not None and os.path.isdir(src) and within(real_out, src):
+        raise fail(f"output {out} is inside the source checkpoint {src}")
+    if src is not None and os.path.exists(src) and os.path.isdir(out) and within(src, out):
+        raise fail(f"the source {src} is inside the output folder {out}: replacing {out} would delete it")
     if os.path.isdir(out):
         previous = _previous_output(out)
         if previous is None:
@@ -68,11 +73,6 @@ def check_out(out: str, src: str | None = None, job: dict | None = None, overwri
         if differs and not overwrite:
             raise fail(f"output folder {out} already holds {describe(previous)}, not this run's output "
                        f"({'; '.join(differs[:3])}): pass --overwrite to replace it, or choose another folder")
-    real_out = os.path.realpath(out)
-    if src is not None and os.path.isdir(src) and within(real_out, src):
-        raise fail(f"output {out} is inside the source checkpoint {src}")
-    if src is not None and os.path.exists(src) and os.path.isdir(out) and within(src, out):
-        raise fail(f"the source {src} is inside the output folder {out}: replacing {out} would delete it")
     parent = os.path.dirname(real_out) or "."
     if not os.path.isdir(parent):
         what = "is not a folder" if os.path.exists(parent) else "does not exist"

@@ -10,6 +10,7 @@ from mindspore import nn, ops, Tensor
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
 from .llama import KVCache, LanguageModel
+from .sampling import greedy
 from ..engine.config import image_token_count
 from .vision import VisionEncoder, layers_run
 
@@ -98,11 +99,6 @@ class _Step(nn.Cell):
 
     def construct(self, ids, positions, keep, k_cache, v_cache):
         return self.model.language_model.step(ids, positions, keep, k_cache, v_cache)
-
-
-def greedy(logits: np.ndarray) -> np.ndarray:
-    """[B, V] -> [B]: the highest logit (the first one on a tie, as torch.argmax)."""
-    return np.argmax(logits, axis=-1)
 
 
 class Runner:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import fail
-from .llava import greedy
+
+
+def greedy(logits: np.ndarray) -> np.ndarray:
+    """[B, V] -> [B]: the highest logit (the first one on a tie, as torch.argmax)."""
+    return np.argmax(logits, axis=-1)
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

@@ -88,11 +88,53 @@ def test_round_trip_gives_every_source_tensor_back(tiny_factory, tmp_path, layou
 
 def test_float32_conversion_exported_as_float16_is_the_float16_source(tiny, tmp_path):
     convert(tiny, str(tmp_path / "ms"), dtype="float32", fuse_qkv=True, progress=False)
-    export(str(tmp_path / "ms"), str(tmp_path / "hf"), dtype="float16", progress=False)
+    r = export(str(tmp_path / "ms"), str(tmp_path / "hf"), dtype="float16", progress=False)
     assert differing(read_folder(tmp_path / "hf"), read_folder(tiny)) == []
+    assert r["round_trip"] == "exact"  # float16 -> float32 -> float16 gives every value back
     # without --dtype, the dtype convert recorded for the source comes back too
     export(str(tmp_path / "ms"), str(tmp_path / "hf2"), progress=False)
     assert differing(read_folder(tmp_path / "hf2"), read_folder(tiny)) == []
+
+
+def test_a_lossy_round_trip_is_reported(tiny, tmp_path):
+    """A bfloat16 conversion exported back to the source's float16 cannot be the source's bits: the summary and
+    the manifest say so, per chain of casts; exported as bfloat16 it is exact (nothing more is lost)."""
+    convert(tiny, str(tmp_path / "ms"), dtype="bfloat16", progress=False)
+    r = export(str(tmp_path / "ms"), str(tmp_path / "hf"), progress=False)
+    n = len(json.loads((tmp_path / "ms" / "manifest.json").read_text())["tensors"])
+    manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
+    hf_tensors = len(manifest["tensors"])
+    assert r["round_trip"] == f"lossy: float16 -> bfloat16 -> float16 ({hf_tensors} tensors)" and hf_tensors >= n
+    assert manifest["round_trip"] == {"exact": False, "lossy": {"float16 -> bfloat16 -> float16": hf_tensors}}
+    assert differing(read_folder(tmp_path / "hf"), read_folder(tiny)) != []  # really not the source's bits
+    r = export(str(tmp_path / "ms"), str(tmp_path / "hf-bf16"), dtype="bfloat16", progress=False)
+    assert r["round_trip"] == "lossy: float16 -> bfloat16 -> bfloat16 (%d tensors)" % hf_tensors  # vs the source
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    os.link(tmp_path / "ms" / "llava.ckpt", bare / "llava.ckpt")
+    r = export(str(bare), str(tmp_path / "hf-bare"), config=str(tmp_path / "ms" / "config.json"),
+               dtype="bfloat16", progress=False)
+    assert r["round_trip"] == "exact"  # no record of the source: as stored, nothing is cast
+
+
+def test_missing_processor_files_are_named(tiny, tmp_path):
+    """A bare checkpoint exported with a bare config.json: the weights load, AutoProcessor could not; said on
+    stderr (one warning line), in the summary and in the manifest."""
+    convert(tiny, str(tmp_path / "ms"), progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    os.link(tmp_path / "ms" / "llava.ckpt", bare / "llava.ckpt")
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    proc = subprocess.run([exe, "export", str(bare), str(tmp_path / "hf"), "--config", os.path.join(tiny, "config.json"),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    want = ["tokenizer.json or tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"]
+    assert json.loads(proc.stdout)["missing_side_files"] == want
+    assert proc.stderr.startswith("warning: ") and proc.stderr.count("\n") == 1 and "AutoProcessor" in proc.stderr
+    assert json.loads((tmp_path / "hf" / "manifest.json").read_text())["missing_side_files"] == want
+    proc = subprocess.run([exe, "export", str(bare), str(tmp_path / "hf2"), "--config", tiny],
+                          capture_output=True, text=True)  # an HF folder as --config: its files come along
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_bfloat16_conversion_exported_as_bfloat16_is_bit_exact(tiny, tmp_path):

@@ -291,6 +291,28 @@ def test_cli_subprocess_errors_are_one_line(hub, served):
     assert f"commit_sha: {COMMIT}" in proc.stdout
 
 
+def test_cli_from_a_working_folder_with_relative_paths(hub, served, tmp_path):
+    """As a user types it: a relative --local-dir (trailing slash), then convert of the repo id and of the
+    downloaded folder through a symlink, into relative OUTs; a second download into the same folder is a rerun."""
+    exe = os.path.join(VENV_BIN, "llava-ckpt")
+
+    def run(*args):
+        proc = subprocess.run([exe, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr == "", (args, proc.stderr)
+        return proc
+    run("download", REPO, "--local-dir", "ld/")
+    run("download", REPO, "--local-dir", "./ld")
+    assert sorted(os.listdir(tmp_path / "ld")) == sorted(needed(served) + [".cache"])
+    os.symlink("ld", tmp_path / "ld-link")
+    run("convert", "ld-link", "out/")
+    run("convert", REPO, "out-hub")
+    assert (tmp_path / "out" / "llava.ckpt").read_bytes() == (tmp_path / "out-hub" / "llava.ckpt").read_bytes()
+    hub_manifest = json.loads((tmp_path / "out-hub" / "manifest.json").read_text())
+    assert hub_manifest["source"]["repo_id"] == REPO
+    proc = subprocess.run([exe, "convert", REPO, "out"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already holds a convert output" in proc.stderr and "--overwrite" in proc.stderr
+
+
 def test_convert_repo_id_end_to_end(hub, served, tmp_path):
     out = tmp_path / "out"
     result = convert(REPO, str(out), fmt="safetensors", progress=False)
