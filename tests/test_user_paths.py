@@ -5,7 +5,6 @@ Each CLI call here runs in a subprocess whose working folder is the test's own; 
 absolute. Every run must succeed (exit 0, nothing on stderr) or, where the folder holds something the command must
 not replace, fail with one `error:` line and leave what was there untouched.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from test_faults import digests
 
 EXE = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
 IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llava_ckpt", "assets",
@@ -25,16 +26,6 @@ def cli(cwd, *args, ok=True, timeout=300):
     if ok:
         assert proc.returncode == 0 and proc.stderr == "", (args, proc.returncode, proc.stderr)
     return proc
-
-
-def digests(folder: Path) -> dict:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def files_but_manifest(folder: Path) -> dict:
