@@ -40,7 +40,7 @@ def _previous_output(out: str) -> dict | None:
 def describe(manifest: dict) -> str:
     """'a convert output of /src (tp 2, ckpt)' for messages about what a folder holds."""
     source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
-    origin = source.get("converted") or source.get("path") or source.get("preset")
+    origin = source.get("converted") or source.get("repo_id") or source.get("path")
     layout = ", ".join(f"{k} {manifest[k]}" for k in ("tp", "format") if k in manifest)
     command = str(manifest.get("command", "llava-ckpt"))
     return (f"{'an' if command[:1] in 'aeiou' else 'a'} {command} output" + (f" of {origin}" if origin else "")
@@ -52,9 +52,8 @@ def check_out(out: str, src: str | None = None, job: dict | None = None, overwri
     or is inside SRC, or cannot be written.
 
     `job`: this run's identity (io.manifest.identity of what it will record, or part of it). An OUT whose
-    manifest has the same is this run's own earlier output and is replaced;
-    any other llava-ckpt output is replaced only with `overwrite`. A folder that is not a llava-ckpt output is
-    never replaced."""
+    manifest has the same is this run's own earlier output and is replaced; any other llava-ckpt output is
+    replaced only with `overwrite`. A folder that is not a llava-ckpt output is never replaced."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise fail(f"output {out} exists and is not a folder")
     real_out = os.path.realpath(out)
