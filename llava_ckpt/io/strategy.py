@@ -116,19 +116,13 @@ def write_strategy(path: "str | os.PathLike", params: Iterable[tuple], tp: int) 
 
 @dataclass(frozen=True)
 class Layout:
+    """One parameter's layout as a strategy file records it (what each field means: the module docstring)."""
     dev_matrix: tuple
     tensor_map: tuple
     param_split_shape: tuple
     field: int
     opt_weight_shard_step: int
     opt_weight_shard_size: int
-
-    @property
-    def tp(self) -> int:
-        n = 1
-        for d in self.dev_matrix:
-            n *= d
-        return n
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple:

@@ -59,7 +59,7 @@ def test_write_read_roundtrip_and_atomic(tmp_path):
     for name, kind, shape in SPEC:
         lay = layouts[name]
         assert lay == Layout((1, 4), tuple(tensor_map(kind, len(shape))), (), 0, 0, 0)
-        assert lay.tp == 4 and rank_blocks(lay.dev_matrix, lay.tensor_map, 4)[0] == split_dim(kind, len(shape))
+        assert rank_blocks(lay.dev_matrix, lay.tensor_map, 4)[0] == split_dim(kind, len(shape))
     # ndim given as an int gives the same bytes as the full shape
     assert strategy_bytes([(n, k, len(s)) for n, k, s in SPEC], 4) == strategy_bytes(params, 4)
     # overwrite in place
