@@ -72,6 +72,7 @@ HOMES = {
     "llava_ckpt.io.output": ["staged_output", "staging_dir", "publish_dir", "check_free_space"],
     "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "recorded_side_files"],
     "llava_ckpt.io.files": ["sha256_file", "write_atomic", "write_json", "read_json", "fsync_dir"],
+    "llava_ckpt.io.dtypes": ["cast"],
     "llava_ckpt.prompts": ["FALLBACK_TEMPLATE", "load_image", "load_processor", "format_prompt", "encode",
                            "special_ids"],
     "llava_ckpt.runtime.msrun": ["run_jobs", "kill_run", "rank_threads"],

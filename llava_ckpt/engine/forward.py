@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..io.dtypes import numpy_dtype, itemsize
+from ..io.dtypes import cast, numpy_dtype, itemsize
 from ..io.output import staged_output
 from ..io.ranks import rank_folder_name, weights_name
 from ..io.readers import FileReader
@@ -122,9 +122,7 @@ def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes:
                         w.fill(n, lambda view, off: reader.read_bytes(info, first + off, first + off + len(view), view))
                     bar.update(n * (1 if rank is not None else len(writers)))
                     continue
-                data = _gather(reader, item, src, row, a, b)
-                if data.dtype != out_np:
-                    data = data.astype(out_np)
+                data = cast(_gather(reader, item, src, row, a, b), item.out_dtype)
                 if rank is not None:
                     writers[rank].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
                 elif dim == 1:
