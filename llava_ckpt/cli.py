@@ -160,13 +160,18 @@ def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, as_json):
                    "output); --no-msrun keeps only the single-process check on the reassembled rank files.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds one msrun attempt may take before its ranks are ended (it is retried once).")
+@click.option("--weights-only", is_flag=True,
+              help="Only the weight proof: every tensor, on every rank, back through its op's inverse and compared "
+                   "bit for bit with its source cast to its stored dtype (no model is run).")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, timeout, as_json):
-    """Run the converted weights in MS_DIR next to transformers on HF_SRC, layer by layer, and compare."""
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, timeout, weights_only, as_json):
+    """Prove every weight in MS_DIR against HF_SRC bit for bit, then run the converted weights next to
+    transformers, layer by layer, and compare."""
     from .verify import verify as run, format_report
     result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
-                 device_target=device, msrun=msrun, timeout=timeout)
+                 device_target=device, msrun=msrun, timeout=timeout, weights_only=weights_only,
+                 progress=_progress(as_json))
     click.echo(json.dumps(result) if as_json else format_report(result))
     sys.exit(0 if result["passed"] else 1)
 

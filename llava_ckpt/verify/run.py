@@ -21,15 +21,19 @@ _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
 
 def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
            max_new_tokens: int = 16, dtype: str = "float32", device_target: str = "CPU",
-           msrun: bool | None = None, timeout: float = 300.0) -> dict:
+           msrun: bool | None = None, timeout: float = 300.0, weights_only: bool = False,
+           progress: bool = False) -> dict:
     """Compare the converted checkpoint in `ms_dir` with the HF checkpoint `hf_src`; returns a JSON-able dict.
 
-    `dtype` is the reference model's compute dtype (float32 or float16). `msrun`: run a tp output's rank
-    files as real tensor-parallel ranks (default: yes for a tp output; False keeps only the reassembled
-    single-process check); the ranks walk their rank files layer by layer as this process does (one layer's
-    slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
-    Raises CheckpointError for bad input (missing folders, names that do not match the model); a numerical
-    mismatch is not an error, it is `passed: False` with the first diverging module named.
+    First the weight proof (proof.py): every converted tensor, on every rank, read back through its op's
+    inverse and compared bit for bit with its source cast to its stored dtype. `weights_only` stops there (no
+    model is built or run). Then the numeric walk: `dtype` is the reference model's compute dtype (float32 or
+    float16). `msrun`: run a tp output's rank files as real tensor-parallel ranks (default: yes for a tp output;
+    False keeps only the reassembled single-process check); the ranks walk their rank files layer by layer as
+    this process does (one layer's slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
+    Raises CheckpointError for bad input (missing folders, names that do not match the model); a mismatch is
+    not an error, it is `passed: False` with its kind ("conversion error": tensors differ from their source;
+    "numeric drift": every tensor is exact, the outputs differ) and the first diverging module named.
     """
     if dtype not in TOLERANCES:
         raise fail(f"verify dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}")
@@ -40,10 +44,19 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     hf_src = resolve_source(hf_src)
     from ..engine.config import load_config
     from ..io.hf_folder import read_tensors
+    from .proof import plan_proof, prove
     cfg = load_config(hf_src)
     read_tensors(hf_src)  # safetensors only, every header valid, nothing outside the folder: before torch reads it
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
+    if weights_only:
+        try:
+            planned = plan_proof(hf_src, ms_dir, cfg)
+            weights = prove(planned, progress)
+        finally:
+            if hasattr(tensors, "close"):
+                tensors.close()
+        return _weights_result(weights, cfg, tp, tensors, hf_src, ms_dir)
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
         if use_msrun and tp == 1:  # refused before the slow part
@@ -63,6 +76,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             raise fail(f"sequence length {ids.shape[1] + max_new_tokens} exceeds max_position_embeddings "
                        f"{ms.max_positions}")
         eos = inputs["eos"]
+        weights = prove(plan_proof(hf_src, ms_dir, cfg), progress)  # before the numeric walk
         ranks = None
         if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
             from .ranks import run_ranks
@@ -83,16 +97,36 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if hasattr(tensors, "close"):
             tensors.close()
     replicas = sorted(getattr(tensors, "replica_mismatch", ()))
-    return _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src, ms_dir)
+    return _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src, ms_dir,
+                   weights)
 
 
-def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, replicas, hf_src, ms_dir) -> dict:
+def _kind(weights: dict, numerics_ok: bool):
+    """What a mismatch is: the weights themselves differ from their source, or every weight is exact and the
+    numbers differ (the model or its kernels)."""
+    if not weights["passed"]:
+        return "conversion error"
+    return None if numerics_ok else "numeric drift"
+
+
+def _weights_result(weights: dict, cfg: dict, tp: int, tensors, hf_src: str, ms_dir: str) -> dict:
+    """verify --weights-only: the proof alone (no MindSpore, no transformers model)."""
+    from ..engine.mapping import detect_options, table_for
+    return {"passed": weights["passed"], "weights_only": True, "kind": _kind(weights, True),
+            "checks": {"weights": weights["passed"]}, "weights": weights, "tp": tp,
+            "fused_qkv": detect_options(table_for(cfg), tensors.keys()).get("fuse_qkv", False), "stored_dtypes": sorted(set(stored_dtypes(tensors).values())),
+            "hf_src": os.path.abspath(hf_src), "ms_dir": os.path.abspath(ms_dir)}
+
+
+def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, replicas, hf_src, ms_dir,
+            weights) -> dict:
     result = compare_logits(got["hf_logits"], got["ms_logits"], tol)
     greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], got["tokens_ms"], result["tolerance_abs"])
     modules = got["modules"]
     first = first_divergence(modules)
-    checks = {"logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"), "top1": result.pop("top1_ok"),
-              "greedy": greedy.pop("greedy_ok"), "modules": first is None, "replicas": not replicas}
+    checks = {"weights": weights["passed"], "logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"),
+              "top1": result.pop("top1_ok"), "greedy": greedy.pop("greedy_ok"), "modules": first is None,
+              "replicas": not replicas}
     parallel = None
     if ranks is not None:
         parallel = _ranks_result(got, ranks, tol)
@@ -101,9 +135,12 @@ def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, repl
         checks["msrun_modules"] = parallel["first_divergence"] is None
     ids, decode = inputs["input_ids"], inputs["decode"]
     result.update(greedy)
+    numerics_ok = all(ok for name, ok in checks.items() if name != "weights")
     result.update({
         "passed": all(checks.values()),
+        "kind": _kind(weights, numerics_ok),
         "checks": checks,
+        "weights": weights,
         "first_divergence": first,
         "modules": modules,
         "tp": tp,
