@@ -36,7 +36,11 @@ def _verdict(result: dict) -> list:
     if kind == "conversion error":
         return ["  verdict  : conversion error: the converted weights differ from their source (above)"]
     if kind == "numeric drift":
-        return ["  verdict  : numeric drift: every weight is exact, the outputs differ"]
+        lines = ["  verdict  : numeric drift: every weight is exact, the outputs differ"]
+        d = result.get("drift")
+        if d:
+            lines.append(f"  rerun    : {d['module']} on transformers' input: {d['verdict']} ({d['explanation']})")
+        return lines
     return []
 
 

@@ -63,7 +63,8 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             raise fail(f"{ms_dir} is a tp-1 output: running ranks under msrun needs a --tp output")
         stored = stored_dtypes(tensors)
         # storage rounding first, then the float16 compute cast: the order our side applies them in
-        narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+        storage = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+        narrow = list(storage)
         if dtype == "float16" and narrow[-1:] != ["float16"]:
             narrow.append("float16")
         from .ms_side import MsSide
@@ -89,16 +90,48 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         hf = HfSide(hf_src, cfg, narrow, arena)
         try:
             got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
-                       rank_trace=ranks["trace"] if ranks else None)
+                       rank_trace=ranks["trace"] if ranks else None,
+                       rank_logits=ranks["logits"][0] if ranks else None)
+            replicas = sorted(getattr(tensors, "replica_mismatch", ()))
+            result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src,
+                             ms_dir, weights)
+            if result["kind"] == "numeric drift":
+                result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena, device_target,
+                                         ids, pixels, dtype, tol["module_rtol"])
         finally:
             hf.close()
             ms.close()
     finally:
         if hasattr(tensors, "close"):
             tensors.close()
-    replicas = sorted(getattr(tensors, "replica_mismatch", ()))
-    return _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src, ms_dir,
-                   weights)
+    return result
+
+
+def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
+           rtol) -> dict:
+    """Every weight is exact and the outputs differ: rerun the module that diverged (the first one, else the one
+    furthest over its tolerance) on transformers' input, in the compute dtype and in float64 (drift.py)."""
+    from .drift import rerun
+    from .hf_side import HfSide
+    from .ms_side import MsSide
+    single = [ok for name, ok in result["checks"].items() if not name.startswith("msrun_")]
+    if all(single):  # only the ranks under msrun differ: this process's cells agree, a rerun here would too
+        par = result["msrun"]
+        return {"module": par["first_divergence"], "compute_dtype": dtype, "verdict": "tensor-parallel difference",
+                "explanation": "the single process agrees with transformers; only the msrun ranks differ (their "
+                               "parallel cells or collectives), the weights are exact"}
+    modules = [m for m in result["modules"] if m["rel_diff"] is not None]
+    if not modules:
+        return None
+    module = result["first_divergence"] or max(modules, key=lambda m: m["rel_diff"])["name"]
+    walk_rel = next(m["rel_diff"] for m in result["modules"] if m["name"] == module)
+    hf64 = HfSide(hf_src, cfg, storage, arena, compute="float64")
+    ms64 = MsSide(cfg, tensors, dtype="float64", device_target=device_target, arena=arena)
+    try:
+        return rerun(module, walk_sides, (hf64, ms64), cfg, got["hf_outputs"], ids, pixels, walk_rel, dtype, rtol)
+    finally:
+        hf64.close()
+        ms64.close()
 
 
 def _kind(weights: dict, numerics_ok: bool):
@@ -150,6 +183,7 @@ def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, repl
         "stored_dtypes": sorted(set(stored.values())),
         "hf_weights_rounded_to": narrow,
         "replica_mismatch": replicas,
+        "drift": None,
         "thresholds": dict(tol),
         "positions": int(ids.shape[1]),
         "image_tokens": int((ids == cfg["image_token_index"]).sum()),
