@@ -237,14 +237,22 @@ def download(repo, revision, local_dir, as_json):
 
 @main.command()
 @click.argument("out")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: ok, checked, problems and the verification record's status.")
 @_clean_errors
-def check(out):
-    """Re-hash every output file in OUT against its manifest; exit 1 on corruption."""
-    from .check import check as run
+def check(out, as_json):
+    """Re-hash every output file in OUT against its manifest (exit 1 on corruption) and say whether its
+    verification record still applies."""
+    from .check import check as run, format_verification
     result = run(out)
-    for line in result["problems"]:
-        click.echo(line)
-    click.echo(f"{'ok' if result['ok'] else 'CORRUPT'}: {result['checked']} files checked in {out}")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for line in result["problems"]:
+            click.echo(line)
+        if result["verification"] is not None:
+            click.echo(format_verification(result["verification"]))
+        click.echo(f"{'ok' if result['ok'] else 'CORRUPT'}: {result['checked']} files checked in {out}")
     sys.exit(0 if result["ok"] else 1)
 
 

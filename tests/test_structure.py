@@ -73,6 +73,8 @@ HOMES = {
     "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "recorded_side_files"],
     "llava_ckpt.io.files": ["sha256_file", "write_atomic", "write_json", "read_json", "fsync_dir"],
     "llava_ckpt.io.dtypes": ["cast"],
+    "llava_ckpt.io.verification": ["write_record", "read_record", "output_files"],
+    "llava_ckpt.verify.proof": ["plan_proof", "prove"],
     "llava_ckpt.prompts": ["FALLBACK_TEMPLATE", "load_image", "load_processor", "format_prompt", "encode",
                            "special_ids"],
     "llava_ckpt.runtime.msrun": ["run_jobs", "kill_run", "rank_threads"],

@@ -44,6 +44,14 @@ def _verdict(result: dict) -> list:
     return []
 
 
+def _record(result: dict) -> list:
+    if result.get("record"):
+        return [f"  record   : {result['record']}"]
+    if result.get("record_error"):
+        return [f"  record   : not written: {result['record_error']}"]
+    return []
+
+
 def format_report(result: dict) -> str:
     """A few lines: setup, inputs, each check with its figure and verdict, where it first diverges."""
     if result.get("weights_only"):
@@ -51,7 +59,8 @@ def format_report(result: dict) -> str:
             f"verify --weights-only: {'PASSED' if result['passed'] else 'FAILED'}  ({result['ms_dir']} vs "
             f"{result['hf_src']})",
             f"  setup    : tp={result['tp']}, fused_qkv={result['fused_qkv']}, stored "
-            f"{'/'.join(result['stored_dtypes'])}; no model run"] + _weights(result["weights"]) + _verdict(result))
+            f"{'/'.join(result['stored_dtypes'])}; no model run"] + _weights(result["weights"]) + _verdict(result)
+            + _record(result))
     c = result["checks"]
     rtol = result["thresholds"]["module_rtol"]
     lines = [
@@ -94,4 +103,5 @@ def format_report(result: dict) -> str:
     s = result["seconds"]
     lines.append(f"  time     : weight proof {result['weights']['seconds']} s, transformers {s['transformers']} s, "
                  f"mindspore {s['mindspore']} s" + (f", msrun {par['seconds']} s" if par else ""))
+    lines += _record(result)
     return "\n".join(lines)

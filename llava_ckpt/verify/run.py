@@ -52,11 +52,17 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     if weights_only:
         try:
             planned = plan_proof(hf_src, ms_dir, cfg)
-            weights = prove(planned, progress)
+            hashing = _start_hashing(hf_src, ms_dir)
+            try:
+                weights = prove(planned, progress)
+            except BaseException:
+                hashing["thread"].stop = True
+                raise
         finally:
             if hasattr(tensors, "close"):
                 tensors.close()
-        return _weights_result(weights, cfg, tp, tensors, hf_src, ms_dir)
+        result = _weights_result(weights, cfg, tp, tensors, hf_src, ms_dir)
+        return _recorded(result, hashing, {"device": None})
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
         if use_msrun and tp == 1:  # refused before the slow part
@@ -77,34 +83,118 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             raise fail(f"sequence length {ids.shape[1] + max_new_tokens} exceeds max_position_embeddings "
                        f"{ms.max_positions}")
         eos = inputs["eos"]
-        weights = prove(plan_proof(hf_src, ms_dir, cfg), progress)  # before the numeric walk
-        ranks = None
-        if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
-            from .ranks import run_ranks
-            ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
-                              device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
-                              eos=eos, streamed=True)
-        from .hf_side import HfSide
-        from .streamed import walk
-        tol = TOLERANCES[dtype]
-        hf = HfSide(hf_src, cfg, narrow, arena)
+        planned = plan_proof(hf_src, ms_dir, cfg)
+        hashing = _start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
         try:
-            got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
-                       rank_trace=ranks["trace"] if ranks else None,
-                       rank_logits=ranks["logits"][0] if ranks else None)
-            replicas = sorted(getattr(tensors, "replica_mismatch", ()))
-            result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src,
-                             ms_dir, weights)
-            if result["kind"] == "numeric drift":
-                result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena, device_target,
-                                         ids, pixels, dtype, tol["module_rtol"])
-        finally:
-            hf.close()
-            ms.close()
+            weights = prove(planned, progress)  # before the numeric walk
+            ranks = None
+            if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
+                from .ranks import run_ranks
+                ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
+                                  device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
+                                  eos=eos, streamed=True)
+            from .hf_side import HfSide
+            from .streamed import walk
+            tol = TOLERANCES[dtype]
+            hf = HfSide(hf_src, cfg, narrow, arena)
+            try:
+                got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
+                           rank_trace=ranks["trace"] if ranks else None,
+                           rank_logits=ranks["logits"][0] if ranks else None)
+                replicas = sorted(getattr(tensors, "replica_mismatch", ()))
+                result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas,
+                                 hf_src, ms_dir, weights)
+                if result["kind"] == "numeric drift":
+                    result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena,
+                                             device_target, ids, pixels, dtype, tol["module_rtol"])
+            finally:
+                hf.close()
+                ms.close()
+        except BaseException:
+            hashing["thread"].stop = True  # a verify that ends in an error records nothing
+            raise
     finally:
         if hasattr(tensors, "close"):
             tensors.close()
+    return _recorded(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
+
+
+def _start_hashing(hf_src: str, ms_dir: str, image: str | None = None) -> dict:
+    """sha256 of every file the record will name, on a background thread while the checks read the same files
+    (the page cache serves both): MS_DIR's files, the source's weights and side files, the image."""
+    from ..io.hf_folder import read_tensors, side_files
+    from ..io.output import HashFiles
+    from ..io.verification import output_files
+    ms_files = [(rel, os.path.join(ms_dir, rel)) for rel in output_files(ms_dir)]
+    _, weights = read_tensors(hf_src)
+    src_files = sorted(set(weights) | set(side_files(hf_src)))
+    paths = [p for _, p in ms_files] + [p for _, p in src_files] + ([image] if image else [])
+    thread = HashFiles(paths)
+    thread.start()
+    return {"thread": thread, "ms_files": ms_files, "src_files": src_files, "image": image,
+            "hf_src": hf_src, "ms_dir": ms_dir}
+
+
+def _recorded(result: dict, hashing: dict, run: dict) -> dict:
+    """Write MS_DIR/verification.json (what this verify proved, and the sha256 of every file it was proven on),
+    and say where in `result["record"]`; a folder that cannot be written gets `record_error` instead."""
+    import time
+    from ..io.verification import write_record
+    thread = hashing["thread"]
+    thread.join()
+    if thread.error:
+        result.update(record=None, record_error=f"files changed while verify read them ({thread.error})")
+        return result
+    digest = thread.result
+    ms_dir, hf_src = hashing["ms_dir"], hashing["hf_src"]
+    ms_files = [{"path": rel, "size": os.path.getsize(p), "sha256": digest[p]} for rel, p in hashing["ms_files"]]
+    src_files = [{"name": n, "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns, "sha256": digest[p]}
+                 for n, p in hashing["src_files"]]
+    image = hashing["image"]
+    weights = dict(result["weights"])
+    record = {
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "verdict": "passed" if result["passed"] else "failed",
+        "kind": result["kind"],
+        "weights_only": bool(result.get("weights_only")),
+        "checks": result["checks"],
+        "source": {"path": os.path.abspath(hf_src), "files": src_files},
+        "ms_dir": {"path": os.path.abspath(ms_dir), "files": ms_files,
+                   "manifest_mismatch": _manifest_mismatch(ms_dir, ms_files)},
+        "tp": result["tp"], "fused_qkv": result["fused_qkv"], "stored_dtypes": result["stored_dtypes"],
+        "weight_proof": weights,
+    }
+    if not result.get("weights_only"):
+        record.update({
+            "image": {"path": image, "size": os.path.getsize(image), "sha256": digest[image]},
+            "prompt": result["prompt"], "max_new_tokens": run.get("max_new_tokens"), "device": run.get("device"),
+            "compute_dtype": result["compute_dtype"], "hf_weights_rounded_to": result["hf_weights_rounded_to"],
+            "tolerances": result["thresholds"],
+            "logits": {k: result[k] for k in ("max_abs_diff", "max_abs_logit", "rel_diff", "cosine_min",
+                                              "top1_agreement")},
+            "modules": result["modules"], "first_divergence": result["first_divergence"], "drift": result["drift"],
+            "greedy": {k: result[k] for k in ("tokens_hf", "tokens_ms", "greedy_match", "greedy_first_mismatch",
+                                              "greedy_equal", "text_hf", "text_ms")},
+            "msrun": None if result["msrun"] is None else {k: v for k, v in result["msrun"].items() if k != "modules"},
+            "replica_mismatch": result["replica_mismatch"],
+        })
+    try:
+        result["record"] = write_record(ms_dir, record)
+    except OSError as exc:
+        result.update(record=None, record_error=f"cannot write {ms_dir}: {exc.strerror or exc}")
     return result
+
+
+def _manifest_mismatch(ms_dir: str, ms_files: list) -> list:
+    """Files whose sha256 now differs from what MS_DIR's manifest lists (it was hashed for the record anyway)."""
+    from ..io.manifest import NAME
+    try:
+        from ..io.manifest import read_manifest
+        listed = {f.get("path"): f.get("sha256") for f in read_manifest(ms_dir).get("files", []) if isinstance(f, dict)}
+    except Exception:  # no manifest (a bare folder), or one verify has read already: nothing more to say here
+        return []
+    have = {f["path"]: f["sha256"] for f in ms_files}
+    return sorted(rel for rel, sha in listed.items() if rel != NAME and have.get(rel) != sha)
 
 
 def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
