@@ -97,9 +97,13 @@ def test_manifest_records_sources_tensors_and_hashes(tiny, tmp_path):
     by_name = {t["name"]: t for t in m["tensors"]}
     qkv = by_name["language_model.model.layers.0.attention.w_qkv.weight"]
     assert qkv["op"] == "qkv_grouped" and qkv["split"] == "column" and len(qkv["sources"]) == 3
-    assert by_name["vision_encoder.transformer.resblocks.2.ln_1.gamma"].get("unused_by_llavavlm")
-    assert by_name["vision_encoder.ln_post.gamma"].get("unused_by_llavavlm")
-    assert not by_name["vision_encoder.transformer.resblocks.1.ln_1.gamma"].get("unused_by_llavavlm")
+    # LlavaVlm builds only the vision layers up to the feature layer, and builds ln_post but never applies it
+    layer = by_name["vision_encoder.transformer.resblocks.2.ln_1.gamma"]
+    assert layer["unused_by_llavavlm"] is True and layer["built_by_llavavlm"] is False
+    ln_post = by_name["vision_encoder.ln_post.gamma"]
+    assert ln_post["unused_by_llavavlm"] is True and ln_post["built_by_llavavlm"] is True
+    used = by_name["vision_encoder.transformer.resblocks.1.ln_1.gamma"]
+    assert "unused_by_llavavlm" not in used and "built_by_llavavlm" not in used
 
 
 def test_rerun_is_byte_identical(tiny, tmp_path):
