@@ -10,6 +10,7 @@ import click
 
 from .errors import CheckpointError
 from .export import DEFAULT_SHARD_SIZE
+from .io import manifest as _formats
 
 
 class Interrupted(KeyboardInterrupt):
@@ -88,14 +89,16 @@ def main():
 
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
-FORMATS = click.Choice(["ckpt", "safetensors"])
+FORMATS = click.Choice(list(_formats.FORMATS))
 
 
 @main.command()
 @click.argument("src")
 @click.argument("out")
 @click.option("--dtype", type=DTYPES, default=None, help="Cast every tensor (default: keep the source dtype).")
-@click.option("--format", "fmt", type=FORMATS, default="ckpt", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default=_formats.DEFAULT_FORMAT, show_default=True,
+              help="safetensors: MindSpore's load_checkpoint maps it at any size; ckpt: read whole (warned about "
+                   "when too large for this host).")
 @click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Write N tensor-parallel rank folders.")
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
@@ -109,6 +112,7 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
                  progress=_progress(as_json), mapping=mapping)
     _report(result, as_json)
+    _warn(result)
 
 
 @main.command()
@@ -120,7 +124,9 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, as_json):
 def shard(converted_dir, out, tp, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
-    _report(run(converted_dir, out, tp=tp, progress=_progress(as_json)), as_json)
+    result = run(converted_dir, out, tp=tp, progress=_progress(as_json))
+    _report(result, as_json)
+    _warn(result)
 
 
 @main.command()
@@ -278,6 +284,11 @@ def demo(workdir):
     """Download-free demo: tiny checkpoint -> convert -> shard -> verify -> generate, then list the outputs."""
     from .demo import demo as run
     sys.exit(run(workdir))
+
+
+def _warn(result: dict) -> None:
+    for line in result.get("warnings", []):
+        click.echo("warning: " + line, err=True)
 
 
 def _report(result: dict, as_json: bool) -> None:

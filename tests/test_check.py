@@ -19,8 +19,8 @@ SIDE = 10  # config, generation config, tokenizer (5 files), processor (2 files)
 @pytest.fixture(scope="module")
 def outputs(tiny, tmp_path_factory):
     base = tmp_path_factory.mktemp("check")
-    convert(tiny, str(base / "tp1"), progress=False)
-    convert(tiny, str(base / "tp4"), tp=4, progress=False)
+    convert(tiny, str(base / "tp1"), fmt="ckpt", progress=False)
+    convert(tiny, str(base / "tp4"), tp=4, fmt="ckpt", progress=False)
     convert(tiny, str(base / "tp2st"), tp=2, fmt="safetensors", progress=False)
     return base
 

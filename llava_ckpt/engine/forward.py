@@ -20,7 +20,7 @@ from ..io.output import staged_output
 from ..io.ranks import rank_folder_name, weights_name
 from ..io.readers import FileReader
 from ..io.strategy import write_strategy
-from ..io.writers import open_writer
+from ..io.writers import ckpt_load_warning, open_writer
 from .mapping import Target
 from .ops import row_map
 from .splits import rank_shape, split_dim
@@ -195,5 +195,10 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
             staged.add("strategy.ckpt")
         staged.manifest = dict(manifest, tp=tp, format=fmt)
     files = staged.files
+    weights = [f for f in files if f["path"].endswith(weights_name(fmt))]
+    largest = max(weights, key=lambda f: f["size"])
+    what = largest["path"] if tp == 1 else f"each of {weights_name(fmt)} of the {tp} rank folders"
+    warning = ckpt_load_warning(what, largest["size"]) if fmt == "ckpt" else None
     return {"out": os.path.abspath(out), "format": fmt, "tp": tp, "tensors": len(planned),
-            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}
+            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files],
+            "warnings": [warning] if warning else []}
