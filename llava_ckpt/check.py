@@ -168,6 +168,8 @@ def format_verification(v: dict | None) -> str | None:
     kind = f", {v['kind']}" if v["kind"] else ""
     line = (f"verification: {v['verdict'].upper()}{kind} ({what}, {v['weights_proven']} tensors; llava-ckpt "
             f"{v['version']}, {v['written']})")
+    if v["sources_missing"]:
+        line += f"; {len(v['sources_missing'])} source files it names are not there to re-check"
     if v["status"] == "stale":
         shown = "; ".join(v["changed"][:4]) + (f"; and {len(v['changed']) - 4} more" if len(v["changed"]) > 4 else "")
         return line + f"\nverification: STALE, no longer applies: {shown}"

@@ -89,14 +89,14 @@ def main():
 
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
-FORMATS = click.Choice(list(_formats.FORMATS))
+FORMAT_CHOICE = click.Choice(list(_formats.FORMATS))
 
 
 @main.command()
 @click.argument("src")
 @click.argument("out")
 @click.option("--dtype", type=DTYPES, default=None, help="Cast every tensor (default: keep the source dtype).")
-@click.option("--format", "fmt", type=FORMATS, default=_formats.DEFAULT_FORMAT, show_default=True,
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=_formats.DEFAULT_FORMAT, show_default=True,
               help="safetensors: MindSpore's load_checkpoint maps it at any size; ckpt: read whole (warned about "
                    "when too large for this host).")
 @click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")

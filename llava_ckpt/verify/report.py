@@ -45,11 +45,16 @@ def _verdict(result: dict) -> list:
 
 
 def _record(result: dict) -> list:
+    lines = []
+    mismatch = result.get("manifest_mismatch")
+    if mismatch:
+        lines.append(f"  files    : {len(mismatch)} differ from the sha256 the manifest lists ({', '.join(mismatch[:4])}"
+                     f"{', ...' if len(mismatch) > 4 else ''}): not what convert wrote (llava-ckpt check names them)")
     if result.get("record"):
-        return [f"  record   : {result['record']}"]
+        return lines + [f"  record   : {result['record']}"]
     if result.get("record_error"):
-        return [f"  record   : not written: {result['record_error']}"]
-    return []
+        return lines + [f"  record   : not written: {result['record_error']}"]
+    return lines
 
 
 def format_report(result: dict) -> str:

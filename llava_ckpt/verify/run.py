@@ -56,7 +56,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             try:
                 weights = prove(planned, progress)
             except BaseException:
-                hashing["thread"].stop = True
+                _stop(hashing)
                 raise
         finally:
             if hasattr(tensors, "close"):
@@ -111,7 +111,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
                 hf.close()
                 ms.close()
         except BaseException:
-            hashing["thread"].stop = True  # a verify that ends in an error records nothing
+            _stop(hashing)  # a verify that ends in an error records nothing
             raise
     finally:
         if hasattr(tensors, "close"):
@@ -120,7 +120,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
 
 
 def _start_hashing(hf_src: str, ms_dir: str, image: str | None = None) -> dict:
-    """sha256 of every file the record will name, on a background thread while the checks read the same files
+    """sha256 of every file the record will name, on background threads while the checks read the same files
     (the page cache serves both): MS_DIR's files, the source's weights and side files, the image."""
     from ..io.hf_folder import read_tensors, side_files
     from ..io.output import HashFiles
@@ -128,11 +128,18 @@ def _start_hashing(hf_src: str, ms_dir: str, image: str | None = None) -> dict:
     ms_files = [(rel, os.path.join(ms_dir, rel)) for rel in output_files(ms_dir)]
     _, weights = read_tensors(hf_src)
     src_files = sorted(set(weights) | set(side_files(hf_src)))
-    paths = [p for _, p in ms_files] + [p for _, p in src_files] + ([image] if image else [])
-    thread = HashFiles(paths)
-    thread.start()
-    return {"thread": thread, "ms_files": ms_files, "src_files": src_files, "image": image,
+    # one thread per side, each keeping pace with the proof's reads of its side (one thread hashing MS_DIR then
+    # the source ran ahead on one and behind on the other: 38 s against 26 s for the 7B's weights-only verify)
+    threads = [HashFiles([p for _, p in ms_files]), HashFiles([p for _, p in src_files] + ([image] if image else []))]
+    for t in threads:
+        t.start()
+    return {"threads": threads, "ms_files": ms_files, "src_files": src_files, "image": image,
             "hf_src": hf_src, "ms_dir": ms_dir}
+
+
+def _stop(hashing: dict) -> None:
+    for thread in hashing["threads"]:
+        thread.stop = True
 
 
 def _recorded(result: dict, hashing: dict, run: dict) -> dict:
@@ -140,18 +147,20 @@ def _recorded(result: dict, hashing: dict, run: dict) -> dict:
     and say where in `result["record"]`; a folder that cannot be written gets `record_error` instead."""
     import time
     from ..io.verification import write_record
-    thread = hashing["thread"]
-    thread.join()
-    if thread.error:
-        result.update(record=None, record_error=f"files changed while verify read them ({thread.error})")
-        return result
-    digest = thread.result
+    digest = {}
+    for thread in hashing["threads"]:
+        thread.join()
+        if thread.error:
+            result.update(record=None, record_error=f"files changed while verify read them ({thread.error})")
+            return result
+        digest.update(thread.result)
     ms_dir, hf_src = hashing["ms_dir"], hashing["hf_src"]
     ms_files = [{"path": rel, "size": os.path.getsize(p), "sha256": digest[p]} for rel, p in hashing["ms_files"]]
     src_files = [{"name": n, "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns, "sha256": digest[p]}
                  for n, p in hashing["src_files"]]
     image = hashing["image"]
     weights = dict(result["weights"])
+    result["manifest_mismatch"] = _manifest_mismatch(ms_dir, ms_files)
     record = {
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "verdict": "passed" if result["passed"] else "failed",
@@ -159,8 +168,7 @@ def _recorded(result: dict, hashing: dict, run: dict) -> dict:
         "weights_only": bool(result.get("weights_only")),
         "checks": result["checks"],
         "source": {"path": os.path.abspath(hf_src), "files": src_files},
-        "ms_dir": {"path": os.path.abspath(ms_dir), "files": ms_files,
-                   "manifest_mismatch": _manifest_mismatch(ms_dir, ms_files)},
+        "ms_dir": {"path": os.path.abspath(ms_dir), "files": ms_files, "manifest_mismatch": result["manifest_mismatch"]},
         "tp": result["tp"], "fused_qkv": result["fused_qkv"], "stored_dtypes": result["stored_dtypes"],
         "weight_proof": weights,
     }
