@@ -10,8 +10,8 @@ Memory is the loading process's anonymous memory (RssAnon), sampled every 50 ms:
 of a memory-mapped safetensors file, which the kernel can drop. A load whose anonymous memory passes --cap-gib is
 ended (a guard for this shared host, no cgroup needed) and reported as such.
 
-    .venv/bin/python benchmarks/load_checkpoint.py --src /work/fixtures/hf-7b --work DIR [--tp 1,2,4,8]
-        [--formats safetensors,ckpt] [--lock /work/heavy.lock]
+    .venv/bin/python benchmarks/load_checkpoint.py --src HF_7B_DIR --work DIR [--tp 1,2,4,8]
+        [--formats safetensors,ckpt] [--lock LOCKFILE]
 
 --lock FILE takes that lock (flock) around each convert + load step, so the machine's other heavy runs wait
 for one step, not for the whole benchmark.

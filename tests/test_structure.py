@@ -77,6 +77,7 @@ HOMES = {
     "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "recorded_side_files",
                                "FORMATS", "DEFAULT_FORMAT"],
     "llava_ckpt.verify.proof": ["plan_proof", "prove"],
+    "llava_ckpt.verify.record": ["start_hashing", "write_verification"],
     "llava_ckpt.verify.drift": ["rerun", "SHRINK"],
     "llava_ckpt.verify.streamed": ["module_names", "HEAD"],
     "llava_ckpt.prompts": ["FALLBACK_TEMPLATE", "load_image", "load_processor", "format_prompt", "encode",

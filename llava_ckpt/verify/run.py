@@ -14,6 +14,7 @@ from ..errors import fail
 from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
 from .converted import open_converted, stored_dtypes
 from .inputs import build_inputs, resolve_source
+from .record import start_hashing, stop_hashing, write_verification
 
 # How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
@@ -52,17 +53,17 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     if weights_only:
         try:
             planned = plan_proof(hf_src, ms_dir, cfg)
-            hashing = _start_hashing(hf_src, ms_dir)
+            hashing = start_hashing(hf_src, ms_dir)
             try:
                 weights = prove(planned, progress)
             except BaseException:
-                _stop(hashing)
+                stop_hashing(hashing)
                 raise
         finally:
             if hasattr(tensors, "close"):
                 tensors.close()
         result = _weights_result(weights, cfg, tp, tensors, hf_src, ms_dir)
-        return _recorded(result, hashing, {"device": None})
+        return write_verification(result, hashing, {"device": None})
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
         if use_msrun and tp == 1:  # refused before the slow part
@@ -84,7 +85,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
                        f"{ms.max_positions}")
         eos = inputs["eos"]
         planned = plan_proof(hf_src, ms_dir, cfg)
-        hashing = _start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
+        hashing = start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
         try:
             weights = prove(planned, progress)  # before the numeric walk
             ranks = None
@@ -111,98 +112,12 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
                 hf.close()
                 ms.close()
         except BaseException:
-            _stop(hashing)  # a verify that ends in an error records nothing
+            stop_hashing(hashing)  # a verify that ends in an error records nothing
             raise
     finally:
         if hasattr(tensors, "close"):
             tensors.close()
-    return _recorded(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
-
-
-def _start_hashing(hf_src: str, ms_dir: str, image: str | None = None) -> dict:
-    """sha256 of every file the record will name, on background threads while the checks read the same files
-    (the page cache serves both): MS_DIR's files, the source's weights and side files, the image."""
-    from ..io.hf_folder import read_tensors, side_files
-    from ..io.output import HashFiles
-    from ..io.verification import output_files
-    ms_files = [(rel, os.path.join(ms_dir, rel)) for rel in output_files(ms_dir)]
-    _, weights = read_tensors(hf_src)
-    src_files = sorted(set(weights) | set(side_files(hf_src)))
-    # one thread per side, each keeping pace with the proof's reads of its side (one thread hashing MS_DIR then
-    # the source ran ahead on one and behind on the other: 38 s against 26 s for the 7B's weights-only verify)
-    threads = [HashFiles([p for _, p in ms_files]), HashFiles([p for _, p in src_files] + ([image] if image else []))]
-    for t in threads:
-        t.start()
-    return {"threads": threads, "ms_files": ms_files, "src_files": src_files, "image": image,
-            "hf_src": hf_src, "ms_dir": ms_dir}
-
-
-def _stop(hashing: dict) -> None:
-    for thread in hashing["threads"]:
-        thread.stop = True
-
-
-def _recorded(result: dict, hashing: dict, run: dict) -> dict:
-    """Write MS_DIR/verification.json (what this verify proved, and the sha256 of every file it was proven on),
-    and say where in `result["record"]`; a folder that cannot be written gets `record_error` instead."""
-    import time
-    from ..io.verification import write_record
-    digest = {}
-    for thread in hashing["threads"]:
-        thread.join()
-        if thread.error:
-            result.update(record=None, record_error=f"files changed while verify read them ({thread.error})")
-            return result
-        digest.update(thread.result)
-    ms_dir, hf_src = hashing["ms_dir"], hashing["hf_src"]
-    ms_files = [{"path": rel, "size": os.path.getsize(p), "sha256": digest[p]} for rel, p in hashing["ms_files"]]
-    src_files = [{"name": n, "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns, "sha256": digest[p]}
-                 for n, p in hashing["src_files"]]
-    image = hashing["image"]
-    weights = dict(result["weights"])
-    result["manifest_mismatch"] = _manifest_mismatch(ms_dir, ms_files)
-    record = {
-        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "verdict": "passed" if result["passed"] else "failed",
-        "kind": result["kind"],
-        "weights_only": bool(result.get("weights_only")),
-        "checks": result["checks"],
-        "source": {"path": os.path.abspath(hf_src), "files": src_files},
-        "ms_dir": {"path": os.path.abspath(ms_dir), "files": ms_files, "manifest_mismatch": result["manifest_mismatch"]},
-        "tp": result["tp"], "fused_qkv": result["fused_qkv"], "stored_dtypes": result["stored_dtypes"],
-        "weight_proof": weights,
-    }
-    if not result.get("weights_only"):
-        record.update({
-            "image": {"path": image, "size": os.path.getsize(image), "sha256": digest[image]},
-            "prompt": result["prompt"], "max_new_tokens": run.get("max_new_tokens"), "device": run.get("device"),
-            "compute_dtype": result["compute_dtype"], "hf_weights_rounded_to": result["hf_weights_rounded_to"],
-            "tolerances": result["thresholds"],
-            "logits": {k: result[k] for k in ("max_abs_diff", "max_abs_logit", "rel_diff", "cosine_min",
-                                              "top1_agreement")},
-            "modules": result["modules"], "first_divergence": result["first_divergence"], "drift": result["drift"],
-            "greedy": {k: result[k] for k in ("tokens_hf", "tokens_ms", "greedy_match", "greedy_first_mismatch",
-                                              "greedy_equal", "text_hf", "text_ms")},
-            "msrun": None if result["msrun"] is None else {k: v for k, v in result["msrun"].items() if k != "modules"},
-            "replica_mismatch": result["replica_mismatch"],
-        })
-    try:
-        result["record"] = write_record(ms_dir, record)
-    except OSError as exc:
-        result.update(record=None, record_error=f"cannot write {ms_dir}: {exc.strerror or exc}")
-    return result
-
-
-def _manifest_mismatch(ms_dir: str, ms_files: list) -> list:
-    """Files whose sha256 now differs from what MS_DIR's manifest lists (it was hashed for the record anyway)."""
-    from ..io.manifest import NAME
-    try:
-        from ..io.manifest import read_manifest
-        listed = {f.get("path"): f.get("sha256") for f in read_manifest(ms_dir).get("files", []) if isinstance(f, dict)}
-    except Exception:  # no manifest (a bare folder), or one verify has read already: nothing more to say here
-        return []
-    have = {f["path"]: f["sha256"] for f in ms_files}
-    return sorted(rel for rel, sha in listed.items() if rel != NAME and have.get(rel) != sha)
+    return write_verification(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
 
 
 def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
@@ -245,7 +160,8 @@ def _weights_result(weights: dict, cfg: dict, tp: int, tensors, hf_src: str, ms_
     from ..engine.mapping import detect_options, table_for
     return {"passed": weights["passed"], "weights_only": True, "kind": _kind(weights, True),
             "checks": {"weights": weights["passed"]}, "weights": weights, "tp": tp,
-            "fused_qkv": detect_options(table_for(cfg), tensors.keys()).get("fuse_qkv", False), "stored_dtypes": sorted(set(stored_dtypes(tensors).values())),
+            "fused_qkv": detect_options(table_for(cfg), tensors.keys()).get("fuse_qkv", False),
+            "stored_dtypes": sorted(set(stored_dtypes(tensors).values())),
             "hf_src": os.path.abspath(hf_src), "ms_dir": os.path.abspath(ms_dir)}
 
 
