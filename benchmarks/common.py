@@ -115,20 +115,46 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
-    """Run `cmd` to its end, sampling the RSS of its whole process tree (msrun ranks included) on a thread.
+def tree_anon(pid: int) -> int:
+    """Anonymous bytes resident in a process and all its descendants right now (RssAnon of /proc/PID/status):
+    the memory a run really holds. RSS also counts page-cache pages of files it maps, which the kernel can
+    drop, so a run that maps a 14 GB checkpoint can show 14 GB of RSS while holding little."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        pids = [proc.pid] + [c.pid for c in proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
 
-    Returns {"wall_s", "peak_rss_mib", "returncode", "stdout", "stderr"}. ru_maxrss would only give the
-    largest single process, and a verify under msrun is several."""
+
+def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
+    """Run `cmd` to its end, sampling the RSS and the anonymous memory of its whole process tree (msrun ranks
+    included) on a thread.
+
+    Returns {"wall_s", "peak_rss_mib", "peak_anon_mib", "returncode", "stdout", "stderr"}. ru_maxrss would only
+    give the largest single process, and a verify under msrun is several."""
     import threading
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     peak = [0]
+    anon = [0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss(proc.pid))
+            anon[0] = max(anon[0], tree_anon(proc.pid))
             done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -136,5 +162,5 @@ def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
     out, err = proc.communicate()
     done.set()
     sampler.join()
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 2**20, "returncode": proc.returncode,
-            "stdout": out, "stderr": err}
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 2**20, "peak_anon_mib": anon[0] / 2**20,
+            "returncode": proc.returncode, "stdout": out, "stderr": err}

@@ -3,10 +3,16 @@ tree (msrun ranks included), each run its own `llava-ckpt verify --json` process
 
   7b-few-layers  the named baseline: 7B widths, 2 text layers (how much of the peak is not per layer)
   7b             the full 7b preset (14.1 GB float16, real names and shapes), float32 compute, the bundled
-                 image and prompt, 8 greedy tokens. Targets: peak RSS <= 4 GiB, wall <= 15 min on 2 cores.
+                 image and prompt, 8 greedy tokens; the weight proof comes first. Targets: peak RSS <= 4 GiB,
+                 wall <= 15 min on 2 cores.
+  weights        `verify --weights-only` of the same output: the bit-for-bit weight proof alone (every tensor
+                 back through its op's inverse against its source), the files hashed for the record meanwhile.
+                 Baseline in the same session: reading both checkpoints once (cat > /dev/null), the least any
+                 proof must do. Target: well under a minute.
   7b, w1/w3 of layer 17 swapped: must fail naming language_model.model.layers.17. The two names are swapped
                  in the converted safetensors header in place (same length, same shape and dtype), so no
                  second 14 GB copy is written; 1 greedy token (the failure is decided before decoding).
+                 `negative-weights`: the same damage through --weights-only, which must name both tensors.
   13b-few-layers llava-1.5-13b-hf's widths, 2 text layers: tp 1, and tp 2 (ranks under msrun, the default).
 
 Inputs are made in --work (make-fixture) unless given (--src-7b / --src-7b-few-layers, e.g. a shared copy);
@@ -24,7 +30,7 @@ import sys
 
 from common import LLAVA, ROOT, dir_bytes, need_free, run, run_sampled
 
-STEPS = ("baseline", "7b", "negative", "13b")
+STEPS = ("baseline", "7b", "weights", "negative", "negative-weights", "13b")
 
 
 def make(work: str, preset: str, given: str | None) -> str:
@@ -52,11 +58,33 @@ def verify(src: str, out: str, tokens: int, *extra) -> dict:
         raise SystemExit(f"verify did not finish ({r['returncode']}): {r['stderr'][-2000:]}")
     par = rec.get("msrun") or {}
     row = {"wall_s": round(r["wall_s"], 1), "peak_rss_gib": round(r["peak_rss_mib"] / 1024, 2),
+           "peak_anon_gib": round(r["peak_anon_mib"] / 1024, 2), "proof_s": rec["weights"]["seconds"],
+           "kind": rec["kind"], "weights_differ": [d["name"] for d in rec["weights"]["differ"]][:4],
            "exit": r["returncode"], "passed": rec["passed"], "first_divergence": rec["first_divergence"],
            "positions": rec["positions"], "greedy": f"{rec['greedy_equal']}/{len(rec['tokens_hf'])}",
            "rel_diff": rec["rel_diff"], "seconds": rec["seconds"], "tp": rec["tp"],
            "msrun": {k: par.get(k) for k in ("world", "passed", "greedy_match", "first_divergence", "seconds")}
            if par else None}
+    print("  " + json.dumps(row), flush=True)
+    return row
+
+
+def weights_only(src: str, out: str) -> dict:
+    """One `verify --weights-only` process; its figures against the read floor of both checkpoints."""
+    floor, _ = run(["bash", "-c", f"cat '{src}'/*.safetensors > /dev/null; find '{out}' -name '*.safetensors' "
+                                  f"-exec cat {{}} + > /dev/null"])
+    r = run_sampled(LLAVA + ["verify", src, out, "--weights-only", "--json"], cwd=ROOT)
+    try:
+        rec = json.loads(r["stdout"])
+    except json.JSONDecodeError:
+        raise SystemExit(f"verify --weights-only did not finish ({r['returncode']}): {r['stderr'][-2000:]}")
+    w = rec["weights"]
+    row = {"wall_s": round(r["wall_s"], 1), "peak_anon_gib": round(r["peak_anon_mib"] / 1024, 2),
+           "peak_rss_gib": round(r["peak_rss_mib"] / 1024, 2), "exit": r["returncode"], "passed": rec["passed"],
+           "kind": rec["kind"], "tensors": w["tensors"], "pieces": w["pieces"], "gb": round(w["bytes"] / 1e9, 2),
+           "proof_s": w["seconds"], "gb_per_s_wall": round(w["bytes"] / 1e9 / r["wall_s"], 2),
+           "read_floor_s": round(floor, 1), "vs_read_floor": round(r["wall_s"] / max(floor, 1e-3), 2),
+           "differ": [(d["name"], d["elements"]) for d in w["differ"]][:6], "record": rec.get("record")}
     print("  " + json.dumps(row), flush=True)
     return row
 
@@ -91,6 +119,7 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     print(f"verify benchmark on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
+    weights = [None]
     if "baseline" not in skip:
         print("7b-few-layers (baseline: 7B widths, 2 text layers)", flush=True)
         src = make(args.work, "7b-few-layers", args.src_7b_few_layers)
@@ -98,18 +127,27 @@ def main():
         convert(src, out)
         results["7b-few-layers"] = verify(src, out, args.max_new_tokens)
         shutil.rmtree(out)
-    if {"7b", "negative"} - skip:
+    if {"7b", "weights", "negative", "negative-weights"} - skip:
         need_free(args.work, 16 if args.src_7b else 30)
         src = make(args.work, "7b", args.src_7b)
         out = os.path.join(args.work, "ms-7b")
         convert(src, out)
+        if "weights" not in skip:
+            print("7b --weights-only (the weight proof alone)", flush=True)
+            weights[0] = weights_only(src, out)
         if "7b" not in skip:
             print("7b (32 text layers)", flush=True)
             results["7b"] = verify(src, out, args.max_new_tokens)
-        if "negative" not in skip:
-            print("7b with layer 17's w1 and w3 swapped", flush=True)
+        if {"negative", "negative-weights"} - skip:
             p = "language_model.model.layers.17.feed_forward."
             swap_header_names(os.path.join(out, "llava.safetensors"), p + "w1.weight", p + "w3.weight")
+        if "negative-weights" not in skip:
+            print("7b with layer 17's w1 and w3 swapped, --weights-only", flush=True)
+            row = weights_only(src, out)
+            if row["passed"] or {n for n, _ in row["differ"]} != {p + "w1.weight", p + "w3.weight"}:
+                print("  NEGATIVE CONTROL: THE PROOF DID NOT NAME LAYER 17'S w1 AND w3", flush=True)
+        if "negative" not in skip:
+            print("7b with layer 17's w1 and w3 swapped", flush=True)
             row = results["7b-w1-w3-swapped-layer-17"] = verify(src, out, 1)
             row["names_layer_17"] = row["first_divergence"] == "language_model.model.layers.17"
             if row["passed"] or not row["names_layer_17"]:
@@ -129,9 +167,16 @@ def main():
     base = results.get("7b-few-layers")
     for name, row in results.items():
         ratio = f", peak {row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x the baseline's" if base else ""
-        print(f"  {name:28s} {'PASSED' if row['passed'] else 'FAILED'} (exit {row['exit']}, first divergence "
-              f"{row['first_divergence']}), wall {row['wall_s'] / 60:.1f} min, peak RSS {row['peak_rss_gib']} GiB"
+        print(f"  {name:28s} {'PASSED' if row['passed'] else 'FAILED'} (exit {row['exit']}, {row['kind'] or 'no'} "
+              f"mismatch, first divergence {row['first_divergence']}), wall {row['wall_s'] / 60:.1f} min (weight "
+              f"proof {row['proof_s']} s), peak anon {row['peak_anon_gib']} GiB, peak RSS {row['peak_rss_gib']} GiB"
               f"{ratio}")
+    if weights[0]:
+        w = weights[0]
+        print(f"  7b --weights-only            {'PASSED' if w['passed'] else 'FAILED'}: {w['tensors']} tensors, "
+              f"{w['gb']} GB in {w['wall_s']} s wall ({w['gb_per_s_wall']} GB/s; the proof itself {w['proof_s']} s), "
+              f"peak anon {w['peak_anon_gib']} GiB; {w['vs_read_floor']}x the read floor of both checkpoints "
+              f"({w['read_floor_s']} s)")
     if "7b" in results:
         r = results["7b"]
         print(f"  targets for 7b: peak <= 4 GiB: {'met' if r['peak_rss_gib'] <= 4 else 'MISSED'}; wall <= 15 min: "

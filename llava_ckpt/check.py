@@ -1,8 +1,10 @@
-"""`check`: re-hash every file an output's manifest lists and report any damage, file by file.
+"""`check`: re-hash every file an output's manifest lists and report any damage, file by file; and say whether
+the output's verification record (verification.json, written by verify) still applies to it.
 
 One sequential read per file: while a file is hashed whole, the byte ranges of its replicated tensors are
 hashed too, so a tp > 1 output also learns, at no extra read, whether every rank holds the same bytes for
-the tensors that are meant to be identical on all ranks (and which tensor a damaged rank lost).
+the tensors that are meant to be identical on all ranks (and which tensor a damaged rank lost). The record
+is compared with the same hashes (only files it names that the manifest does not list are hashed again).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .io.manifest import NAME, output_layout, read_manifest
 from .io.paths import is_plain_name, within
 from .io.ranks import weight_paths
 from .io.readers import read_index
+from .io.verification import read_record, status as record_status
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".pkl", ".npy", ".npz")
 
@@ -54,7 +57,10 @@ def _layout(manifest: dict, where: str) -> tuple:
 
 
 def check(out: str) -> dict:
-    """{"ok", "checked" (files hashed), "problems" (one line each, naming the file)} for the output in `out`."""
+    """{"ok", "checked" (files hashed), "problems" (one line each, naming the file), "verification" (the
+    record's verdict and whether it still applies: io.verification.status, or None without a record)} for the
+    output in `out`. `ok` is about the files and the manifest; a stale record is reported, not a problem (the
+    files can be intact and simply not the ones that were verified), a damaged record is one."""
     if not os.path.isdir(out):
         raise fail(f"{out} is not a folder" if os.path.exists(out) else f"{out} does not exist")
     where = os.path.join(out, NAME)
@@ -72,6 +78,7 @@ def check(out: str) -> dict:
     replicated = [t.get("name") for t in tensors if isinstance(t, dict) and t.get("split_dim", 0) is None] \
         if isinstance(tensors, list) and rank_files else []
     rank_parts: dict = {}  # rank file -> {tensor: sha256 of its bytes}
+    digests: dict = {}     # rel -> sha256, for the verification record
     for i, entry in enumerate(entries):
         rel = entry.get("path") if isinstance(entry, dict) else None
         size = entry.get("size") if isinstance(entry, dict) else None
@@ -110,6 +117,7 @@ def check(out: str) -> dict:
                 ranges = {}
                 problems.append(f"{rel}: cannot list its tensors ({exc})")
         digest, parts = _hash_file(path, ranges)
+        digests[rel] = digest
         if digest != sha:
             problems.append(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {sha[:16]}...: corrupted")
         if rel in rank_files and parts:
@@ -124,7 +132,14 @@ def check(out: str) -> dict:
             if rel != NAME and rel not in listed and name.endswith(WEIGHT_SUFFIXES):
                 problems.append(f"{rel}: weight file not listed in the manifest")
     problems += _replicas_differ(rank_parts)
-    return {"ok": not problems, "checked": checked, "problems": problems}
+    verification = None
+    try:
+        record = read_record(out)
+        if record is not None:
+            verification = record_status(out, record, digests)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    return {"ok": not problems, "checked": checked, "problems": problems, "verification": verification}
 
 
 def _replicas_differ(rank_parts: dict) -> list:
@@ -142,3 +157,20 @@ def _replicas_differ(rank_parts: dict) -> list:
                 if files is not majority:
                     problems += [f"{rel}: replicated tensor {name!r} differs from {majority[0]}" for rel in files]
     return problems
+
+
+def format_verification(v: dict | None) -> str | None:
+    """One line (two when stale) about the verification record, for the human-readable report (None: there
+    is no record, nothing to say)."""
+    if v is None:
+        return None
+    what = "weight proof only" if v["weights_only"] else "weight proof and numeric walk"
+    kind = f", {v['kind']}" if v["kind"] else ""
+    line = (f"verification: {v['verdict'].upper()}{kind} ({what}, {v['weights_proven']} tensors; llava-ckpt "
+            f"{v['version']}, {v['written']})")
+    if v["sources_missing"]:
+        line += f"; {len(v['sources_missing'])} source files it names are not there to re-check"
+    if v["status"] == "stale":
+        shown = "; ".join(v["changed"][:4]) + (f"; and {len(v['changed']) - 4} more" if len(v["changed"]) > 4 else "")
+        return line + f"\nverification: STALE, no longer applies: {shown}"
+    return line + ", still applies"

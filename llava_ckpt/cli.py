@@ -10,6 +10,7 @@ import click
 
 from .errors import CheckpointError
 from .export import DEFAULT_SHARD_SIZE
+from .io import manifest as _formats
 
 
 class Interrupted(KeyboardInterrupt):
@@ -91,14 +92,16 @@ DTYPES = click.Choice(["float16", "bfloat16", "float32"])
 OVERWRITE = ("Replace OUT when it holds another llava-ckpt output (of another command, source or options); "
              "a rerun of the same command replaces its own output without it, and a folder holding anything "
              "else is never replaced.")
-FORMATS = click.Choice(["ckpt", "safetensors"])
+FORMAT_CHOICE = click.Choice(list(_formats.FORMATS))
 
 
 @main.command()
 @click.argument("src")
 @click.argument("out")
 @click.option("--dtype", type=DTYPES, default=None, help="Cast every tensor (default: keep the source dtype).")
-@click.option("--format", "fmt", type=FORMATS, default="ckpt", show_default=True)
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=_formats.DEFAULT_FORMAT, show_default=True,
+              help="safetensors: MindSpore's load_checkpoint maps it at any size; ckpt: read whole (warned about "
+                   "when too large for this host).")
 @click.option("--fuse-qkv", is_flag=True, help="MindFormers qkv_concat layout: w_qkv and w_gate_hidden.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Write N tensor-parallel rank folders.")
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
@@ -113,6 +116,7 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
                  progress=_progress(as_json), mapping=mapping, overwrite=overwrite)
     _report(result, as_json)
+    _warn(result)
 
 
 @main.command()
@@ -125,7 +129,9 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as
 def shard(converted_dir, out, tp, overwrite, as_json):
     """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
     from .shard import shard as run
-    _report(run(converted_dir, out, tp=tp, progress=_progress(as_json), overwrite=overwrite), as_json)
+    result = run(converted_dir, out, tp=tp, progress=_progress(as_json), overwrite=overwrite)
+    _report(result, as_json)
+    _warn(result)
 
 
 @main.command()
@@ -149,11 +155,8 @@ def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, overwrite, as
     from .export import export as run
     result = run(ms_src, hf_out, config=config, dtype=dtype, max_shard_size=max_shard_size,
                  progress=_progress(as_json), mapping=mapping, overwrite=overwrite)
-    if result["missing_side_files"]:
-        click.echo(f"warning: {hf_out} has no {', '.join(result['missing_side_files'])}: transformers loads its "
-                   "weights, but AutoProcessor (prompts, images) needs them; pass --config HF_FOLDER to copy "
-                   "them from the Hugging Face folder", err=True)
     _report(result, as_json)
+    _warn(result)
 
 
 @main.command()
@@ -171,13 +174,18 @@ def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, overwrite, as
                    "output); --no-msrun keeps only the single-process check on the reassembled rank files.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds one msrun attempt may take before its ranks are ended (it is retried once).")
+@click.option("--weights-only", is_flag=True,
+              help="Only the weight proof: every tensor, on every rank, back through its op's inverse and compared "
+                   "bit for bit with its source cast to its stored dtype (no model is run).")
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, timeout, as_json):
-    """Run the converted weights in MS_DIR next to transformers on HF_SRC, layer by layer, and compare."""
+def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, timeout, weights_only, as_json):
+    """Prove every weight in MS_DIR against HF_SRC bit for bit, then run the converted weights next to
+    transformers, layer by layer, and compare."""
     from .verify import verify as run, format_report
     result = run(hf_src, ms_dir, image=image, prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
-                 device_target=device, msrun=msrun, timeout=timeout)
+                 device_target=device, msrun=msrun, timeout=timeout, weights_only=weights_only,
+                 progress=_progress(as_json))
     click.echo(json.dumps(result) if as_json else format_report(result))
     sys.exit(0 if result["passed"] else 1)
 
@@ -243,14 +251,22 @@ def download(repo, revision, local_dir, as_json):
 
 @main.command()
 @click.argument("out")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: ok, checked, problems and the verification record's status.")
 @_clean_errors
-def check(out):
-    """Re-hash every output file in OUT against its manifest; exit 1 on corruption."""
-    from .check import check as run
+def check(out, as_json):
+    """Re-hash every output file in OUT against its manifest (exit 1 on corruption) and say whether its
+    verification record still applies."""
+    from .check import check as run, format_verification
     result = run(out)
-    for line in result["problems"]:
-        click.echo(line)
-    click.echo(f"{'ok' if result['ok'] else 'CORRUPT'}: {result['checked']} files checked in {out}")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for line in result["problems"]:
+            click.echo(line)
+        if result["verification"] is not None:
+            click.echo(format_verification(result["verification"]))
+        click.echo(f"{'ok' if result['ok'] else 'CORRUPT'}: {result['checked']} files checked in {out}")
     sys.exit(0 if result["ok"] else 1)
 
 
@@ -276,6 +292,11 @@ def demo(workdir):
     """Download-free demo: tiny checkpoint -> convert -> shard -> verify -> generate, then list the outputs."""
     from .demo import demo as run
     sys.exit(run(workdir))
+
+
+def _warn(result: dict) -> None:
+    for line in result.get("warnings", []):
+        click.echo("warning: " + line, err=True)
 
 
 def _report(result: dict, as_json: bool) -> None:

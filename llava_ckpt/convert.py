@@ -16,6 +16,7 @@ from .engine.splits import check_degree, check_divides, distinct_units
 from .errors import fail
 from .io.dtypes import code_for, dtype_name
 from .io.hf_folder import read_tensors, refuse_ms_output, side_files
+from .io.manifest import DEFAULT_FORMAT, FORMATS
 from .io.output import check_out
 
 
@@ -86,15 +87,17 @@ def tp_units(targets) -> list:
     return [u for t in targets for u in t.tp_units()]
 
 
-def convert(src: str, out: str, dtype: str | None = None, fmt: str = "ckpt", fuse_qkv: bool = False, tp: int = 1,
-            revision: str | None = None, progress: bool = True, mapping: str | None = None,
+def convert(src: str, out: str, dtype: str | None = None, fmt: str = DEFAULT_FORMAT, fuse_qkv: bool = False,
+            tp: int = 1, revision: str | None = None, progress: bool = True, mapping: str | None = None,
             overwrite: bool = False) -> dict:
-    """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary.
+    """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary (its
+    `warnings`: a .ckpt too large for MindSpore's own load_checkpoint on this host, io.writers.ckpt_load_warning).
 
-    `mapping`: a table name or .toml path (default: the packaged table that accepts src's config.json).
-    `overwrite`: replace an OUT that holds another llava-ckpt output (a folder holding anything else is never
-    replaced; a rerun of the same conversion replaces its own output without asking)."""
-    if fmt not in ("ckpt", "safetensors"):
+    `fmt`: "safetensors" (default: MindSpore loads it at any size) or "ckpt". `mapping`: a table name or .toml
+    path (default: the packaged table that accepts src's config.json). `overwrite`: replace an OUT that holds
+    another llava-ckpt output (a folder holding anything else is never replaced; a rerun of the same conversion
+    replaces its own output without asking)."""
+    if fmt not in FORMATS:
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
     check_degree(tp)
     provenance = {}

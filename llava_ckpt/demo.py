@@ -44,7 +44,7 @@ def demo(workdir: str | None = None) -> int:
 
     _step("make-fixture: a tiny HF LLaVA-1.5 checkpoint (real names, file split, tokenizer)")
     make_fixture(hf, preset="tiny")
-    _step("convert: HF -> MindSpore .ckpt (MindFormers LlavaVlm names, fused qkv layout)")
+    _step("convert: HF -> MindSpore safetensors (MindFormers LlavaVlm names, fused qkv layout)")
     _summary(convert(hf, ms_dir, fuse_qkv=True, progress=False))
     _step("shard: 2-way tensor parallel + strategy.ckpt")
     _summary(shard(ms_dir, tp_dir, tp=2, progress=False))

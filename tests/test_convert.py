@@ -17,7 +17,7 @@ from expected import expected, load_config, mismatches, read_hf, read_with_minds
 NP = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-def _check(src, out, layout="hub", dtype=None, fuse=False, fmt="ckpt"):
+def _check(src, out, layout="hub", dtype=None, fuse=False, fmt="safetensors"):
     want = expected(read_hf(src, layout), load_config(src), fuse_qkv=fuse)
     path = os.path.join(out, f"llava.{fmt}")
     got = read_with_mindspore(path)
@@ -66,14 +66,14 @@ def test_a_wrong_table_entry_is_caught(tiny, tmp_path):
     bad.write_text(swapped)
     convert(tiny, str(tmp_path / "out"), mapping=str(bad), progress=False)
     want = expected(read_hf(tiny), load_config(tiny))
-    got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
+    got = read_with_mindspore(str(tmp_path / "out" / "llava.safetensors"))
     wrong = mismatches(got, want)
     assert wrong and all(".feed_forward.w1." in n or ".feed_forward.w3." in n for n in wrong)
 
 
 def test_output_matches_ms_save_checkpoint_byte_for_byte(tiny, tmp_path):
     import mindspore as ms
-    convert(tiny, str(tmp_path / "out"), dtype="bfloat16", fuse_qkv=True, progress=False)
+    convert(tiny, str(tmp_path / "out"), dtype="bfloat16", fmt="ckpt", fuse_qkv=True, progress=False)
     ours = tmp_path / "out" / "llava.ckpt"
     tensors = load_tensors(str(ours))
     params = []
@@ -97,16 +97,20 @@ def test_manifest_records_sources_tensors_and_hashes(tiny, tmp_path):
     by_name = {t["name"]: t for t in m["tensors"]}
     qkv = by_name["language_model.model.layers.0.attention.w_qkv.weight"]
     assert qkv["op"] == "qkv_grouped" and qkv["split"] == "column" and len(qkv["sources"]) == 3
-    assert by_name["vision_encoder.transformer.resblocks.2.ln_1.gamma"].get("unused_by_llavavlm")
-    assert by_name["vision_encoder.ln_post.gamma"].get("unused_by_llavavlm")
-    assert not by_name["vision_encoder.transformer.resblocks.1.ln_1.gamma"].get("unused_by_llavavlm")
+    # LlavaVlm builds only the vision layers up to the feature layer, and builds ln_post but never applies it
+    layer = by_name["vision_encoder.transformer.resblocks.2.ln_1.gamma"]
+    assert layer["unused_by_llavavlm"] is True and layer["built_by_llavavlm"] is False
+    ln_post = by_name["vision_encoder.ln_post.gamma"]
+    assert ln_post["unused_by_llavavlm"] is True and ln_post["built_by_llavavlm"] is True
+    used = by_name["vision_encoder.transformer.resblocks.1.ln_1.gamma"]
+    assert "unused_by_llavavlm" not in used and "built_by_llavavlm" not in used
 
 
 def test_rerun_is_byte_identical(tiny, tmp_path):
     convert(tiny, str(tmp_path / "a"), fuse_qkv=True, progress=False)
     convert(tiny, str(tmp_path / "b"), fuse_qkv=True, progress=False)
     convert(tiny, str(tmp_path / "a"), fuse_qkv=True, progress=False)  # replaces its own previous output
-    assert (tmp_path / "a" / "llava.ckpt").read_bytes() == (tmp_path / "b" / "llava.ckpt").read_bytes()
+    assert (tmp_path / "a" / "llava.safetensors").read_bytes() == (tmp_path / "b" / "llava.safetensors").read_bytes()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
@@ -150,7 +154,7 @@ def test_mapping_option_uses_a_copied_and_edited_table(tiny, tmp_path):
     run = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--mapping", str(table), "--json"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
+    got = read_with_mindspore(str(tmp_path / "out" / "llava.safetensors"))
     want = expected(read_hf(tiny), load_config(tiny))
     want["language_model.model.final_norm.weight"] = want.pop("language_model.model.norm_out.weight")
     assert mismatches(got, want) == []

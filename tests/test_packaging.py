@@ -53,4 +53,4 @@ def test_wheel_converts_from_a_folder_outside_the_checkout(installed, tmp_path):
                          "print(m['mapping']['file'], r['tp'], sorted(os.listdir('out'))[:3])")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[:2] == ["llava-1.5.toml", "2"]
-    assert (work / "out" / "rank_1" / "llava.ckpt").is_file()
+    assert (work / "out" / "rank_1" / "llava.safetensors").is_file()  # the default format

@@ -103,7 +103,7 @@ def test_bad_tp_and_foreign_inputs_are_refused(tiny, tmp_path):
 
 def test_shard_refuses_a_corrupted_input(tiny, tmp_path):
     convert(tiny, str(tmp_path / "one"), progress=False)
-    path = tmp_path / "one" / "llava.ckpt"
+    path = tmp_path / "one" / "llava.safetensors"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # inside the last tensor's data
     path.write_bytes(bytes(data))

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..io.dtypes import numpy_dtype, itemsize
+from ..io.dtypes import cast, numpy_dtype, itemsize
 from ..io.output import staged_output
 from ..io.ranks import rank_folder_name, weights_name
 from ..io.readers import FileReader
 from ..io.strategy import write_strategy
-from ..io.writers import open_writer
+from ..io.writers import ckpt_load_warning, open_writer
 from .mapping import Target
 from .ops import row_map
 from .splits import rank_shape, split_dim
@@ -122,9 +122,7 @@ def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes:
                         w.fill(n, lambda view, off: reader.read_bytes(info, first + off, first + off + len(view), view))
                     bar.update(n * (1 if rank is not None else len(writers)))
                     continue
-                data = _gather(reader, item, src, row, a, b)
-                if data.dtype != out_np:
-                    data = data.astype(out_np)
+                data = cast(_gather(reader, item, src, row, a, b), item.out_dtype)
                 if rank is not None:
                     writers[rank].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
                 elif dim == 1:
@@ -200,5 +198,10 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
                            [(j.target.name, j.target.split, j.target.shape) for j in planned], tp)
             staged.add("strategy.ckpt")
     files = staged.files
+    weights = [f for f in files if f["path"].endswith(weights_name(fmt))]
+    largest = max(weights, key=lambda f: f["size"])
+    what = largest["path"] if tp == 1 else f"each of {weights_name(fmt)} of the {tp} rank folders"
+    warning = ckpt_load_warning(what, largest["size"]) if fmt == "ckpt" else None
     return {"out": where, "format": fmt, "tp": tp, "tensors": len(planned),
-            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files]}
+            "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files],
+            "warnings": [warning] if warning else []}

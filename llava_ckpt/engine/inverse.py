@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from ..io.dtypes import itemsize, numpy_dtype
+from ..io.dtypes import cast, itemsize, numpy_dtype
 from ..io.ranks import RankedTensor
 from ..io.readers import FileReader
 from ..io.writers import SafetensorsWriter
@@ -75,9 +75,7 @@ def write_tensor(o, writer, reader: FileReader, maps: dict, bar) -> None:
         rows = inv[c:end]
         lo, hi = int(rows.min()), int(rows.max()) + 1
         block = rt.read_rows(reader, lo, hi)
-        data = block if contiguous else block[rows - lo]
-        if data.dtype != out_np:
-            data = data.astype(out_np)
+        data = cast(block if contiguous else block[rows - lo], o.code)
         flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         writer.write(flat)
         bar.update(flat.nbytes)

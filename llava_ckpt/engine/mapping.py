@@ -123,6 +123,7 @@ def load_table(name_or_path: str = DEFAULT_TABLE) -> dict:
         layer_set = entry.get("layers")
         if layer_set is not None and layer_set not in table["layer_sets"]:
             raise fail(f"{where}: unknown layer set {layer_set!r} (sets: {', '.join(table['layer_sets'])})")
+    _check_unused(table, path)
     return table
 
 
@@ -280,14 +281,44 @@ def _target(entry: dict, layer, known: dict) -> Target:
     return target
 
 
-def unused_names(table: dict, cfg: dict) -> list:
-    """Target names (or name prefixes ending in '.') that MindFormers' LlavaVlm does not build."""
+UNUSED_KINDS = ("built", "not_built")  # LlavaVlm builds the parameter but never applies it / has no parameter
+
+
+def _check_unused(table: dict, path: str) -> None:
     unused = table.get("unused", {})
-    names = list(unused.get("names", []))
+    if not isinstance(unused, dict) or set(unused) - set(UNUSED_KINDS):
+        raise fail(f"{path}: [unused] holds [unused.built] (LlavaVlm builds the parameters, its forward never "
+                   "applies them) and [unused.not_built] (LlavaVlm has no parameter for them), each with `names` "
+                   f"and/or `layer_prefix`; found {', '.join(sorted(unused)) if isinstance(unused, dict) else unused}")
+    for kind, spec in unused.items():
+        if not isinstance(spec, dict) or set(spec) - {"names", "layer_prefix"}:
+            raise fail(f"{path}: [unused.{kind}] takes `names` and `layer_prefix` only")
+        if not isinstance(spec.get("names", []), list) or not isinstance(spec.get("layer_prefix", {}), dict):
+            raise fail(f"{path}: [unused.{kind}]: `names` is a list of target names, `layer_prefix` a table of "
+                       "layer set -> name prefix")
+        unknown = set(spec.get("layer_prefix", {})) - set(table["layer_sets"])
+        if unknown:
+            raise fail(f"{path}: [unused.{kind}] names unknown layer set(s) {', '.join(sorted(unknown))}")
+
+
+def unused_names(table: dict, cfg: dict) -> dict:
+    """Target names (or name prefixes ending in '.') that MindFormers' LlavaVlm never uses -> how: "built" (it
+    builds the parameter and loads it, its forward never applies it) or "not_built" (it has no parameter)."""
     sets = layer_sets(table, cfg)
-    for set_name, prefix in unused.get("layer_prefix", {}).items():
-        names += [prefix.replace("{i}", str(i)) for i in sets.get(set_name, [])]
-    return names
+    out = {}
+    for kind, spec in table.get("unused", {}).items():
+        for name in spec.get("names", []):
+            out[name] = kind
+        for set_name, prefix in spec.get("layer_prefix", {}).items():
+            out.update({prefix.replace("{i}", str(i)): kind for i in sets.get(set_name, [])})
+    return out
+
+
+def unused_kind(name: str, unused: dict) -> str | None:
+    """"built" / "not_built" when `name` is one of the table's unused tensors (unused_names), else None."""
+    if name in unused:
+        return unused[name]
+    return next((kind for u, kind in unused.items() if u.endswith(".") and name.startswith(u)), None)
 
 
 def is_unused(name: str, unused) -> bool:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from ..errors import fail
 from ..io.dtypes import BY_NAME, dtype_name
-from .mapping import is_unused
+from .mapping import unused_kind
 from .splits import SPLIT_KINDS, rank_shape, split_dim
 
 
 def tensor_entries(jobs, tp: int, unused, file_names: dict | None = None) -> list:
     """One entry per output tensor: how it was made (op, layout, sources and the files and dtype they came
-    from, so export can rebuild the source folder) and how it is split. `file_names`: source path -> its
-    name in the source folder."""
+    from, so export can rebuild the source folder), how it is split, and for the table's [unused] tensors that
+    MindFormers' LlavaVlm never uses them and whether it builds them (`unused`: mapping.unused_names).
+    `file_names`: source path -> its name in the source folder."""
     entries = []
     for j in jobs:
         t = j.target
@@ -28,8 +29,10 @@ def tensor_entries(jobs, tp: int, unused, file_names: dict | None = None) -> lis
             entry["groups"] = t.groups
         if tp > 1:
             entry["rank_shape"] = list(rank_shape(t.shape, t.split, tp))
-        if is_unused(t.name, unused):
+        kind = unused_kind(t.name, unused)
+        if kind:  # LlavaVlm's forward never applies it; whether it builds the parameter (so the weight loads)
             entry["unused_by_llavavlm"] = True
+            entry["built_by_llavavlm"] = kind == "built"
         entries.append(entry)
     return entries
 

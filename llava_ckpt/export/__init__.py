@@ -87,7 +87,10 @@ def export(ms_src: str, hf_out: str, config: str | None = None, dtype: str | Non
             "skipped_training_state": len(source.skipped), "bytes": sum(f["size"] for f in files),
             "round_trip": "exact" if lossless["exact"] else "lossy: " + ", ".join(
                 f"{chain} ({n} tensors)" for chain, n in lossless["lossy"].items()),
-            "missing_side_files": missing_side, "files": [f["path"] for f in files]}
+            "missing_side_files": missing_side, "files": [f["path"] for f in files],
+            "warnings": [f"{hf_out} has no {', '.join(missing_side)}: transformers loads its weights, but "
+                         "AutoProcessor (prompts, images) needs them; pass --config HF_FOLDER to copy them from "
+                         "the Hugging Face folder"] if missing_side else []}
 
 
 # What AutoProcessor needs beside config.json: a tokenizer (either file), its config, the image processor's.

@@ -57,3 +57,14 @@ def casts_lose(chain) -> bool:
 
 def itemsize(code: str) -> int:
     return DTYPES[code][0].itemsize if code in DTYPES else OTHER_DTYPES[code][0]
+
+
+def cast(values: np.ndarray, code: str) -> np.ndarray:
+    """`values` in the dtype of safetensors code `code`: the one cast convert, shard and export apply to tensor
+    data, and the one the weight proof (verify) expects to find in a converted file.
+
+    Narrowing rounds to the nearest representable value, ties to even (IEEE 754's default rounding: numpy's
+    float32 -> float16, ml_dtypes' casts to and from bfloat16); widening is exact. Values past the target's range
+    become inf, as in every IEEE cast. Returns `values` itself when it already has that dtype."""
+    target = numpy_dtype(code)
+    return values if values.dtype == target else values.astype(target)

@@ -12,6 +12,7 @@ from .paths import inside
 
 NAME = "manifest.json"
 FORMATS = ("ckpt", "safetensors")
+DEFAULT_FORMAT = "safetensors"  # MindSpore's load_checkpoint takes it at any size (io.writers.ckpt_load_warning)
 
 
 def write_manifest(folder: str, manifest: dict) -> str:

@@ -188,7 +188,7 @@ def check_free_space(folder: str, need: int) -> None:
                    f"{free / 2**30:.2f} GiB is free")
 
 
-class _HashFiles(threading.Thread):
+class HashFiles(threading.Thread):
     """sha256 of input files on a background thread, overlapping the command's own reads of them."""
 
     def __init__(self, paths, known=None):
@@ -255,7 +255,7 @@ def staged_output(out: str, src: str | None, need_bytes: int, manifest: dict, in
     stage = staging_dir(out, src, identity(manifest), overwrite)
     try:
         check_free_space(stage, need_bytes)
-        hasher = _HashFiles([p for _, p in inputs], known_hashes)
+        hasher = HashFiles([p for _, p in inputs], known_hashes)
         hasher.start()
         staged = Staged(stage)
         try:

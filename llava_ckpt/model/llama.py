@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, RMSNorm, as_dtype, param, rope_tables, softmax_f32
+from .layers import Linear, RMSNorm, as_dtype, at_least_f32, param, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -190,7 +190,7 @@ class LanguageModel(nn.Cell):
         self.cos, self.sin = rope_tables(tc["head_dim"], rope_theta(tc), self.max_positions)
 
     def logits(self, x):
-        return self.lm_head(self.model.norm_out(x)).astype(ms.float32)
+        return at_least_f32(self.lm_head(self.model.norm_out(x)))
 
     def prefill(self, x, positions, keep, last_only=False):
         """x: input embeddings [B, S, H]; positions [S] or [B, S] (per row); keep: bool broadcastable to

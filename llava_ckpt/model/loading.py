@@ -22,8 +22,9 @@ def detect_fused(names, table: dict | None = None) -> bool:
 
 
 def ignored_names(cfg: dict, names, table: dict | None = None) -> list:
-    """Names a converted checkpoint may hold that LLaVA never uses: the table's [unused] (ln_post and the
-    vision layers past the feature layer; MindFormers' LlavaVlm does not build them either)."""
+    """Names a converted checkpoint may hold that LLaVA never uses: the table's [unused] (ln_post, which
+    MindFormers' LlavaVlm builds but never applies, and the vision layers past the feature layer, which it does
+    not build). The reference model builds neither."""
     unused = unused_names(_table(cfg, table), cfg)
     return [n for n in names if is_unused(n, unused)]
 

@@ -7,7 +7,7 @@ is spelled out.
 
 Weights are float32 (rounded through `round_to` first: the dtypes the converted checkpoint or the reference
 model's compute narrows them to, so both sides compute on the same numbers), read with pread into the
-verify's arena (weights.py), which the next module reuses.
+verify's arena (weights.py), which the next module reuses; float64 for drift.py's rerun of one module.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ TEXT = "language_model.model."
 
 
 class HfSide:
-    def __init__(self, hf_src: str, cfg: dict, round_to: list, arena: Arena | None = None):
+    def __init__(self, hf_src: str, cfg: dict, round_to: list, arena: Arena | None = None, compute: str = "float32"):
         import torch
         from transformers import LlavaConfig
         from ..io.hf_folder import read_tensors
@@ -41,6 +41,7 @@ class HfSide:
         layout = table["layouts"][detect_layout(table, tensors, expected)]
         self.where = {to_canonical(n, layout): info for n, info in tensors.items()}
         self.round_to = [getattr(torch, d) for d in round_to]
+        self.compute = np.dtype(compute)  # the weights' dtype: float32, or float64 for a rerun (drift.py)
         self.arena = Arena() if arena is None else arena
         self.reader = FileReader()
         self.image_token = int(cfg["image_token_index"])
@@ -55,9 +56,10 @@ class HfSide:
         return self.where[name]
 
     def _read(self, names: list) -> dict:
-        """canonical name -> float32 tensor (rounded) in the arena, read with pread (no file stays mapped)."""
+        """canonical name -> float32 (self.compute) tensor, rounded, in the arena, read with pread (no file stays
+        mapped)."""
         infos = {name: self._info(name) for name in names}
-        return {name: self._rounded(info, read_into_arena(self.arena, self.reader, info, np.float32))
+        return {name: self._rounded(info, read_into_arena(self.arena, self.reader, info, self.compute))
                 for name, info in infos.items()}
 
     def _rounded(self, info, a: np.ndarray):

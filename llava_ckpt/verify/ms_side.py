@@ -153,6 +153,16 @@ class MsSide:
         self._release(enc)
         return emb, x
 
+    def ln_pre(self, x):
+        """VisionEncoder's ln_pre alone, on given embeddings (drift.py reruns it on transformers' input)."""
+        from ..model.layers import LayerNorm
+        self._begin()
+        vc = self.cfg["vision_config"]
+        norm = self._load(LayerNorm(vc["hidden_size"], vc["layer_norm_eps"], self.dtype), "vision_encoder.ln_pre.")
+        y = norm(x)
+        self._release(norm)
+        return y
+
     def vision_block(self, i: int, x):
         from ..model.vision import ResBlock
         self._begin()

@@ -14,6 +14,7 @@ from ..errors import fail
 from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
 from .converted import open_converted, stored_dtypes
 from .inputs import DEFAULT_IMAGE, DEFAULT_PROMPT, SWAPPED, build_inputs, resolve_source
+from .record import start_hashing, stop_hashing, write_verification
 
 # How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
@@ -21,15 +22,19 @@ _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
 
 def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
            max_new_tokens: int = 16, dtype: str = "float32", device_target: str = "CPU",
-           msrun: bool | None = None, timeout: float = 300.0) -> dict:
+           msrun: bool | None = None, timeout: float = 300.0, weights_only: bool = False,
+           progress: bool = False) -> dict:
     """Compare the converted checkpoint in `ms_dir` with the HF checkpoint `hf_src`; returns a JSON-able dict.
 
-    `dtype` is the reference model's compute dtype (float32 or float16). `msrun`: run a tp output's rank
-    files as real tensor-parallel ranks (default: yes for a tp output; False keeps only the reassembled
-    single-process check); the ranks walk their rank files layer by layer as this process does (one layer's
-    slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
-    Raises CheckpointError for bad input (missing folders, names that do not match the model); a numerical
-    mismatch is not an error, it is `passed: False` with the first diverging module named.
+    First the weight proof (proof.py): every converted tensor, on every rank, read back through its op's
+    inverse and compared bit for bit with its source cast to its stored dtype. `weights_only` stops there (no
+    model is built or run). Then the numeric walk: `dtype` is the reference model's compute dtype (float32 or
+    float16). `msrun`: run a tp output's rank files as real tensor-parallel ranks (default: yes for a tp output;
+    False keeps only the reassembled single-process check); the ranks walk their rank files layer by layer as
+    this process does (one layer's slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
+    Raises CheckpointError for bad input (missing folders, names that do not match the model); a mismatch is
+    not an error, it is `passed: False` with its kind ("conversion error": tensors differ from their source;
+    "numeric drift": every tensor is exact, the outputs differ) and the first diverging module named.
     """
     if dtype not in TOLERANCES:
         raise fail(f"verify dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}")
@@ -41,12 +46,27 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     from ..engine.config import image_token_count, load_config
     from ..io.hf_folder import read_tensors
     from ..prompts import check_length, load_image, prompt_floor
+    from .proof import plan_proof, prove
     # every input checked before transformers or MindSpore start: safetensors only, every header valid,
     # nothing outside the folders, the image readable, the prompt not longer than the context
     read_tensors(hf_src, SWAPPED)
     cfg = load_config(hf_src)
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
+    if weights_only:
+        try:
+            planned = plan_proof(hf_src, ms_dir, cfg)
+            hashing = start_hashing(hf_src, ms_dir)
+            try:
+                weights = prove(planned, progress)
+            except BaseException:
+                stop_hashing(hashing)
+                raise
+        finally:
+            if hasattr(tensors, "close"):
+                tensors.close()
+        result = _weights_result(weights, cfg, tp, tensors, hf_src, ms_dir)
+        return write_verification(result, hashing, {"device": None})
     image_path = image or DEFAULT_IMAGE
     picture = load_image(image_path)
     max_positions = int(cfg["text_config"]["max_position_embeddings"])
@@ -59,7 +79,8 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             raise fail(f"{ms_dir} is a tp-1 output: running ranks under msrun needs a --tp output")
         stored = stored_dtypes(tensors)
         # storage rounding first, then the float16 compute cast: the order our side applies them in
-        narrow = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+        storage = sorted({d for d in stored.values() if _NARROW.get(d, 0) > 0}, key=_NARROW.get, reverse=True)
+        narrow = list(storage)
         if dtype == "float16" and narrow[-1:] != ["float16"]:
             narrow.append("float16")
         inputs = build_inputs(hf_src, image_path, prompt, picture)
@@ -70,36 +91,96 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         from .weights import Arena
         arena = Arena()  # one step's weights, either side's: the two never run a step at the same time
         ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target, arena=arena)  # names checked only
-        ranks = None
-        if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
-            from .ranks import run_ranks
-            ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
-                              device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
-                              eos=eos, streamed=True)
-        from .hf_side import HfSide
-        from .streamed import walk
-        tol = TOLERANCES[dtype]
-        hf = HfSide(hf_src, cfg, narrow, arena)
+        planned = plan_proof(hf_src, ms_dir, cfg)
+        hashing = start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
         try:
-            got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
-                       rank_trace=ranks["trace"] if ranks else None)
-        finally:
-            hf.close()
-            ms.close()
+            weights = prove(planned, progress)  # before the numeric walk
+            ranks = None
+            if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
+                from .ranks import run_ranks
+                ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
+                                  device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
+                                  eos=eos, streamed=True)
+            from .hf_side import HfSide
+            from .streamed import walk
+            tol = TOLERANCES[dtype]
+            hf = HfSide(hf_src, cfg, narrow, arena)
+            try:
+                got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
+                           rank_trace=ranks["trace"] if ranks else None,
+                           rank_logits=ranks["logits"][0] if ranks else None)
+                replicas = sorted(getattr(tensors, "replica_mismatch", ()))
+                result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas,
+                                 hf_src, ms_dir, weights)
+                if result["kind"] == "numeric drift":
+                    result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena,
+                                             device_target, ids, pixels, dtype, tol["module_rtol"])
+            finally:
+                hf.close()
+                ms.close()
+        except BaseException:
+            stop_hashing(hashing)  # a verify that ends in an error records nothing
+            raise
     finally:
         if hasattr(tensors, "close"):
             tensors.close()
-    replicas = sorted(getattr(tensors, "replica_mismatch", ()))
-    return _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas, hf_src, ms_dir)
+    return write_verification(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
 
 
-def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, replicas, hf_src, ms_dir) -> dict:
+def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
+           rtol) -> dict:
+    """Every weight is exact and the outputs differ: rerun the module that diverged (the first one, else the one
+    furthest over its tolerance) on transformers' input, in the compute dtype and in float64 (drift.py)."""
+    from .drift import rerun
+    from .hf_side import HfSide
+    from .ms_side import MsSide
+    single = [ok for name, ok in result["checks"].items() if not name.startswith("msrun_")]
+    if all(single):  # only the ranks under msrun differ: this process's cells agree, a rerun here would too
+        par = result["msrun"]
+        return {"module": par["first_divergence"], "compute_dtype": dtype, "verdict": "tensor-parallel difference",
+                "explanation": "the single process agrees with transformers; only the msrun ranks differ (their "
+                               "parallel cells or collectives), the weights are exact"}
+    modules = [m for m in result["modules"] if m["rel_diff"] is not None]
+    if not modules:
+        return None
+    module = result["first_divergence"] or max(modules, key=lambda m: m["rel_diff"])["name"]
+    walk_rel = next(m["rel_diff"] for m in result["modules"] if m["name"] == module)
+    hf64 = HfSide(hf_src, cfg, storage, arena, compute="float64")
+    ms64 = MsSide(cfg, tensors, dtype="float64", device_target=device_target, arena=arena)
+    try:
+        return rerun(module, walk_sides, (hf64, ms64), cfg, got["hf_outputs"], ids, pixels, walk_rel, dtype, rtol)
+    finally:
+        hf64.close()
+        ms64.close()
+
+
+def _kind(weights: dict, numerics_ok: bool):
+    """What a mismatch is: the weights themselves differ from their source, or every weight is exact and the
+    numbers differ (the model or its kernels)."""
+    if not weights["passed"]:
+        return "conversion error"
+    return None if numerics_ok else "numeric drift"
+
+
+def _weights_result(weights: dict, cfg: dict, tp: int, tensors, hf_src: str, ms_dir: str) -> dict:
+    """verify --weights-only: the proof alone (no MindSpore, no transformers model)."""
+    from ..engine.mapping import detect_options, table_for
+    return {"passed": weights["passed"], "weights_only": True, "kind": _kind(weights, True),
+            "checks": {"weights": weights["passed"]}, "weights": weights, "tp": tp,
+            "fused_qkv": detect_options(table_for(cfg), tensors.keys()).get("fuse_qkv", False),
+            "stored_dtypes": sorted(set(stored_dtypes(tensors).values())),
+            "hf_src": os.path.abspath(hf_src), "ms_dir": os.path.abspath(ms_dir)}
+
+
+def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, replicas, hf_src, ms_dir,
+            weights) -> dict:
     result = compare_logits(got["hf_logits"], got["ms_logits"], tol)
     greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], got["tokens_ms"], result["tolerance_abs"])
     modules = got["modules"]
     first = first_divergence(modules)
-    checks = {"logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"), "top1": result.pop("top1_ok"),
-              "greedy": greedy.pop("greedy_ok"), "modules": first is None, "replicas": not replicas}
+    checks = {"weights": weights["passed"], "logits": result.pop("logits_ok"), "cosine": result.pop("cosine_ok"),
+              "top1": result.pop("top1_ok"), "greedy": greedy.pop("greedy_ok"), "modules": first is None,
+              "replicas": not replicas}
     parallel = None
     if ranks is not None:
         parallel = _ranks_result(got, ranks, tol)
@@ -108,9 +189,12 @@ def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, repl
         checks["msrun_modules"] = parallel["first_divergence"] is None
     ids, decode = inputs["input_ids"], inputs["decode"]
     result.update(greedy)
+    numerics_ok = all(ok for name, ok in checks.items() if name != "weights")
     result.update({
         "passed": all(checks.values()),
+        "kind": _kind(weights, numerics_ok),
         "checks": checks,
+        "weights": weights,
         "first_divergence": first,
         "modules": modules,
         "tp": tp,
@@ -120,6 +204,7 @@ def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, repl
         "stored_dtypes": sorted(set(stored.values())),
         "hf_weights_rounded_to": narrow,
         "replica_mismatch": replicas,
+        "drift": None,
         "thresholds": dict(tol),
         "positions": int(ids.shape[1]),
         "image_tokens": int((ids == cfg["image_token_index"]).sum()),

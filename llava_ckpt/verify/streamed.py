@@ -67,10 +67,21 @@ def _trim_heap() -> None:
 _LIBC = None
 
 
+HEAD = "language_model.lm_head"  # the last module of the report: the prompt's logits
+
+
+def module_names(cfg: dict) -> list:
+    """Every module the walk compares, in execution order: the model's traced intermediates (vision embeddings,
+    ln_pre, each vision block, the projector, the merge, each decoder layer, the final norm), then lm_head."""
+    from ..model.llava import trace_names
+    return trace_names(cfg) + [HEAD]
+
+
 def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), rtol: float = 1e-3,
-         rank_trace: list | None = None, names: list | None = None) -> dict:
+         rank_trace: list | None = None, names: list | None = None, rank_logits=None) -> dict:
     """Prefill logits of both sides, per-module comparisons (also against `rank_trace`, the msrun ranks'
-    intermediates in `names` order, if given) and greedy tokens of both sides."""
+    intermediates in `names` order, and `rank_logits`, if given) and greedy tokens of both sides. Also returns
+    transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs."""
     from ..model.llava import trace_names
     from ..model.vision import layers_run
     names = names or trace_names(cfg)
@@ -95,7 +106,8 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     for i in range(n_layers):
         h_x = keep(f"language_model.model.layers.{i}", clock.run("transformers", hf.decoder_layer, i, h_x, ctx))
     h_x = keep("language_model.model.norm_out", clock.run("transformers", hf.norm, h_x))
-    h_logits = to_numpy(clock.run("transformers", hf.lm_head, h_x))[0]
+    h_logits = keep(HEAD, clock.run("transformers", hf.lm_head, h_x))
+    h_logits = theirs[HEAD][0]
     hf_tokens, hf_steps = [int(np.argmax(h_logits[-1]))], [h_logits[-1].copy()]
     while len(hf_tokens) < max_new_tokens and hf_tokens[-1] not in eos:
         h_x = clock.run("transformers", hf.token_embeddings, hf_tokens[-1])
@@ -117,18 +129,22 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
             mine = mine[:, :s]  # the prompt's positions; the rest are the generated tokens'
         modules.append(compare_module(name, theirs[name], mine, rtol))
         if rank_trace is not None:
-            k = names.index(name)
-            rank_modules.append(compare_module(name, theirs[name], None if k >= len(rank_trace) else
-                                               np.asarray(rank_trace[k], dtype=np.float32), rtol))
+            if name == HEAD:  # the ranks' logits come back on their own, not in the trace
+                rank = None if rank_logits is None else np.asarray(rank_logits, dtype=np.float32)[None]
+            else:
+                k = names.index(name)
+                rank = None if k >= len(rank_trace) else np.asarray(rank_trace[k], dtype=np.float32)
+            rank_modules.append(compare_module(name, theirs[name], rank, rtol))
 
     m_logits, _, _ = reference_forward(ms, cfg, input_ids, pixel_values, clock, check, hf_tokens[:-1])
+    check(HEAD, m_logits)
     m_logits = m_logits.asnumpy()[0]
     ms_tokens = []
     for j, token in enumerate(hf_tokens):  # the reference model's choice after the same prefix
         ms_tokens.append(int(np.argmax(m_logits[s - 1 + j])))
         if ms_tokens[-1] != token:
             break
-    return {"hf_logits": h_logits, "ms_logits": m_logits[:s], "modules": modules,
+    return {"hf_logits": h_logits, "ms_logits": m_logits[:s], "modules": modules, "hf_outputs": theirs,
             "rank_modules": rank_modules if rank_trace is not None else None,
             "tokens_hf": hf_tokens, "hf_step_logits": np.stack(hf_steps), "tokens_ms": ms_tokens,
             "seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}

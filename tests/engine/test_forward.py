@@ -25,14 +25,15 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(writers, "BLOCK", BLOCK)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("dtype", [None, "float32"])
-def test_convert_across_chunks(tiny, tmp_path, small_chunks, fuse, dtype):
-    convert(tiny, str(tmp_path / "out"), dtype=dtype, fuse_qkv=fuse, progress=False)
+def test_convert_across_chunks(tiny, tmp_path, small_chunks, fuse, dtype, fmt):
+    convert(tiny, str(tmp_path / "out"), dtype=dtype, fmt=fmt, fuse_qkv=fuse, progress=False)
     hf = read_hf(tiny)
     assert max(a.nbytes for a in hf.values()) > 100 * CHUNK  # the oracle really spans many chunks
     want = expected(hf, load_config(tiny), fuse_qkv=fuse)
-    got = read_with_mindspore(str(tmp_path / "out" / "llava.ckpt"))
+    got = read_with_mindspore(str(tmp_path / "out" / f"llava.{fmt}"))
     assert mismatches(got, want, np.float32 if dtype else None) == []
 
 

@@ -98,3 +98,17 @@ def test_table_is_chosen_from_config_and_mapping_picks_another(tmp_path):
                               num_key_value_heads=2, vocab_size=32064)
     cfg = normalize_config(raw, table=variant)
     assert cfg["text_config"]["head_dim"] == 64 and len(plan(variant, cfg, {})) > 0
+
+
+def test_unused_tensors_say_whether_llavavlm_builds_them(tmp_path):
+    """ln_post: built by LlavaVlm (its weights load), never applied; the vision layers past the feature layer:
+    not built. A table in the old single-list form is refused with what to write instead."""
+    from llava_ckpt.engine.mapping import unused_kind, unused_names
+    table = load_table()
+    unused = unused_names(table, load_config(REFERENCE))
+    assert unused_kind("vision_encoder.ln_post.gamma", unused) == "built"
+    assert unused_kind("vision_encoder.transformer.resblocks.23.attn.in_proj.weight", unused) == "not_built"
+    assert unused_kind("vision_encoder.transformer.resblocks.22.attn.in_proj.weight", unused) is None
+    old = edited_table(tmp_path, '[unused.built]\nnames', '[unused]\nnames')
+    with pytest.raises(CheckpointError, match=r"\[unused\] holds \[unused.built\].*\[unused.not_built\]"):
+        load_table(old)

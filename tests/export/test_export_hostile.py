@@ -20,7 +20,7 @@ WO = L1 + "attention.wo.weight"           # row split
 def made(tiny, tmp_path_factory):
     """A tp-1 safetensors convert output, a tp-2 .ckpt one, and a bare 2-rank set (no manifest) made from it."""
     root = tmp_path_factory.mktemp("exp-src")
-    for args, name in ((["--format", "safetensors"], "one"), (["--tp", "2"], "tp2")):
+    for args, name in ((["--format", "safetensors"], "one"), (["--tp", "2", "--format", "ckpt"], "tp2")):
         proc = run("convert", tiny, root / name, *args)
         assert proc.returncode == 0, proc.stderr
     ranks = root / "ranks"

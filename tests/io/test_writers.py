@@ -98,3 +98,23 @@ def test_training_counters_are_indexed_only_when_asked(tmp_path):
     arrays = {"w": np.ones((2, 3), np.float32)}
     _write(tmp_path / "t.ckpt", arrays)
     assert read_index(str(tmp_path / "t.ckpt"), other_dtypes=True)["w"].shape == (2, 3)
+
+
+def test_a_ckpt_too_large_for_mindspores_loader_here_is_warned_about(tiny, tmp_path, monkeypatch):
+    """MindSpore's load_checkpoint needs about 3x a .ckpt's size free (it reads it whole, then wants its size
+    still free): convert says so for a .ckpt above an eighth of the host's memory; safetensors never."""
+    from click.testing import CliRunner
+    import llava_ckpt.io.writers as writers
+    from llava_ckpt.cli import main
+    from llava_ckpt.convert import convert
+    assert writers.ckpt_load_warning("x", 3 << 30, memory=24 << 30) is None
+    assert "x is a 3.1 GiB .ckpt" in writers.ckpt_load_warning("x", 3 << 30 | 1 << 27, memory=24 << 30)
+    monkeypatch.setattr(writers, "host_memory", lambda: 8 << 20)  # a host of 8 MiB: the tiny .ckpt is 12 MB
+    one = convert(tiny, str(tmp_path / "one"), fmt="ckpt", progress=False)
+    (warning,) = one["warnings"]
+    assert warning.startswith("llava.ckpt is a 0.0 GiB .ckpt: MindSpore's load_checkpoint reads a .ckpt whole")
+    two = convert(tiny, str(tmp_path / "two"), fmt="ckpt", tp=2, progress=False)
+    assert two["warnings"][0].startswith("each of llava.ckpt of the 2 rank folders is a")
+    assert convert(tiny, str(tmp_path / "st"), progress=False)["warnings"] == []  # the default: safetensors
+    cli = CliRunner().invoke(main, ["convert", tiny, str(tmp_path / "cli"), "--format", "ckpt"])
+    assert cli.exit_code == 0 and "warning: llava.ckpt is a" in cli.stderr

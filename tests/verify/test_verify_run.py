@@ -15,6 +15,7 @@ from llava_ckpt.errors import CheckpointError
 from llava_ckpt.io import load_tensors
 from llava_ckpt.model import trace_names
 from llava_ckpt.verify import format_report, verify
+from llava_ckpt.verify.streamed import module_names
 from in_place import edit_tensors
 
 TOKENS = 4  # greedy tokens per run: enough to exercise the KV cache, short enough to keep tests fast
@@ -31,7 +32,8 @@ def test_verify_passes(tiny, tmp_path, dtype, fmt, fuse):
     convert(tiny, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse, progress=False)
     r = verify(tiny, out, max_new_tokens=TOKENS)
     names = [m["name"] for m in r["modules"]]
-    assert names == trace_names(load_config(tiny)) and all(m["ok"] for m in r["modules"])
+    assert names == module_names(load_config(tiny)) and all(m["ok"] for m in r["modules"])
+    assert names[-1] == "language_model.lm_head" and names[:-1] == trace_names(load_config(tiny))
     assert r["passed"], format_report(r)
     assert r["checks"] == {k: True for k in r["checks"]}
     assert r["tp"] == 1 and r["fused_qkv"] == fuse and r["first_divergence"] is None
