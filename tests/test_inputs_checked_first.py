@@ -64,7 +64,7 @@ def bomb_png(path, side=20000):
 def made(tiny, tmp_path_factory):
     w = tmp_path_factory.mktemp("first")
     shutil.copytree(tiny, w / "hf")
-    convert(str(w / "hf"), str(w / "out"), progress=False)
+    convert(str(w / "hf"), str(w / "out"), fmt="ckpt", progress=False)
     shard(str(w / "out"), str(w / "tp2"), tp=2, progress=False)
     shutil.copyfile(IMAGE, w / "cat.png")
     (w / "garbage.png").write_bytes(b"\x89PNG not really" * 10)

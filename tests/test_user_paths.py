@@ -29,8 +29,9 @@ def cli(cwd, *args, ok=True, timeout=300):
 
 
 def files_but_manifest(folder: Path) -> dict:
-    """digests() without manifest.json, which records the input path as it was typed."""
-    return {k: v for k, v in digests(folder).items() if k != "manifest.json"}
+    """digests() without manifest.json, which records the input path as it was typed, and verification.json,
+    which a verify of the folder leaves."""
+    return {k: v for k, v in digests(folder).items() if k not in ("manifest.json", "verification.json")}
 
 
 def refused(proc, *words):
@@ -68,7 +69,7 @@ def test_convert_relative_dot_dot_symlinked_and_into_the_current_folder(work):
     cli(work, "convert", "hf-link", "a")  # the same source through a link: a rerun, replacing its own output
     cli(work / "sub", "make-fixture", "../fx/", "--preset", "tiny", "--seed", 1)
     cli(work, "convert", "fx", "fx-out")
-    assert (work / "fx" / "config.json").is_file() and (work / "fx-out" / "llava.ckpt").is_file()
+    assert (work / "fx" / "config.json").is_file() and (work / "fx-out" / "llava.safetensors").is_file()
 
 
 def test_check_and_shard_through_links_and_dot_dot(work):
@@ -122,7 +123,9 @@ def test_folders_that_already_hold_something(work):
     refused(cli(work, "convert", "hf", "out", "--dtype", "float32", ok=False), "options.dtype None there")
     assert digests(work / "out") == out
     cli(work, "convert", "hf", "out")  # the same command (hf-link is hf): its own output, replaced quietly
-    assert files_but_manifest(work / "out") == {k: v for k, v in out.items() if k != "manifest.json"}
+    assert files_but_manifest(work / "out") == {k: v for k, v in out.items()
+                                                 if k not in ("manifest.json", "verification.json")}
+    assert not (work / "out" / "verification.json").exists()  # what was proven was about the old output
 
     keep = work / "keep"
     keep.mkdir()
@@ -159,4 +162,4 @@ def test_outputs_follow_the_umask(tiny, tmp_path):
             for name in dirs:
                 assert os.stat(os.path.join(root, name)).st_mode & 0o777 == mode | 0o111, name
         assert set(modes.values()) == {mode}, modes  # config, tokenizer, manifest and weights alike
-        assert {"config.json", "manifest.json", "strategy.ckpt", "rank_0/llava.ckpt"} <= set(modes)
+        assert {"config.json", "manifest.json", "strategy.ckpt", "rank_0/llava.safetensors"} <= set(modes)

@@ -99,7 +99,7 @@ def test_float32_conversion_exported_as_float16_is_the_float16_source(tiny, tmp_
 def test_a_lossy_round_trip_is_reported(tiny, tmp_path):
     """A bfloat16 conversion exported back to the source's float16 cannot be the source's bits: the summary and
     the manifest say so, per chain of casts; exported as bfloat16 it is exact (nothing more is lost)."""
-    convert(tiny, str(tmp_path / "ms"), dtype="bfloat16", progress=False)
+    convert(tiny, str(tmp_path / "ms"), dtype="bfloat16", fmt="ckpt", progress=False)
     r = export(str(tmp_path / "ms"), str(tmp_path / "hf"), progress=False)
     n = len(json.loads((tmp_path / "ms" / "manifest.json").read_text())["tensors"])
     manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
@@ -120,7 +120,7 @@ def test_a_lossy_round_trip_is_reported(tiny, tmp_path):
 def test_missing_processor_files_are_named(tiny, tmp_path):
     """A bare checkpoint exported with a bare config.json: the weights load, AutoProcessor could not; said on
     stderr (one warning line), in the summary and in the manifest."""
-    convert(tiny, str(tmp_path / "ms"), progress=False)
+    convert(tiny, str(tmp_path / "ms"), fmt="ckpt", progress=False)
     bare = tmp_path / "bare"
     bare.mkdir()
     os.link(tmp_path / "ms" / "llava.ckpt", bare / "llava.ckpt")

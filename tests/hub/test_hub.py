@@ -306,7 +306,8 @@ def test_cli_from_a_working_folder_with_relative_paths(hub, served, tmp_path):
     os.symlink("ld", tmp_path / "ld-link")
     run("convert", "ld-link", "out/")
     run("convert", REPO, "out-hub")
-    assert (tmp_path / "out" / "llava.ckpt").read_bytes() == (tmp_path / "out-hub" / "llava.ckpt").read_bytes()
+    assert (tmp_path / "out" / "llava.safetensors").read_bytes() == \
+        (tmp_path / "out-hub" / "llava.safetensors").read_bytes()
     hub_manifest = json.loads((tmp_path / "out-hub" / "manifest.json").read_text())
     assert hub_manifest["source"]["repo_id"] == REPO
     proc = subprocess.run([exe, "convert", REPO, "out"], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -119,5 +119,5 @@ def test_a_damaged_record_is_a_problem_and_a_new_output_has_none(verified, tmp_p
         f.write("{not json")
     c = check(out)
     assert not c["ok"] and any("verification.json is not valid JSON" in p for p in c["problems"])
-    convert(src, out, fmt="safetensors", progress=False)  # the output written again: nothing proven about it
+    convert(src, out, fmt="safetensors", progress=False, overwrite=True)  # written anew: nothing proven about it
     assert not os.path.exists(path) and check(out)["verification"] is None
