@@ -3,7 +3,6 @@ again on transformers' input in the compute dtype and in float64: a forced loss 
 away in float64, a real difference in what the module computes stays. The module report covers lm_head."""
 import os
 
-import numpy as np
 import pytest
 
 from llava_ckpt.convert import convert

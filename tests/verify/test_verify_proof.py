@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from llava_ckpt.cli import main
 from llava_ckpt.convert import convert
-from llava_ckpt.engine.config import load_config
 from llava_ckpt.io.dtypes import itemsize
 from llava_ckpt.io.readers import read_index
 from llava_ckpt.shard import shard
