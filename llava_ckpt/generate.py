@@ -221,6 +221,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
                      "arrays": {"input_ids": ids, "attention_mask": mask,
                                 "pixel_values": np.stack([p["pixels"] for p in chunk])},
                      "start": start, "count": len(chunk)})
+    memory = check_memory(cfg, info["layout"], tp, jobs, max_new_tokens, dtype, device)
     decode = processor.tokenizer.decode
     outputs = [None] * len(prepared)
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0, "done": 0}
@@ -276,7 +277,18 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         "do_sample": bool(do_sample),
         "seed": seed,
         "ms_dir": os.path.abspath(ms_dir),
+        "memory_floor": memory,
     }, **run_info)
+
+
+def check_memory(cfg: dict, layout: dict, tp: int, jobs: list, max_new_tokens: int, dtype: str, device: str) -> dict:
+    """The largest batch's memory floor (model/memory.py) against what this host has, before any model loads:
+    a run that cannot fit is refused with the options that would. Returns the floor's terms in bytes."""
+    from .model.memory import check_fits, need
+    worst = max(jobs, key=lambda j: need(cfg, layout, tp, j["count"], int(j["arrays"]["input_ids"].shape[1]),
+                                         max_new_tokens, dtype)["total"])
+    return check_fits(cfg, layout, tp, worst["count"], int(worst["arrays"]["input_ids"].shape[1]),
+                      max_new_tokens, dtype, device)
 
 
 def _matmul_status(dtype: str, device: str) -> str:

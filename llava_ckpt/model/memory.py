@@ -1,0 +1,142 @@
+"""What a generate run must hold in memory, from the manifest and the requests, before anything is loaded.
+
+The reference model as it stands puts every weight into a parameter of the compute dtype (float32 widens a
+16-bit checkpoint to twice its size), keeps the KV cache on the host in the compute dtype, and needs at least
+one layer's activations at a time. The sum of those is a LOWER bound of the run's anonymous memory: the
+compiled prefill graph keeps more intermediates than one layer's (measured: several GB at 7B widths), so a run
+this formula admits can still be too big, but a run it refuses can never fit. generate refuses those with one
+`error:` line and the options that would pass the same formula, instead of being killed by the kernel.
+
+Per rank of `--tp N` (each rank holds 1/N of every split tensor and of the attention heads):
+  weights     sum over the tensors the model builds of (elements on the rank) x itemsize(compute dtype)
+  kv cache    layers x 2 x B x (kv_heads / N) x T x head_dim x itemsize, T = padded prompt + new tokens
+  activations B x S x (4 H + 2 F / N) x itemsize + B x (heads / N) x S^2 x 4 x 2 (float32 scores, probs),
+              the vision tower's the same way over its P positions, and the last position's logits B x V x 4
+  runtime     RUNTIME_BYTES (MindSpore and numpy imported: about 0.25 GB anonymous, measured)
+On a CPU host every rank runs on the same machine, so the host needs N times a rank's figure.
+"""
+from __future__ import annotations
+
+import os
+
+from ..engine.config import image_token_count
+from ..engine.mapping import is_unused, table_for, unused_names
+from ..engine.splits import rank_shape
+from ..errors import fail
+
+ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8}
+RUNTIME_BYTES = 300 * 1000 ** 2
+ENV_AVAILABLE = "LLAVA_CKPT_MEMORY_AVAILABLE"  # bytes; overrides what the host reports (tests, a user's cap)
+GIB = 1024 ** 3
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def weight_elements(cfg: dict, layout: dict, tp: int) -> int:
+    """Elements one rank's model holds: every tensor of the layout (name -> [split kind, whole shape]) but
+    the table's unused ones (ln_post, vision layers past the feature layer), which the model does not load."""
+    unused = unused_names(table_for(cfg), cfg)
+    return sum(_prod(rank_shape(shape, kind, tp)) for name, (kind, shape) in layout.items()
+               if not is_unused(name, unused))
+
+
+def need(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_tokens: int,
+         dtype: str = "float32") -> dict:
+    """The formula's terms in bytes, per rank, and their sum ("total")."""
+    tc, vc = cfg["text_config"], cfg["vision_config"]
+    size = ITEMSIZE[dtype]
+    h, f, layers = tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"]
+    heads, kv, d = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+    s, t = prompt_len, prompt_len + new_tokens
+    p = image_token_count(cfg) + 1  # the tower runs over the patches and CLS
+    vh, vf, vheads = vc["hidden_size"], vc["intermediate_size"], vc["num_attention_heads"]
+    terms = {
+        "weights": weight_elements(cfg, layout, tp) * size,
+        "kv_cache": layers * 2 * batch * (kv // tp) * t * d * size,
+        "activations": (batch * s * (4 * h + 2 * f // tp) * size + batch * (heads // tp) * s * s * 4 * 2
+                        + batch * p * (4 * vh + 2 * vf // tp) * size + batch * (vheads // tp) * p * p * 4 * 2
+                        + batch * tc["vocab_size"] * 4),
+        "runtime": RUNTIME_BYTES,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def available() -> tuple:
+    """(bytes, where from): LLAVA_CKPT_MEMORY_AVAILABLE if set, else the smaller of the host's MemAvailable
+    and the room left under this process's cgroup limit."""
+    value = os.environ.get(ENV_AVAILABLE)
+    if value is not None:
+        try:
+            return int(value), ENV_AVAILABLE
+        except ValueError:
+            raise fail(f"{ENV_AVAILABLE} must be a number of bytes, got {value!r}") from None
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append((int(limit) - used, "the cgroup limit"))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else (None, "unknown")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def check_fits(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_tokens: int, dtype: str,
+               device: str) -> dict:
+    """Refuse (one error line: the figures and what would fit) when the run cannot fit this host's memory.
+    Only CPU runs are checked: on a device the weights live in its memory, which this host cannot read.
+    Returns the terms (per rank), with "host_total" and "available"."""
+    terms = need(cfg, layout, tp, batch, prompt_len, new_tokens, dtype)
+    if device != "CPU":
+        return dict(terms, host_total=None, available=None)
+    room, origin = available()
+    host = terms["total"] * tp
+    result = dict(terms, host_total=host, available=room)
+    if room is None or host <= room:
+        return result
+
+    def fits(**kw) -> bool:
+        args = dict(tp=tp, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype)
+        args.update(kw)
+        return need(cfg, layout, **args)["total"] * args["tp"] <= room
+
+    options = []
+    if dtype == "float32" and fits(dtype="float16"):
+        options.append("--dtype float16")
+    smaller = [b for b in range(batch - 1, 0, -1) if fits(batch=b)]
+    if smaller:
+        options.append(f"--batch-size {smaller[0]}")
+    fewer = [n for n in (new_tokens // 2, new_tokens // 4, 16) if 0 < n < new_tokens and fits(new_tokens=n)]
+    if fewer:
+        options.append(f"--max-new-tokens {fewer[0]}")
+    tc, vc = cfg["text_config"], cfg["vision_config"]
+    heads = (tc["num_attention_heads"], tc["num_key_value_heads"], vc["num_attention_heads"])
+    valid_tp = [n for n in (2, 4, 8, 16) if all(h % n == 0 for h in heads)]
+    devices = [n for n in valid_tp if n > tp and need(cfg, layout, n, batch, prompt_len, new_tokens, dtype)["total"]
+               <= room]
+    if devices:
+        options.append(f"shard to --tp {devices[0]} and run the ranks on {devices[0]} devices of this size")
+    parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in terms.items() if k != "total")
+    ranks = f" per rank, x{tp} ranks on this host = {_gib(host)}" if tp > 1 else ""
+    raise fail(f"this run needs at least {_gib(terms['total'])}{ranks} ({parts}; {dtype}, batch {batch}, "
+               f"{prompt_len}-token prompts, {new_tokens} new tokens), {_gib(room)} is available ({origin}); "
+               + ("what would fit: " + "; ".join(options) if options else "no smaller run of these requests fits"))
