@@ -77,7 +77,8 @@ def read_requests(path: str) -> list:
 
 def open_output(ms_dir: str) -> dict:
     """Check `ms_dir` is a convert/shard output with what generate needs, its weight files there and of the
-    sizes its manifest records (each file's header valid); returns {"cfg", "tp", "rank_dirs", "layout"}."""
+    sizes its manifest records (each file's header valid); returns {"cfg", "tp", "rank_dirs", "layout",
+    "tp_units" (the sizes --tp must divide)}."""
     from .engine.config import load_config
     from .engine.records import checked_entries, split_layout
     from .io.manifest import NAME, checked_weight_files, output_layout, read_ms_output
@@ -93,7 +94,8 @@ def open_output(ms_dir: str) -> dict:
     for _, path in checked_weight_files(ms_dir, manifest):
         read_index(path)  # headers / record index only: a damaged file is named before any model starts
     dirs = rank_folders(ms_dir, tp)
-    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(checked_entries(manifest, where))}
+    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(checked_entries(manifest, where)),
+            "tp_units": list(manifest.get("tp_sizes", {}).items())}
 
 
 # ---------------------------------------------------------------- batches
@@ -221,7 +223,9 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
                      "arrays": {"input_ids": ids, "attention_mask": mask,
                                 "pixel_values": np.stack([p["pixels"] for p in chunk])},
                      "start": start, "count": len(chunk)})
-    memory = check_memory(cfg, info["layout"], tp, jobs, max_new_tokens, dtype, device)
+    from .model.memory import check_fits  # the largest batch against this host's memory, before any model loads
+    memory = check_fits(cfg, info["layout"], tp, [(j["count"], j["arrays"]["input_ids"].shape[1]) for j in jobs],
+                        max_new_tokens, dtype, device, info["tp_units"])
     decode = processor.tokenizer.decode
     outputs = [None] * len(prepared)
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0, "done": 0}
@@ -279,16 +283,6 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         "ms_dir": os.path.abspath(ms_dir),
         "memory_floor": memory,
     }, **run_info)
-
-
-def check_memory(cfg: dict, layout: dict, tp: int, jobs: list, max_new_tokens: int, dtype: str, device: str) -> dict:
-    """The largest batch's memory floor (model/memory.py) against what this host has, before any model loads:
-    a run that cannot fit is refused with the options that would. Returns the floor's terms in bytes."""
-    from .model.memory import check_fits, need
-    worst = max(jobs, key=lambda j: need(cfg, layout, tp, j["count"], int(j["arrays"]["input_ids"].shape[1]),
-                                         max_new_tokens, dtype)["total"])
-    return check_fits(cfg, layout, tp, worst["count"], int(worst["arrays"]["input_ids"].shape[1]),
-                      max_new_tokens, dtype, device)
 
 
 def _matmul_status(dtype: str, device: str) -> str:

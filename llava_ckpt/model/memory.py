@@ -17,46 +17,42 @@ On a CPU host every rank runs on the same machine, so the host needs N times a r
 """
 from __future__ import annotations
 
+import math
 import os
+
+import numpy as np
 
 from ..engine.config import image_token_count
 from ..engine.mapping import is_unused, table_for, unused_names
-from ..engine.splits import rank_shape
+from ..engine.splits import rank_shape, valid_degrees
 from ..errors import fail
 
-ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8}
 RUNTIME_BYTES = 300 * 1000 ** 2
 ENV_AVAILABLE = "LLAVA_CKPT_MEMORY_AVAILABLE"  # bytes; overrides what the host reports (tests, a user's cap)
 GIB = 1024 ** 3
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def weight_elements(cfg: dict, layout: dict, tp: int) -> int:
     """Elements one rank's model holds: every tensor of the layout (name -> [split kind, whole shape]) but
     the table's unused ones (ln_post, vision layers past the feature layer), which the model does not load."""
     unused = unused_names(table_for(cfg), cfg)
-    return sum(_prod(rank_shape(shape, kind, tp)) for name, (kind, shape) in layout.items()
+    return sum(math.prod(rank_shape(shape, kind, tp)) for name, (kind, shape) in layout.items()
                if not is_unused(name, unused))
 
 
 def need(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_tokens: int,
-         dtype: str = "float32") -> dict:
-    """The formula's terms in bytes, per rank, and their sum ("total")."""
+         dtype: str = "float32", elements: int | None = None) -> dict:
+    """The formula's terms in bytes, per rank, and their sum ("total"). `elements`: weight_elements(cfg,
+    layout, tp), when the caller has counted them already (they depend on tp alone)."""
     tc, vc = cfg["text_config"], cfg["vision_config"]
-    size = ITEMSIZE[dtype]
+    size = np.dtype(dtype).itemsize
     h, f, layers = tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"]
     heads, kv, d = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
     s, t = prompt_len, prompt_len + new_tokens
     p = image_token_count(cfg) + 1  # the tower runs over the patches and CLS
     vh, vf, vheads = vc["hidden_size"], vc["intermediate_size"], vc["num_attention_heads"]
     terms = {
-        "weights": weight_elements(cfg, layout, tp) * size,
+        "weights": (weight_elements(cfg, layout, tp) if elements is None else elements) * size,
         "kv_cache": layers * 2 * batch * (kv // tp) * t * d * size,
         "activations": (batch * s * (4 * h + 2 * f // tp) * size + batch * (heads // tp) * s * s * 4 * 2
                         + batch * p * (4 * vh + 2 * vf // tp) * size + batch * (vheads // tp) * p * p * 4 * 2
@@ -100,12 +96,22 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if abs(n) >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"
 
 
-def check_fits(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_tokens: int, dtype: str,
-               device: str) -> dict:
-    """Refuse (one error line: the figures and what would fit) when the run cannot fit this host's memory.
-    Only CPU runs are checked: on a device the weights live in its memory, which this host cannot read.
-    Returns the terms (per rank), with "host_total" and "available"."""
-    terms = need(cfg, layout, tp, batch, prompt_len, new_tokens, dtype)
+def check_fits(cfg: dict, layout: dict, tp: int, batches, new_tokens: int, dtype: str, device: str,
+               tp_units=()) -> dict:
+    """Refuse (one error line: the figures and what would fit) when the largest of `batches` ((rows, padded
+    prompt length) pairs) cannot fit this host's memory. `tp_units`: the manifest's (what, size) pairs that
+    --tp must divide, for the degrees offered. Only CPU runs are checked: on a device the weights live in its
+    memory, which this host cannot read. Returns the largest batch's terms (per rank), with "host_total" and
+    "available"."""
+    counted = {}
+
+    def total(batch, prompt_len, tp=tp, new_tokens=new_tokens, dtype=dtype) -> dict:
+        if tp not in counted:
+            counted[tp] = weight_elements(cfg, layout, tp)
+        return need(cfg, layout, tp, batch, prompt_len, new_tokens, dtype, counted[tp])
+
+    batch, prompt_len = max(batches, key=lambda b: total(*b)["total"])
+    terms = total(batch, prompt_len)
     if device != "CPU":
         return dict(terms, host_total=None, available=None)
     room, origin = available()
@@ -114,10 +120,10 @@ def check_fits(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, ne
     if room is None or host <= room:
         return result
 
-    def fits(**kw) -> bool:
-        args = dict(tp=tp, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype)
-        args.update(kw)
-        return need(cfg, layout, **args)["total"] * args["tp"] <= room
+    def fits(per_device=False, **kw) -> bool:
+        """The run changed by `kw` fits: its ranks on this host, or with per_device one rank per device."""
+        kw = {"batch": batch, "prompt_len": prompt_len, **kw}
+        return total(**kw)["total"] * (1 if per_device else tp) <= room
 
     options = []
     if dtype == "float32" and fits(dtype="float16"):
@@ -128,11 +134,7 @@ def check_fits(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, ne
     fewer = [n for n in (new_tokens // 2, new_tokens // 4, 16) if 0 < n < new_tokens and fits(new_tokens=n)]
     if fewer:
         options.append(f"--max-new-tokens {fewer[0]}")
-    tc, vc = cfg["text_config"], cfg["vision_config"]
-    heads = (tc["num_attention_heads"], tc["num_key_value_heads"], vc["num_attention_heads"])
-    valid_tp = [n for n in (2, 4, 8, 16) if all(h % n == 0 for h in heads)]
-    devices = [n for n in valid_tp if n > tp and need(cfg, layout, n, batch, prompt_len, new_tokens, dtype)["total"]
-               <= room]
+    devices = [n for n in valid_degrees(tp_units, limit=64) if n > tp and fits(per_device=True, tp=n)]
     if devices:
         options.append(f"shard to --tp {devices[0]} and run the ranks on {devices[0]} devices of this size")
     parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in terms.items() if k != "total")
