@@ -134,8 +134,10 @@ def check_fits(cfg: dict, layout: dict, tp: int, batches, new_tokens: int, dtype
     fewer = [n for n in (new_tokens // 2, new_tokens // 4, 16) if 0 < n < new_tokens and fits(new_tokens=n)]
     if fewer:
         options.append(f"--max-new-tokens {fewer[0]}")
-    devices = [n for n in valid_degrees(tp_units, limit=64) if n > tp and fits(per_device=True, tp=n)]
-    if devices:
+    devices = [n for n in valid_degrees(tp_units, limit=64) if n > 1 and n >= tp and fits(per_device=True, tp=n)]
+    if devices and devices[0] == tp:
+        options.append(f"the {tp} ranks on {tp} devices of this size")
+    elif devices:
         options.append(f"shard to --tp {devices[0]} and run the ranks on {devices[0]} devices of this size")
     parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in terms.items() if k != "total")
     ranks = f" per rank, x{tp} ranks on this host = {_gib(host)}" if tp > 1 else ""
