@@ -142,19 +142,28 @@ def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
     """Run `cmd` to its end, sampling the RSS and the anonymous memory of its whole process tree (msrun ranks
     included) on a thread.
 
-    Returns {"wall_s", "peak_rss_mib", "peak_anon_mib", "returncode", "stdout", "stderr"}. ru_maxrss would only
+    Returns {"wall_s", "peak_rss_mib", "peak_anon_mib", "peak_anon_per_process_mib" (each process's own
+    peak, largest first), "returncode", "stdout", "stderr"}. ru_maxrss would only
     give the largest single process, and a verify under msrun is several."""
     import threading
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     peak = [0]
     anon = [0]
+    each = {}  # pid -> its own peak RssAnon (msrun ranks are held to a per-process figure)
     done = threading.Event()
 
     def sample():
+        import psutil
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss(proc.pid))
             anon[0] = max(anon[0], tree_anon(proc.pid))
+            try:
+                pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pids = []
+            for pid in pids:
+                each[pid] = max(each.get(pid, 0), tree_anon_one(pid))
             done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -163,4 +172,14 @@ def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:
     done.set()
     sampler.join()
     return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 2**20, "peak_anon_mib": anon[0] / 2**20,
+            "peak_anon_per_process_mib": sorted((v / 2**20 for v in each.values()), reverse=True),
             "returncode": proc.returncode, "stdout": out, "stderr": err}
+
+
+def tree_anon_one(pid: int) -> int:
+    """RssAnon of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0

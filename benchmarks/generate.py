@@ -131,7 +131,7 @@ def largest_process_gib() -> float:
     return round(kib / 2 ** 20, 2)
 
 
-def theirs(hf_dir: str, requests: list, batch: int, new_tokens: int, model=None) -> dict:
+def theirs(hf_dir: str, requests: list, batch: int, new_tokens: int, model=None, runs: int = 2) -> dict:
     import torch
     from PIL import Image
     from transformers import AutoProcessor, LogitsProcessorList
@@ -148,16 +148,16 @@ def theirs(hf_dir: str, requests: list, batch: int, new_tokens: int, model=None)
         stamps.append(time.perf_counter())
         return scores
 
-    runs = []
-    for _ in range(2):  # warm-up, then measured
+    measured = []
+    for _ in range(runs):  # warm-up, then measured
         stamps.clear()
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  logits_processor=LogitsProcessorList([stamp]))
-        runs.append((stamps[0] - t0, batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])))
+        measured.append((stamps[0] - t0, batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])))
     tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-    return {"prefill_s": runs[-1][0], "tokens_per_s": runs[-1][1], "tokens": tokens}
+    return {"prefill_s": measured[-1][0], "tokens_per_s": measured[-1][1], "tokens": tokens}
 
 
 def main():
@@ -166,8 +166,17 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--skip-tp", action="store_true")
+    ap.add_argument("--preset", choices=["7b-few-layers", "7b"], default="7b-few-layers",
+                    help="7b: the full 32-layer model, 128 new tokens, against transformers-bf16 (generate_full.py)")
+    ap.add_argument("--clean", action="store_true", help="--preset 7b: delete --work at the end")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.preset == "7b":
+        import generate_full
+        if args.new_tokens == 32:
+            args.new_tokens = 128
+        generate_full.main(args, None)
+        return
     if args.child:
         print(json.dumps(ours_here(*json.loads(args.child))))
         return

@@ -78,7 +78,7 @@ def read_requests(path: str) -> list:
 def open_output(ms_dir: str) -> dict:
     """Check `ms_dir` is a convert/shard output with what generate needs, its weight files there and of the
     sizes its manifest records (each file's header valid); returns {"cfg", "tp", "rank_dirs", "layout",
-    "tp_units" (the sizes --tp must divide)}."""
+    "dtypes" (each tensor's stored dtype), "tp_units" (the sizes --tp must divide)}."""
     from .engine.config import load_config
     from .engine.records import checked_entries, split_layout
     from .io.manifest import NAME, checked_weight_files, output_layout, read_ms_output
@@ -94,8 +94,9 @@ def open_output(ms_dir: str) -> dict:
     for _, path in checked_weight_files(ms_dir, manifest):
         read_index(path)  # headers / record index only: a damaged file is named before any model starts
     dirs = rank_folders(ms_dir, tp)
-    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(checked_entries(manifest, where)),
-            "tp_units": list(manifest.get("tp_sizes", {}).items())}
+    entries = checked_entries(manifest, where)
+    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(entries),
+            "dtypes": {e["name"]: e["dtype"] for e in entries}, "tp_units": list(manifest.get("tp_sizes", {}).items())}
 
 
 # ---------------------------------------------------------------- batches
@@ -165,7 +166,7 @@ def run_batch(runner, arrays: dict, job: dict) -> dict:
 def batch_job(ctx, job: dict, arrays: dict):
     """Handler of an msrun rank (runtime/rank.py): one batch on this rank's whole model, loaded once."""
     from .model.parallel import rank_runner
-    return run_batch(rank_runner(ctx), arrays, job), {}
+    return run_batch(rank_runner(ctx, generating=True), arrays, job), {}
 
 
 def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed):
@@ -189,7 +190,7 @@ def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, tempera
 def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32", device: str = "CPU", raw: bool = False,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             eos=None, jit: bool = True, timeout: float = 600.0, on_batch=None) -> dict:
+             eos=None, timeout: float = 600.0, on_batch=None) -> dict:
     """Answer `requests` ([{"image": path, "prompt": text}]) with the converted checkpoint in `ms_dir`.
 
     Greedy unless do_sample (then temperature / top-p, reproducible with `seed`). `eos`: token ids that end
@@ -225,7 +226,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
                      "start": start, "count": len(chunk)})
     from .model.memory import check_fits  # the largest batch against this host's memory, before any model loads
     memory = check_fits(cfg, info["layout"], tp, [(j["count"], j["arrays"]["input_ids"].shape[1]) for j in jobs],
-                        max_new_tokens, dtype, device, info["tp_units"])
+                        max_new_tokens, dtype, device, info["tp_units"], info["dtypes"])
     decode = processor.tokenizer.decode
     outputs = [None] * len(prepared)
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0, "done": 0}
@@ -251,18 +252,20 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     if tp == 1:
         from .io import load_tensors
         from .model import Runner, build_and_load
+        from .model.loading import run_ops_blocking
+        run_ops_blocking()
         tensors = load_tensors(ms_dir)
         try:
-            model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device)
+            model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device, stored=True)
         finally:
             tensors.close()
-        runner = Runner(model, jit=jit)
+        runner = Runner(model, jit=False)
         for index, job in enumerate(jobs):
             finished(index, run_batch(runner, job["arrays"], job))
     else:
         from .runtime.msrun import run_jobs
         specs = [{k: v for k, v in job.items() if k not in ("start", "count")} for job in jobs]
-        run = run_jobs(info["rank_dirs"], {"cfg": cfg, "layout": info["layout"]}, specs, dtype=dtype, jit=jit,
+        run = run_jobs(info["rank_dirs"], {"cfg": cfg, "layout": info["layout"]}, specs, dtype=dtype, jit=False,
                        device=device, timeout=timeout, on_result=finished)
         run_info = {"attempts": run["attempts"]}
     return dict({

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import numpy as np
+
 from ..errors import fail
 from .paths import inside
 from .ranks import weights_name
@@ -19,6 +21,10 @@ class LazyTensors(Mapping):
 
     def __getitem__(self, name):
         return self._reader.read(self.infos[name])
+
+    def mapped(self, name) -> np.ndarray | None:
+        """A copy-on-write file map of the tensor, no bytes read (None where its file holds it in pieces)."""
+        return self._reader.mapped(self.infos[name])
 
     def __iter__(self):
         return iter(self.infos)

@@ -1,7 +1,11 @@
 """Small building blocks whose parameter names match MindFormers' (weight [out, in] like torch Linear).
 
 Parameters start as lazy zero initializers: no memory is allocated until `load_weights` puts the checkpoint
-tensor in, so a 7B model is never held twice.
+tensor in, so a 7B model is never held twice. The big matrices (a Linear's weight, an embedding table: the
+cells listing them in KEEPS_STORED) may instead keep the checkpoint's 16-bit dtype, mapped from its file
+(load_weights(stored=True)); they are widened to the compute dtype as they are used: inside the small-M
+kernel for a decode step's rows, one weight at a time for a prefill's matmul, per looked-up row for an
+embedding. Everything else is cast to the compute dtype at load.
 Numerics follow transformers' eager code where it matters for a tight comparison: norms and softmax run in
 float32 whatever the compute dtype, RMSNorm casts back before multiplying by its weight.
 """
@@ -25,9 +29,22 @@ def param(shape, dtype) -> Parameter:
     return Parameter(initializer("zeros", tuple(shape), MS_DTYPES[dtype]), requires_grad=False)
 
 
+def stored_dtype_params(model) -> set:
+    """Names of the parameters that may keep the checkpoint's 16-bit dtype (those a cell's KEEPS_STORED
+    lists): every other parameter is small and is cast to the compute dtype."""
+    names = set()
+    for _, cell in model.cells_and_names():
+        for attr in getattr(cell, "KEEPS_STORED", ()):
+            names.add(getattr(cell, attr).name)
+    return names
+
+
 class Linear(nn.Cell):
-    """y = x @ weight.T (+ bias); weight [out, in]. A batched decode step's few rows go to the small_matmul
-    kernel where it runs (model/kernels), the rest to MindSpore's MatMul."""
+    """y = x @ weight.T (+ bias); weight [out, in]. A decode step's few rows go to the small_matmul kernel
+    where it runs (model/kernels), the rest to MindSpore's MatMul. A 16-bit weight under float32 compute
+    (KEEPS_STORED) is widened inside the kernel, or for a MatMul into one temporary that lives for this call."""
+
+    KEEPS_STORED = ("weight",)
 
     def __init__(self, out_dim, in_dim, bias, dtype):
         super().__init__()
@@ -38,8 +55,15 @@ class Linear(nn.Cell):
         self.small_rows = SMALL_ROWS
 
     def project(self, x2d):
-        """x2d [T, in] @ weight.T; T is static in a compiled graph, so the choice is made at compile time."""
-        if self.small_matmul is not None and self.small_rows[0] <= x2d.shape[0] <= self.small_rows[1]:
+        """x2d [T, in] @ weight.T; T and the dtypes are static in a compiled graph, so the choice is made at
+        compile time. One row with a float32 weight: oneDNN's matrix-vector product reads the weight once
+        too; with a 16-bit weight only the kernel reads it without widening it first."""
+        rows = x2d.shape[0]
+        if self.weight.dtype != x2d.dtype:
+            if self.small_matmul is not None and rows <= self.small_rows[1]:
+                return self.small_matmul(x2d, self.weight)
+            return self.matmul(x2d, self.weight.astype(x2d.dtype))
+        if self.small_matmul is not None and self.small_rows[0] <= rows <= self.small_rows[1]:
             return self.small_matmul(x2d, self.weight)
         return self.matmul(x2d, self.weight)
 

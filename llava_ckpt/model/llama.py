@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, RMSNorm, as_dtype, at_least_f32, param, rope_tables, softmax_f32
+from .layers import MS_DTYPES, Linear, RMSNorm, as_dtype, at_least_f32, param, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -163,12 +163,17 @@ class DecoderLayer(nn.Cell):
 
 
 class Embedding(nn.Cell):
+    """Token embedding; a 16-bit table (KEEPS_STORED) gives its looked-up rows in the compute dtype."""
+
+    KEEPS_STORED = ("embedding_weight",)
+
     def __init__(self, vocab, hidden, dtype):
         super().__init__()
         self.embedding_weight = param((vocab, hidden), dtype)
+        self.compute_dtype = MS_DTYPES[dtype]
 
     def construct(self, ids):
-        return ops.gather(self.embedding_weight, ids, 0)
+        return as_dtype(ops.gather(self.embedding_weight, ids, 0), self.compute_dtype)
 
 
 class LlamaModel(nn.Cell):
@@ -206,6 +211,17 @@ class LanguageModel(nn.Cell):
         logits = self.logits(x[:, -1:]) if last_only else self.logits(x)
         return logits, ks, vs, states + (self.model.norm_out(x),)
 
+    def prefill_into(self, x, positions, keep, cache: "KVCache"):
+        """prefill run eagerly (PyNative), each layer's k and v written into `cache` as the layer ends and
+        nothing else kept, so a prompt's intermediates exist for one layer at a time. Returns the last
+        position's logits [B, 1, V]."""
+        cos, sin = ops.gather(self.cos, positions, 0), ops.gather(self.sin, positions, 0)
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer.prefill(x, cos, sin, keep)
+            cache.put(i, k, v)
+            del k, v
+        return self.logits(x[:, -1:])
+
     def step(self, ids, positions, keep, k_caches, v_caches):
         """One decode step: logits [B, 1, V] and the new position's k and v of every layer, stacked
         ([layers, B, kv, 1, d] each: one host transfer for all layers)."""
@@ -239,12 +255,27 @@ class KVCache:
         self.k = [self._padded(t, total) for t in ks]
         self.v = [self._padded(t, total) for t in vs]
 
+    @classmethod
+    def empty(cls, layers: int, shape: tuple, dtype) -> "KVCache":
+        """A zero cache of `layers` layers, each k and v [B, kv, T, d], for a prefill to fill layer by layer
+        (put): the prompt's k and v then exist once, not once as prefill outputs and again padded here."""
+        cache = cls((), (), 0)
+        cache.k = [np.zeros(shape, dtype=dtype) for _ in range(layers)]
+        cache.v = [np.zeros(shape, dtype=dtype) for _ in range(layers)]
+        return cache
+
     @staticmethod
     def _padded(t, total):
         a = _on_host(t)
         out = np.zeros(a.shape[:2] + (total,) + a.shape[3:], dtype=a.dtype)
         out[:, :, :a.shape[2]] = a
         return out
+
+    def put(self, i: int, k, v) -> None:
+        """Layer i's prompt k and v ([B, kv, S, d]) into slots 0..S-1."""
+        k, v = _on_host(k), _on_host(v)
+        self.k[i][:, :, :k.shape[2]] = k
+        self.v[i][:, :, :v.shape[2]] = v
 
     def tensors(self) -> tuple:
         """(k, v) tuples of tensors viewing the cache memory, for the compiled step (mutable: a plain tuple

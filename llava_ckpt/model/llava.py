@@ -105,10 +105,13 @@ class Runner:
     """Forward and generation on a loaded model, compiled (graph mode) unless jit=False.
 
     Build it after load_weights: a compiled graph keeps the parameter data it was compiled with.
+    jit=False (generate's way): every op runs eagerly and frees its output when no longer referenced, so a
+    prompt's prefill holds one layer's intermediates at a time and writes its k/v straight into the host
+    cache; and 16-bit weights kept as stored (load_weights(stored=True)) are never widened all at once.
     """
 
     def __init__(self, model: LlavaVlm, jit: bool = True):
-        self.model = model
+        self.model, self.jit = model, jit
         wrap = ms.jit if jit else (lambda cell: cell)
         self._prefill = {trace: wrap(_Prefill(model, trace)) for trace in (False, True)}
         self._prefill_last = wrap(_Prefill(model, False, last_only=True))
@@ -155,8 +158,8 @@ class Runner:
             raise fail("max_new_tokens must be at least 1")
         first = first or self.forward(ids, pixel_values)
         mask = np.ones(ids.shape, dtype=bool)
-        out = self._decode(first["logits"][:, -1], first["k"], first["v"], mask, max_new_tokens, eos, greedy,
-                           keep_logits=True)
+        cache = KVCache(first["k"], first["v"], ids.shape[1] + max_new_tokens)
+        out = self._decode(first["logits"][:, -1], cache, mask, max_new_tokens, eos, greedy, keep_logits=True)
         return {"tokens": out["tokens"][0], "logits": np.stack(out["logits"])[:, 0],
                 "prompt_logits": first["logits"]}
 
@@ -184,24 +187,37 @@ class Runner:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         keep = np.tril(np.ones((s, s), dtype=bool))[None, None] & mask[:, None, None, :]
         t0 = time.perf_counter()
-        out = self._prefill_last(Tensor(ids), Tensor(np.asarray(pixel_values, dtype=np.float32)),
-                                 Tensor(positions), Tensor(keep))
-        last = out[0].asnumpy()[:, -1]
+        pixels = Tensor(np.asarray(pixel_values, dtype=np.float32))
+        if self.jit:
+            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), Tensor(keep))
+            last = out[0].asnumpy()[:, -1]
+            cache = KVCache(out[1], out[2], s + max_new_tokens)
+            del out
+        else:
+            cache = self._empty_cache(b, s + max_new_tokens)
+            x, _, _ = self.model.embed(Tensor(ids), pixels)
+            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(keep), cache)
+            last = last.asnumpy()[:, -1]
+            del x
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        dec = self._decode(last, out[1], out[2], mask, max_new_tokens, eos, choose, pad_id, on_step=on_step)
+        dec = self._decode(last, cache, mask, max_new_tokens, eos, choose, pad_id, on_step=on_step)
         return {"tokens": dec["tokens"], "finish": dec["finish"], "prefill_s": prefill_s,
                 "decode_s": time.perf_counter() - t0, "decode_tokens": dec["decode_tokens"]}
 
-    def _decode(self, last, k_prompt, v_prompt, mask, max_new_tokens, eos, choose, pad_id=0, keep_logits=False,
+    def _empty_cache(self, batch: int, total: int) -> KVCache:
+        attention = self.model.language_model.model.layers[0].attention
+        return KVCache.empty(len(self.model.language_model.model.layers),
+                             (batch, attention.kv_heads, total, attention.head_dim), NP_DTYPES[self.model.dtype])
+
+    def _decode(self, last, cache, mask, max_new_tokens, eos, choose, pad_id=0, keep_logits=False,
                 on_step=None) -> dict:
         """The KV-cache loop shared by generate and generate_batch. last: [B, V] logits of the last prompt
-        position; k/v_prompt: the prefill's per-layer [B, kv, S, d]; mask: [B, S] bool (left padding)."""
+        position; cache: the prompt's k/v in slots 0..S-1 of S + max_new_tokens; mask: [B, S] bool (left
+        padding)."""
         b, s = mask.shape
         total = s + max_new_tokens
         lengths = mask.sum(axis=1).astype(np.int32)
-        cache = KVCache(k_prompt, v_prompt, total)
-        del k_prompt, v_prompt
         # visible[:, j] for j < total: cache slot j holds a position this row may see; visible[:, total]: the
         # position being fed (attended directly, written to its slot after the step)
         visible = np.zeros((b, total + 1), dtype=bool)

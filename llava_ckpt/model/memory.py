@@ -1,19 +1,28 @@
 """What a generate run must hold in memory, from the manifest and the requests, before anything is loaded.
 
-The reference model as it stands puts every weight into a parameter of the compute dtype (float32 widens a
-16-bit checkpoint to twice its size), keeps the KV cache on the host in the compute dtype, and needs at least
-one layer's activations at a time. The sum of those is a LOWER bound of the run's anonymous memory: the
-compiled prefill graph keeps more intermediates than one layer's (measured: several GB at 7B widths), so a run
-this formula admits can still be too big, but a run it refuses can never fit. generate refuses those with one
-`error:` line and the options that would pass the same formula, instead of being killed by the kernel.
+generate's layout (model/loading.py load_weights(stored=True), model/llava.py Runner(jit=False)): the big
+matrices (Linear weights and embedding tables: the 2-D `*weight` tensors, layers.KEEPS_STORED) stay in the
+checkpoint's dtype as maps of its file, so they are page cache, not the process's own memory; a 16-bit one is
+widened to float32 inside the decode kernel, or for a prefill's matmul into a temporary that lives for that
+one call. Every other tensor (norms, biases, the patch convolution, position embeddings) is cast to the
+compute dtype. The KV cache is host memory in the compute dtype; eager prefill holds one layer's
+intermediates at a time.
 
 Per rank of `--tp N` (each rank holds 1/N of every split tensor and of the attention heads):
-  weights     sum over the tensors the model builds of (elements on the rank) x itemsize(compute dtype)
+  mapped      sum over the big matrices of (elements on the rank) x itemsize(stored dtype): file pages the
+              host must have room to cache (a matrix stored wider than the compute dtype is cast instead and
+              counted under weights)
+  weights     the other tensors' elements x itemsize(compute dtype): the process's own copy
+  widened     the two largest 16-bit matrices in the compute dtype (one in use, the next being made) when
+              the compute dtype is wider than the stored one
   kv cache    layers x 2 x B x (kv_heads / N) x T x head_dim x itemsize, T = padded prompt + new tokens
   activations B x S x (4 H + 2 F / N) x itemsize + B x (heads / N) x S^2 x 4 x 2 (float32 scores, probs),
               the vision tower's the same way over its P positions, and the last position's logits B x V x 4
   runtime     RUNTIME_BYTES (MindSpore and numpy imported: about 0.25 GB anonymous, measured)
-On a CPU host every rank runs on the same machine, so the host needs N times a rank's figure.
+"total" is the anonymous part (all but mapped): a lower bound of what the process holds, compared with
+measured peaks in tests/model/test_memory.py. On a CPU host every rank runs on the same machine, so the host
+needs N times a rank's total plus every rank's mapped bytes; generate refuses a run that cannot fit with one
+`error:` line and the options that would pass the same formula, instead of being killed by the kernel.
 """
 from __future__ import annotations
 
@@ -32,18 +41,44 @@ ENV_AVAILABLE = "LLAVA_CKPT_MEMORY_AVAILABLE"  # bytes; overrides what the host 
 GIB = 1024 ** 3
 
 
-def weight_elements(cfg: dict, layout: dict, tp: int) -> int:
-    """Elements one rank's model holds: every tensor of the layout (name -> [split kind, whole shape]) but
-    the table's unused ones (ln_post, vision layers past the feature layer), which the model does not load."""
+def kept_stored(name: str, shape) -> bool:
+    """Whether generate keeps this tensor in its stored dtype, mapped from the file: the 2-D `*weight`
+    tensors are exactly the Linear weights and embedding tables (layers.KEEPS_STORED; a test holds the two
+    rules together), and the rule needs no model built."""
+    return len(shape) == 2 and name.endswith("weight")
+
+
+def weight_bytes(cfg: dict, layout: dict, tp: int, dtype: str, dtypes: dict | None = None) -> dict:
+    """One rank's weights by where they live: {"mapped", "weights", "widened"} in bytes (see the module
+    docstring). layout: name -> [split kind, whole shape]; dtypes: name -> stored dtype (default float16).
+    The table's unused tensors (ln_post, vision layers past the feature layer) are not loaded."""
     unused = unused_names(table_for(cfg), cfg)
-    return sum(math.prod(rank_shape(shape, kind, tp)) for name, (kind, shape) in layout.items()
-               if not is_unused(name, unused))
+    compute = np.dtype(dtype).itemsize
+    out = {"mapped": 0, "weights": 0, "widened": 0}
+    widened = []
+    for name, (kind, shape) in layout.items():
+        if is_unused(name, unused):
+            continue
+        n = math.prod(rank_shape(shape, kind, tp))
+        stored = _itemsize((dtypes or {}).get(name, "float16"))
+        if kept_stored(name, shape) and stored <= compute:
+            out["mapped"] += n * stored
+            if stored < compute:
+                widened.append(n * compute)
+        else:
+            out["weights"] += n * compute
+    out["widened"] = sum(sorted(widened)[-2:])
+    return out
+
+
+def _itemsize(name: str) -> int:
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
 def need(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_tokens: int,
-         dtype: str = "float32", elements: int | None = None) -> dict:
-    """The formula's terms in bytes, per rank, and their sum ("total"). `elements`: weight_elements(cfg,
-    layout, tp), when the caller has counted them already (they depend on tp alone)."""
+         dtype: str = "float32", weights: dict | None = None, dtypes: dict | None = None) -> dict:
+    """The formula's terms in bytes, per rank, and the anonymous ones' sum ("total"). `weights`:
+    weight_bytes(cfg, layout, tp, dtype, dtypes), when the caller has counted them already."""
     tc, vc = cfg["text_config"], cfg["vision_config"]
     size = np.dtype(dtype).itemsize
     h, f, layers = tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"]
@@ -51,15 +86,15 @@ def need(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_toke
     s, t = prompt_len, prompt_len + new_tokens
     p = image_token_count(cfg) + 1  # the tower runs over the patches and CLS
     vh, vf, vheads = vc["hidden_size"], vc["intermediate_size"], vc["num_attention_heads"]
-    terms = {
-        "weights": (weight_elements(cfg, layout, tp) if elements is None else elements) * size,
+    terms = dict(weights or weight_bytes(cfg, layout, tp, dtype, dtypes))
+    terms.update({
         "kv_cache": layers * 2 * batch * (kv // tp) * t * d * size,
         "activations": (batch * s * (4 * h + 2 * f // tp) * size + batch * (heads // tp) * s * s * 4 * 2
                         + batch * p * (4 * vh + 2 * vf // tp) * size + batch * (vheads // tp) * p * p * 4 * 2
                         + batch * tc["vocab_size"] * 4),
         "runtime": RUNTIME_BYTES,
-    }
-    terms["total"] = sum(terms.values())
+    })
+    terms["total"] = sum(v for k, v in terms.items() if k != "mapped")
     return terms
 
 
@@ -97,25 +132,27 @@ def _gib(n: int) -> str:
 
 
 def check_fits(cfg: dict, layout: dict, tp: int, batches, new_tokens: int, dtype: str, device: str,
-               tp_units=()) -> dict:
+               tp_units=(), dtypes: dict | None = None) -> dict:
     """Refuse (one error line: the figures and what would fit) when the largest of `batches` ((rows, padded
     prompt length) pairs) cannot fit this host's memory. `tp_units`: the manifest's (what, size) pairs that
-    --tp must divide, for the degrees offered. Only CPU runs are checked: on a device the weights live in its
-    memory, which this host cannot read. Returns the largest batch's terms (per rank), with "host_total" and
-    "available"."""
+    --tp must divide, for the degrees offered; dtypes: name -> stored dtype (the manifest's). Only CPU runs are
+    checked: on a device the weights live in its memory, which this host cannot read. Returns the largest
+    batch's terms (per rank), with "host_total" and "available"."""
     counted = {}
 
     def total(batch, prompt_len, tp=tp, new_tokens=new_tokens, dtype=dtype) -> dict:
-        if tp not in counted:
-            counted[tp] = weight_elements(cfg, layout, tp)
-        return need(cfg, layout, tp, batch, prompt_len, new_tokens, dtype, counted[tp])
+        if (tp, dtype) not in counted:
+            counted[tp, dtype] = weight_bytes(cfg, layout, tp, dtype, dtypes)
+        terms = need(cfg, layout, tp, batch, prompt_len, new_tokens, dtype, counted[tp, dtype])
+        return dict(terms, host=terms["total"] + terms["mapped"])
 
     batch, prompt_len = max(batches, key=lambda b: total(*b)["total"])
     terms = total(batch, prompt_len)
+    del terms["host"]
     if device != "CPU":
         return dict(terms, host_total=None, available=None)
     room, origin = available()
-    host = terms["total"] * tp
+    host = (terms["total"] + terms["mapped"]) * tp
     result = dict(terms, host_total=host, available=room)
     if room is None or host <= room:
         return result
@@ -123,7 +160,7 @@ def check_fits(cfg: dict, layout: dict, tp: int, batches, new_tokens: int, dtype
     def fits(per_device=False, **kw) -> bool:
         """The run changed by `kw` fits: its ranks on this host, or with per_device one rank per device."""
         kw = {"batch": batch, "prompt_len": prompt_len, **kw}
-        return total(**kw)["total"] * (1 if per_device else tp) <= room
+        return total(**kw)["host"] * (1 if per_device else tp) <= room
 
     options = []
     if dtype == "float32" and fits(dtype="float16"):
@@ -141,6 +178,7 @@ def check_fits(cfg: dict, layout: dict, tp: int, batches, new_tokens: int, dtype
         options.append(f"shard to --tp {devices[0]} and run the ranks on {devices[0]} devices of this size")
     parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in terms.items() if k != "total")
     ranks = f" per rank, x{tp} ranks on this host = {_gib(host)}" if tp > 1 else ""
-    raise fail(f"this run needs at least {_gib(terms['total'])}{ranks} ({parts}; {dtype}, batch {batch}, "
+    need_rank = terms["total"] + terms["mapped"]
+    raise fail(f"this run needs at least {_gib(need_rank)}{ranks} ({parts}; {dtype}, batch {batch}, "
                f"{prompt_len}-token prompts, {new_tokens} new tokens), {_gib(room)} is available ({origin}); "
                + ("what would fit: " + "; ".join(options) if options else "no smaller run of these requests fits"))

@@ -24,7 +24,7 @@ from mindspore import nn, ops
 
 from ..engine.splits import rank_shape, split_dim
 from ..errors import fail
-from .layers import Linear, param
+from .layers import MS_DTYPES, Linear, as_dtype, param
 from .llama import Embedding
 
 
@@ -63,9 +63,12 @@ class RowParallelLinear(Linear):
 class VocabParallelEmbedding(nn.Cell):
     """embedding_weight [V/N, H] = rows [start, start + V/N): ids outside it look up zeros, then AllReduce."""
 
+    KEEPS_STORED = ("embedding_weight",)
+
     def __init__(self, vocab_local, hidden, start, dtype):
         super().__init__()
         self.embedding_weight = param((vocab_local, hidden), dtype)
+        self.compute_dtype = MS_DTYPES[dtype]
         self.start, self.size = int(start), int(vocab_local)
         self.all_reduce = ops.AllReduce()
 
@@ -73,6 +76,7 @@ class VocabParallelEmbedding(nn.Cell):
         local = ids - self.start
         mine = ops.logical_and(local >= 0, local < self.size)
         rows = ops.gather(self.embedding_weight, ops.where(mine, local, ops.zeros_like(local)), 0)
+        rows = as_dtype(rows, self.compute_dtype)
         rows = rows * mine.expand_dims(-1).astype(rows.dtype)
         return self.all_reduce(rows)
 
@@ -164,24 +168,32 @@ def _name_parameters(model) -> None:
                 p.name = f"{prefix}.{key}" if prefix else key
 
 
-def load_rank(cfg: dict, tensors, rank: int, world: int, layout: dict, dtype: str = "float32"):
-    """Build this rank's model for the layout its tensor names show and fill it from its own file."""
+def load_rank(cfg: dict, tensors, rank: int, world: int, layout: dict, dtype: str = "float32",
+              stored: bool = False):
+    """Build this rank's model for the layout its tensor names show and fill it from its own file
+    (`stored`: see loading.load_weights)."""
     from .loading import detect_fused, load_weights
     model = build_parallel(cfg, rank, world, detect_fused(tensors.keys()), layout, dtype)
-    load_weights(model, tensors)
+    load_weights(model, tensors, stored)
     return model
 
 
-def rank_runner(ctx):
+def rank_runner(ctx, generating: bool = False):
     """The whole model of an msrun rank (runtime/rank.py's `ctx`: its rank folder, `context` holding the config
-    and the split layout), loaded once per process and kept in ctx.cache, compiled unless ctx.jit is False."""
-    if "runner" not in ctx.cache:
+    and the split layout), loaded once per process and kept in ctx.cache, compiled unless ctx.jit is False.
+    generating: generate's layout (16-bit weights mapped from the rank file, eager: see llava.Runner)."""
+    key = "generator" if generating else "runner"
+    if key not in ctx.cache:
         from ..io import load_tensors
         from .llava import Runner
+        from .loading import run_ops_blocking
+        if generating:
+            run_ops_blocking()
         tensors = load_tensors(ctx.rank_dir)
         try:
-            model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype)
+            model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype,
+                              stored=generating)
         finally:
             tensors.close()
-        ctx.cache["runner"] = Runner(model, jit=ctx.jit)
-    return ctx.cache["runner"]
+        ctx.cache[key] = Runner(model, jit=ctx.jit and not generating)
+    return ctx.cache[key]

@@ -31,6 +31,45 @@ def setup():
     return hf, Runner(model), rows, px, want
 
 
+@pytest.fixture(scope="module")
+def stored():
+    """generate's layout: 16-bit weights kept as stored (float16 and bfloat16 matrices), float32 compute,
+    eager. transformers runs the same weights widened to float32 (exact), so its greedy tokens are the target."""
+    import ml_dtypes
+    hf = hf_model(seed=4, num_key_value_heads=2)
+    with torch.no_grad():  # weights that float16 and bfloat16 hold exactly
+        for name, p in hf.named_parameters():
+            text_mlp = "language_model" in name and "mlp" in name
+            p.copy_(p.to(torch.bfloat16 if text_mlp else torch.float16).float())
+    weights = {}
+    for name, value in to_ms(hf, fused=False).items():
+        wide = "w1" in name or "w2" in name or "w3" in name
+        weights[name] = value.astype(ml_dtypes.bfloat16 if wide else np.float16)
+    model, _ = build_and_load(ms_config(hf), weights, stored=True)
+    rows = [prompt_ids(3, 4, seed=1)[0], prompt_ids(9, 13, seed=2)[0]]
+    px = np.concatenate([pixels(seed=s) for s in (1, 2)])
+    with torch.no_grad():
+        want = [hf.generate(input_ids=torch.from_numpy(r[None]), pixel_values=torch.from_numpy(p[None]),
+                            max_new_tokens=N, do_sample=False, eos_token_id=None)[0, len(r):].tolist()
+                for r, p in zip(rows, px)]
+    return model, rows, px, want
+
+
+def test_sixteen_bit_weights_eager_give_transformers_float32_tokens(stored):
+    """What generate runs: the big matrices stay 16-bit (checked: no float32 copy made), the rest is cast,
+    the prefill writes each layer's k/v into the host cache, and the batch gives transformers' tokens."""
+    from mindspore import float16, bfloat16, float32
+    model, rows, px, want = stored
+    kinds = {p.name: p.dtype for p in model.get_parameters()}
+    assert kinds["language_model.model.layers.0.attention.wq.weight"] == float16
+    assert kinds["language_model.model.layers.0.feed_forward.w1.weight"] == bfloat16
+    assert kinds["language_model.model.tok_embeddings.embedding_weight"] == float16
+    assert kinds["language_model.model.layers.0.attention_norm.weight"] == float32
+    ids, mask = left_pad(rows, 3)
+    out = Runner(model, jit=False).generate_batch(ids, mask, px, N, pad_id=PAD)
+    assert out["tokens"] == want and len({tuple(w) for w in want}) == 2
+
+
 def left_pad(rows, extra=0):
     length = max(len(r) for r in rows) + extra
     ids = np.full((len(rows), length), PAD, dtype=np.int64)

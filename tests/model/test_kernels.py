@@ -18,7 +18,7 @@ def _cpu_lacks() -> str:
         return f"not x86-64 ({platform.machine()})"
     with open("/proc/cpuinfo") as f:
         flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    missing = [f for f in ("avx2", "fma") if f not in flags]
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
     return f"the CPU lacks {' and '.join(missing)}" if missing else ""
 
 
@@ -50,6 +50,55 @@ def test_small_matmul_equals_x_times_w_transposed(rows, n_out, k_in):
     got = kernels.small_matmul_op("float32")(Tensor(x), Tensor(w)).asnumpy()
     assert got.shape == (rows, n_out) and got.dtype == np.float32
     np.testing.assert_allclose(got, reference(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(k_in))
+
+
+def _sixteen(name):
+    import ml_dtypes
+    return {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
+
+
+@pytest.mark.parametrize("avx512", ["1", "0"])
+@pytest.mark.parametrize("weight_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+def test_sixteen_bit_weights_are_widened_exactly(rows, weight_dtype, avx512, monkeypatch, tmp_path):
+    """x @ w.T with w stored in 16 bits equals float64 x @ (w widened) within float32 rounding: the widening
+    itself is exact. Both the AVX-512 build (where the CPU has it) and the AVX2 one; widths with tails."""
+    monkeypatch.setenv("LLAVA_CKPT_AVX512", avx512)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels._built.clear()
+    try:
+        rng = np.random.default_rng(rows)
+        for n_out, k_in in ((70, 37), (257, 130), (64, 4096)):
+            x = rng.standard_normal((rows, k_in)).astype(np.float32)
+            w = rng.standard_normal((n_out, k_in)).astype(_sixteen(weight_dtype))
+            got = kernels.small_matmul_op("float32")(Tensor(x), Tensor.from_numpy(w)).asnumpy()
+            assert got.dtype == np.float32 and got.shape == (rows, n_out)
+            np.testing.assert_allclose(got, reference(x, w.astype(np.float32)), rtol=1e-5, atol=1e-5 * np.sqrt(k_in))
+        assert ("-mavx512f" in kernels.build_flags()) == (avx512 == "1" and "avx512f" in _flags())
+    finally:
+        kernels._built.clear()
+
+
+def _flags():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+
+
+def test_a_linear_with_a_16_bit_weight_computes_in_float32():
+    """A Linear whose weight kept its stored float16 (load_weights(stored=True)): 1 to 8 rows through the
+    kernel, more through one widened temporary, the same numbers as the float32 weight gives."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((96, 40)).astype(np.float16)
+    layer = Linear(96, 40, False, "float32")
+    layer.weight.set_dtype(ms.float16)
+    layer.weight.set_data(Tensor.from_numpy(w))
+    for rows in (1, 2, kernels.SMALL_ROWS[1], kernels.SMALL_ROWS[1] + 1, 40):
+        x = rng.standard_normal((1, rows, 40)).astype(np.float32)
+        got = layer(Tensor(x)).asnumpy()
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, reference(x.reshape(-1, 40), w.astype(np.float32)).reshape(1, rows, 96),
+                                   rtol=1e-5, atol=1e-4)
+    assert layer.weight.dtype == ms.float16  # nothing widened in place
 
 
 def test_same_bits_whatever_the_thread_count():
