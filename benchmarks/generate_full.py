@@ -173,8 +173,36 @@ def main(args, requests=None) -> None:
         print(f"tp 2 under msrun, batch 4: prefill {p['prefill_s']:.1f} s, decode {p['tokens_per_s']:.2f} tokens/s, "
               f"peak anonymous {p['peak_anon_gib']:.2f} GiB for the tree, largest processes {p['per_process_gib']} GiB; "
               f"tokens {'identical' if p['tokens'] == o4['tokens'] else 'DIFFER'} to tp 1", flush=True)
+    same_answers(paths, requests[0], skip_tp=args.skip_tp)
     if args.clean:
         shutil.rmtree(work)
+
+
+def same_answers(paths: dict, request: dict, new_tokens: int = 16, skip_tp: bool = False) -> None:
+    """verify's layer-streamed float32 transformers walk gives transformers' greedy tokens for an image and a
+    question; generate (tp 1, and tp 2 under msrun) on the same image and question must give the same prompt
+    text and the same tokens (up to and including an eos, where generate stops)."""
+    ask = ["--image", request["image"], "--prompt", request["prompt"], "--max-new-tokens", str(new_tokens), "--json"]
+    t = time.perf_counter()
+    v = subprocess.run(CLI + ["verify", paths["hf"], paths["tp1"]] + ask, capture_output=True, text=True)
+    if v.returncode not in (0, 1):
+        print(f"same answers: verify failed ({v.returncode}): {v.stderr.strip().splitlines()[-1:]}", flush=True)
+        return
+    ref = json.loads(v.stdout)
+    print(f"same answers: verify (tp 1, {time.perf_counter() - t:.0f} s, passed {ref['passed']}): transformers' "
+          f"greedy tokens {ref['tokens_hf']}", flush=True)
+    for name in ("tp1",) + (() if skip_tp else ("tp2",)):
+        g = subprocess.run(CLI + ["generate", paths[name], "--batch-size", "1"] + ask, capture_output=True, text=True)
+        if g.returncode != 0:
+            print(f"same answers: generate {name} failed: {g.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        out = json.loads(g.stdout)["outputs"][0]
+        ours = out["token_ids"]
+        same_text = out["prompt_text"] == ref["prompt"]
+        same_tokens = ours == ref["tokens_hf"][:len(ours)] and (len(ours) == len(ref["tokens_hf"]) or
+                                                                 out["finish_reason"] == "stop")
+        print(f"same answers: generate {name}: prompt text {'identical' if same_text else 'DIFFERS'}, tokens "
+              f"{'identical' if same_tokens else 'DIFFER: ' + str(ours)}", flush=True)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":

@@ -151,14 +151,15 @@ def pad_left(rows: list, pad_id: int, limit: int | None = None) -> tuple:
     return ids, mask
 
 
-def run_batch(runner, arrays: dict, job: dict) -> dict:
-    """One batch on a loaded Runner: {"tokens", "finish", "prefill_s", "decode_s", "decode_tokens"}."""
+def run_batch(runner, arrays: dict, job: dict, progress=None) -> dict:
+    """One batch on a loaded Runner: {"tokens", "finish", "prefill_s", "decode_s", "decode_tokens"}.
+    progress(): called after every prefill layer and decode step."""
     from .model.sampling import chooser
     choose = chooser(bool(job.get("do_sample")), job.get("temperature", 1.0), job.get("top_p", 1.0),
                      job.get("seed"))
     out = runner.generate_batch(arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"],
                                 int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), choose=choose,
-                                pad_id=int(job.get("pad_id", 0)))
+                                pad_id=int(job.get("pad_id", 0)), on_step=progress)
     out["tokens"] = [[int(t) for t in row] for row in out["tokens"]]
     return out
 
@@ -166,7 +167,7 @@ def run_batch(runner, arrays: dict, job: dict) -> dict:
 def batch_job(ctx, job: dict, arrays: dict):
     """Handler of an msrun rank (runtime/rank.py): one batch on this rank's whole model, loaded once."""
     from .model.parallel import rank_runner
-    return run_batch(rank_runner(ctx, generating=True), arrays, job), {}
+    return run_batch(rank_runner(ctx, generating=True), arrays, job, progress=ctx.progress), {}
 
 
 def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed):

@@ -84,10 +84,10 @@ class RMSNorm(nn.Cell):
         self.eps = float(eps)
 
     def construct(self, x):
-        h = x.astype(ms.float32)
+        h = as_dtype(x, ms.float32)
         var = (h * h).mean(-1, keep_dims=True)
         h = h * ops.rsqrt(var + self.eps)
-        return self.weight * h.astype(x.dtype)
+        return self.weight * as_dtype(h, x.dtype)
 
 
 class LayerNorm(nn.Cell):

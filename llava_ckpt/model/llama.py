@@ -3,11 +3,11 @@
 Two weight layouts: separate wq/wk/wv and w1/w3, or MindFormers' qkv_concat layout (`w_qkv` rows grouped
 per KV head: [q rows of the group's heads; k_g; v_g]; `w_gate_hidden` rows interleaved gate_0, up_0, ...),
 which is what its forward reshapes to (.., n_kv, n_rep + 2, head_dim) and (.., F, 2).
-The KV cache (KVCache) is host memory, fixed length T, handed to the compiled decode step as zero-copy input
-tensors: the step reads the cache, attends over it plus the new position, and returns only the new position's
-k/v, which the host writes into its slot. Nothing is rewritten per step (a functional cache update copied the
-whole [B, kv, T, d] cache of every layer each step, costlier than the step's matmuls at batch 4), and no cache
-Parameter exists, so parameter names stay exactly the checkpoint's.
+The KV cache (KVCache) is host memory, fixed length T (k stored [B, kv, d, T]), handed to the decode step as
+zero-copy input tensors: the step reads the cache, attends over it plus the new position, and returns only the
+new position's k/v, which the host writes into its slot. Nothing is rewritten per step (a functional cache
+update copied the whole cache of every layer each step, costlier than the step's matmuls at batch 4), and no
+cache Parameter exists, so parameter names stay exactly the checkpoint's.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Attention(nn.Cell):
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cos.ndim == 3:  # per-row positions: [B, S, d] -> [B, 1, S, d], one table row per head
             cos, sin = cos.expand_dims(1), sin.expand_dims(1)
-        cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+        cos, sin = as_dtype(cos, x.dtype), as_dtype(sin, x.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
@@ -106,12 +106,14 @@ class Attention(nn.Cell):
 
     def attend_cached(self, q, k, v, k_cache, v_cache, keep):
         """Attention of the new positions (q, k, v: [B, *, 1, d]) over the cache's T slots and themselves,
-        without writing the cache. keep: bool [B, 1, 1, T + 1], the cache slots a row may see, then the new
-        position (always True). One softmax over both parts, so it equals attention over the written cache."""
+        without writing the cache. k_cache [B, kv, d, T] (KVCache's layout), v_cache [B, kv, T, d]; keep: bool
+        [B, 1, 1, T + 1], the cache slots a row may see, then the new position (always True). One softmax over
+        both parts, so it equals attention over the written cache."""
         b, _, s, _ = q.shape
-        t = k_cache.shape[2]
+        t = k_cache.shape[3]
         qg = self.grouped(q)
-        scores = ops.concat((self.scores(qg, k_cache), self.scores(qg, k)), -1).reshape(b, self.heads, s, t + s)
+        cached = as_dtype(self.bmm(qg, k_cache) * self.scale, ms.float32)
+        scores = ops.concat((cached, self.scores(qg, k)), -1).reshape(b, self.heads, s, t + s)
         probs = self.masked_probs(scores, keep, q.dtype).reshape(b, self.kv_heads, self.rep * s, t + s)
         out = self.bmm(probs[..., :t], v_cache) + self.bmm(probs[..., t:], v)
         return self.output(out, b, s)
@@ -211,15 +213,17 @@ class LanguageModel(nn.Cell):
         logits = self.logits(x[:, -1:]) if last_only else self.logits(x)
         return logits, ks, vs, states + (self.model.norm_out(x),)
 
-    def prefill_into(self, x, positions, keep, cache: "KVCache"):
+    def prefill_into(self, x, positions, keep, cache: "KVCache", on_layer=None):
         """prefill run eagerly (PyNative), each layer's k and v written into `cache` as the layer ends and
-        nothing else kept, so a prompt's intermediates exist for one layer at a time. Returns the last
-        position's logits [B, 1, V]."""
+        nothing else kept, so a prompt's intermediates exist for one layer at a time; on_layer() after each.
+        Returns the last position's logits [B, 1, V]."""
         cos, sin = ops.gather(self.cos, positions, 0), ops.gather(self.sin, positions, 0)
         for i, layer in enumerate(self.model.layers):
             x, k, v = layer.prefill(x, cos, sin, keep)
             cache.put(i, k, v)
             del k, v
+            if on_layer is not None:
+                on_layer()
         return self.logits(x[:, -1:])
 
     def step(self, ids, positions, keep, k_caches, v_caches):
@@ -242,8 +246,10 @@ def _on_host(t) -> np.ndarray:
 
 
 class KVCache:
-    """Per-layer k and v caches [B, kv, T, d] in host (numpy) memory, handed to the compiled step as input
-    tensors that share that memory (Tensor.from_numpy: no copy), and written one slot at a time in place.
+    """Per-layer caches in host (numpy) memory: k as [B, kv, d, T] (each slot a column, so the scores are a
+    plain q @ k: MindSpore's CPU BatchMatMul took 3x as long with transpose_b over [B, kv, T, d]) and v as
+    [B, kv, T, d]; handed to the step as input tensors that share that memory (Tensor.from_numpy: no copy),
+    and written one slot at a time in place.
 
     MindSpore 2.10 graph mode on CPU offered no in-place write of a graph input, and a Parameter cache is
     written by ScatterNdUpdate, which copies the whole tensor (~17 ms per 44 MB cache, measured), so the
@@ -252,29 +258,28 @@ class KVCache:
 
     def __init__(self, ks, vs, total: int):
         """ks, vs: per-layer prefill k and v ([B, kv, S, d] tensors or arrays); slots S..total-1 start at 0."""
-        self.k = [self._padded(t, total) for t in ks]
-        self.v = [self._padded(t, total) for t in vs]
+        self.k, self.v = [], []
+        for k, v in zip(ks, vs):
+            k, v = _on_host(k), _on_host(v)
+            b, kv, _, d = k.shape
+            self.k.append(np.zeros((b, kv, d, total), dtype=k.dtype))
+            self.v.append(np.zeros((b, kv, total, d), dtype=v.dtype))
+            self.put(len(self.k) - 1, k, v)
 
     @classmethod
     def empty(cls, layers: int, shape: tuple, dtype) -> "KVCache":
-        """A zero cache of `layers` layers, each k and v [B, kv, T, d], for a prefill to fill layer by layer
-        (put): the prompt's k and v then exist once, not once as prefill outputs and again padded here."""
+        """A zero cache of `layers` layers for k and v of `shape` [B, kv, T, d], for a prefill to fill layer by
+        layer (put): the prompt's k and v then exist once, not once as prefill outputs and again here."""
+        b, kv, t, d = shape
         cache = cls((), (), 0)
-        cache.k = [np.zeros(shape, dtype=dtype) for _ in range(layers)]
-        cache.v = [np.zeros(shape, dtype=dtype) for _ in range(layers)]
+        cache.k = [np.zeros((b, kv, d, t), dtype=dtype) for _ in range(layers)]
+        cache.v = [np.zeros((b, kv, t, d), dtype=dtype) for _ in range(layers)]
         return cache
-
-    @staticmethod
-    def _padded(t, total):
-        a = _on_host(t)
-        out = np.zeros(a.shape[:2] + (total,) + a.shape[3:], dtype=a.dtype)
-        out[:, :, :a.shape[2]] = a
-        return out
 
     def put(self, i: int, k, v) -> None:
         """Layer i's prompt k and v ([B, kv, S, d]) into slots 0..S-1."""
         k, v = _on_host(k), _on_host(v)
-        self.k[i][:, :, :k.shape[2]] = k
+        self.k[i][:, :, :, :k.shape[2]] = k.transpose(0, 1, 3, 2)
         self.v[i][:, :, :v.shape[2]] = v
 
     def tensors(self) -> tuple:
@@ -284,11 +289,12 @@ class KVCache:
         return ms.mutable(tuple(view(a) for a in self.k)), ms.mutable(tuple(view(a) for a in self.v))
 
     def layer(self, i: int) -> tuple:
+        """Layer i's (k [B, kv, d, T], v [B, kv, T, d]) as tensors viewing the cache."""
         return ms.Tensor.from_numpy(self.k[i]), ms.Tensor.from_numpy(self.v[i])
 
     def write(self, i: int, slot: int, k, v) -> None:
         """Layer i's new position ([B, kv, 1, d]) into `slot`."""
-        self.k[i][:, :, slot] = _on_host(k)[:, :, 0]
+        self.k[i][:, :, :, slot] = _on_host(k)[:, :, 0]
         self.v[i][:, :, slot] = _on_host(v)[:, :, 0]
 
     def write_all(self, slot: int, ks, vs) -> None:

@@ -171,7 +171,8 @@ class Runner:
         the last column and every new token goes to the same cache slot); attention_mask [B, S], 1 for real
         tokens. Each row gets its own positions (counting its real tokens only), so a padded row computes
         what it would alone. `choose`: [B, V] logits -> [B] token ids (greedy, or model.sampling's sampler).
-        Rows that produced an eos token stop (they are fed pad_id while the others go on).
+        Rows that produced an eos token stop (they are fed pad_id while the others go on). on_step(n, active):
+        called after each decode step (and, when not compiled, with n = 0 after each prefill layer).
         Returns {"tokens": list per row (new tokens, eos included), "finish": "stop"|"length" per row,
         "prefill_s", "decode_s", "decode_tokens"}.
         """
@@ -196,7 +197,8 @@ class Runner:
         else:
             cache = self._empty_cache(b, s + max_new_tokens)
             x, _, _ = self.model.embed(Tensor(ids), pixels)
-            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(keep), cache)
+            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(keep), cache,
+                                                          on_layer=None if on_step is None else lambda: on_step(0, b))
             last = last.asnumpy()[:, -1]
             del x
         prefill_s = time.perf_counter() - t0

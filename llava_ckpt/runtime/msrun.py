@@ -8,8 +8,9 @@ rank 0's results as they appear, so a caller can show each one as soon as it is 
 
 - A failed or hung run is retried once with the jobs not done yet (a large AllReduce on CPU rarely fails
   and then teardown hangs); a rank that fails on bad input (CheckpointError) is not retried.
-- `timeout` is how long the ranks may go without finishing a job (from the start to the first result, then
-  between results): a long generate is fine, a hang is not.
+- `timeout` is how long the ranks may go without progress: a finished job, or rank 0 touching PROGRESS (a
+  handler's ctx.progress(), e.g. generate after every prefill layer and decode step), so a long generate of the
+  full 7B is fine, a hang is not.
 - At the end, on success, error, timeout or Ctrl-C, every process of the run is killed: msrun's process
   group (msrun, its scheduler), its descendants, and any process whose command line names the run's folder
   (msrun starts each worker in its own session, so a group kill alone misses them). If the launcher itself is
@@ -32,6 +33,7 @@ import numpy as np
 from ..errors import fail
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRESS = "progress"  # the file in the run's folder whose modification time is rank 0's last progress
 
 
 def rank_threads(world: int) -> int:
@@ -121,6 +123,15 @@ def _read_result(work: str, index: int) -> dict:
     return result
 
 
+def _progress_at(work: str) -> float:
+    """When rank 0 last reported progress, on time.monotonic()'s clock (-inf if it never did)."""
+    try:
+        age = time.time() - os.stat(os.path.join(work, PROGRESS)).st_mtime
+    except OSError:
+        return float("-inf")
+    return time.monotonic() - max(0.0, age)
+
+
 def _attempt(world: int, work: str, pending: list, timeout: float, results: dict, on_result):
     """One msrun run over the pending jobs; fills `results` as rank 0 writes them. Returns "" when every
     pending job finished, else a diagnostic."""
@@ -159,8 +170,9 @@ def _attempt(world: int, work: str, pending: list, timeout: float, results: dict
                         continue
                     why = f"msrun exit code {proc.returncode}"
                     break
+                last_progress = max(last_progress, _progress_at(work))
                 if time.monotonic() - last_progress > timeout:
-                    why = f"msrun timed out ({timeout:.0f} s without a finished job)"
+                    why = f"msrun timed out ({timeout:.0f} s without progress)"
                     break
                 time.sleep(0.1)
             if not todo:

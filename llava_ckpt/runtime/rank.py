@@ -3,8 +3,9 @@
 It reads WORK_DIR/jobs.json: its rank folder is rank_dirs[rank] (it reads nothing else of the checkpoint), and
 for each pending job it imports the job's handler ("module:function") and calls handler(ctx, job, arrays),
 which returns (JSON-able result, arrays). `ctx` carries the rank, the world size, the rank folder, the caller's
-`context`, the plan's dtype / device / jit, and `cache`, a dict a handler may keep things in from one job to
-the next (a loaded model).
+`context`, the plan's dtype / device / jit, `cache`, a dict a handler may keep things in from one job to
+the next (a loaded model), and `progress()`, to call as a long job advances (the launcher's timeout counts
+from the last call).
 
 Rank 0 writes result_<i>.npz (arrays) then result_<i>.json (the rest; its appearance tells the launcher the
 job is done). Every rank that fails writes error_rank_<r>.txt (the launcher reports it).
@@ -54,6 +55,18 @@ def _save(work_dir: str, index: int, meta: dict, arrays: dict) -> None:
     os.replace(base + ".tmp.json", base + ".json")  # last: the launcher's "done" signal
 
 
+def _progress(work_dir: str):
+    """Rank 0's progress report: touches the launcher's PROGRESS file (its timeout counts from the last one)."""
+    from llava_ckpt.runtime.msrun import PROGRESS
+    path = os.path.join(work_dir, PROGRESS)
+
+    def report(*_):
+        with open(path, "a", encoding="utf-8"):
+            pass
+        os.utime(path)
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("work_dir")
@@ -85,7 +98,8 @@ def main(argv=None) -> int:
             raise fail(f"msrun started {world} ranks for {len(plan['rank_dirs'])} rank folders")
         ctx = SimpleNamespace(rank=rank, world=world, rank_dir=plan["rank_dirs"][rank], context=plan["context"],
                               dtype=plan.get("dtype", "float32"), device=plan.get("device", "CPU"),
-                              jit=bool(plan.get("jit", True)), cache={})
+                              jit=bool(plan.get("jit", True)), cache={},
+                              progress=_progress(args.work_dir) if rank == 0 else (lambda *_: None))
         for index in plan["pending"]:
             job = plan["jobs"][index]
             with np.load(os.path.join(args.work_dir, f"job_{index}.npz"), allow_pickle=False) as data:

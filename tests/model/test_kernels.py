@@ -38,7 +38,7 @@ def test_the_kernel_is_what_decode_steps_run_here():
     assert kernels._cpu_supports() is None  # the package's own probe agrees with /proc/cpuinfo
     assert kernels.small_matmul_status().startswith("small_matmul kernel ("), kernels.small_matmul_status()
     assert kernels.small_matmul_op("float32") is not None
-    assert kernels.small_matmul_op("float16") is None  # float32 code only
+    assert kernels.small_matmul_op("float16") is None  # float32 compute only (its weight may be 16-bit)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])

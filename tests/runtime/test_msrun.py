@@ -104,3 +104,21 @@ def test_msrun_dies_with_a_launcher_killed_outright(tmp_path):
     launcher.wait()
     gone, alive = psutil.wait_procs([child], timeout=10)
     assert not alive
+
+
+def test_rank_0_progress_is_what_the_timeout_counts_from(tmp_path):
+    """A long job (the full 7B's batch) is not a hang: rank 0's ctx.progress() touches the run's PROGRESS file
+    and the launcher's clock restarts from it; before any progress there is none to count from."""
+    import time
+    from llava_ckpt.runtime.msrun import _progress_at
+    from llava_ckpt.runtime.rank import _progress
+    assert _progress_at(str(tmp_path)) == float("-inf")
+    report = _progress(str(tmp_path))
+    report()
+    first = _progress_at(str(tmp_path))
+    assert abs(first - time.monotonic()) < 1.0
+    old = time.time() - 100
+    os.utime(tmp_path / "progress", (old, old))
+    assert 99 < time.monotonic() - _progress_at(str(tmp_path)) < 101
+    report(3, 4)  # generate's on_step(n, active) signature
+    assert _progress_at(str(tmp_path)) > first - 1.0

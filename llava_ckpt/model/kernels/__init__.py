@@ -2,13 +2,16 @@
 
 `small_matmul` (small_matmul.cc): y = x @ w.T for the few rows of a decode step. MindSpore 2.10's CPU MatMul
 cost 3-4x as much for 4 rows as for 1 (the weight is read once per row group), which capped batched decoding;
-this kernel reads each weight row once for up to 8 rows. It runs as a MindSpore AOT custom op, inside the
-compiled graphs.
+this kernel reads each weight row once for up to 8 rows. Its weight may be float32, float16 or bfloat16
+(x and y are float32): a 16-bit weight is widened in registers as it is read, so generate keeps the
+checkpoint's 16-bit matrices and still computes in float32, reading 2 bytes per weight (MindSpore's MatMul
+would need the float32 copy first). It runs as a MindSpore AOT custom op, eagerly or in compiled graphs.
 
 The source is built with the machine's C++ compiler (`$CXX`, else c++/g++) into
-`$XDG_CACHE_HOME/llava-ckpt/kernels` (default ~/.cache/...), once per source version, written atomically.
-Where it cannot be used (not a CPU target, compute dtype not float32, no AVX2/FMA, no compiler, or
-LLAVA_CKPT_SMALL_MATMUL=0), MindSpore's MatMul runs instead and `small_matmul_status()` says why.
+`$XDG_CACHE_HOME/llava-ckpt/kernels` (default ~/.cache/...), once per source version and flag set, written
+atomically; with AVX-512 where /proc/cpuinfo lists avx512f (16 lanes), else AVX2. Where it cannot be used
+(not a CPU target, compute dtype not float32, no AVX2/FMA/F16C, no compiler, or LLAVA_CKPT_SMALL_MATMUL=0),
+MindSpore's MatMul runs instead (on the widened weight) and `small_matmul_status()` says why.
 """
 from __future__ import annotations
 
