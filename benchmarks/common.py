@@ -125,17 +125,7 @@ def tree_anon(pid: int) -> int:
         pids = [proc.pid] + [c.pid for c in proc.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
-    return total
+    return sum(tree_anon_one(p) for p in pids)
 
 
 def run_sampled(cmd, interval: float = 0.05, **kw) -> dict:

@@ -1,6 +1,7 @@
-"""The memory floor of a generate run (model/memory.py): its weight term counted independently from the files
-written, the floor below a measured tiny run's peak, and the refusal before MindSpore starts when a run
-cannot fit (the host's memory simulated small with LLAVA_CKPT_MEMORY_AVAILABLE)."""
+"""What a generate run needs in memory (model/memory.py): its mapped and own weight terms counted independently
+from the files written, its rule for mapped tensors the model's own, its own-memory part below a measured tiny
+run's peak, the full 7B within the issue's targets, and the refusal before MindSpore starts when a run cannot
+fit (the host's memory simulated small with LLAVA_CKPT_MEMORY_AVAILABLE)."""
 import json
 import os
 import shutil
