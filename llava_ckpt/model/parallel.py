@@ -186,9 +186,6 @@ def rank_runner(ctx, generating: bool = False):
     if key not in ctx.cache:
         from ..io import load_tensors
         from .llava import Runner
-        from .loading import run_ops_blocking
-        if generating:
-            run_ops_blocking()
         tensors = load_tensors(ctx.rank_dir)
         try:
             model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype,

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         import llava_ckpt
         from llava_ckpt.errors import fail
         from llava_ckpt.model import kernels
-        from llava_ckpt.model.loading import set_device
+        from llava_ckpt.model.loading import run_ops_blocking, set_device
 
         with open(os.path.join(args.work_dir, "jobs.json"), encoding="utf-8") as f:
             plan = json.load(f)
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
             raise fail(f"the ranks import llava_ckpt from {mine}, the launcher from {plan['package']}: "
                        "install the package (pip install -e .) or put it on PYTHONPATH")
         set_device(plan.get("device", "CPU"))
+        if plan.get("device", "CPU") == "CPU":
+            run_ops_blocking()  # eager handlers (generate, verify's walk) on CPU: see model/loading.py
         if plan.get("device", "CPU") == "CPU" and plan.get("threads"):
             ms.device_context.cpu.op_tuning.threads_num(int(plan["threads"]))
             kernels.set_threads(int(plan["threads"]))

@@ -34,9 +34,11 @@ class MsSide:
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
         from ..model.llava import LlavaVlm
-        from ..model.loading import detect_fused, set_device, synchronize
+        from ..model.loading import detect_fused, run_ops_blocking, set_device, synchronize
         from ..model.parallel import build_parallel, local_config
         set_device(device_target)
+        if device_target == "CPU":
+            run_ops_blocking()  # the walk is eager: see model/loading.py
         self.Tensor, self.ops, self.synchronize = Tensor, ops, synchronize
         self.arena = Arena() if arena is None else arena
         self.reader = FileReader()
