@@ -9,7 +9,7 @@ from mindspore import nn, ops, Tensor
 
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
-from .llama import KVCache, LanguageModel
+from .llama import KVCache, LanguageModel, attention_bias
 from .sampling import greedy
 from ..engine.config import image_token_count
 from .vision import VisionEncoder, layers_run
@@ -54,9 +54,9 @@ class LlavaVlm(nn.Cell):
         x = ops.where(is_image.expand_dims(-1), placed, text)
         return x, vision_states, image
 
-    def prefill(self, ids, pixels, positions, keep, trace, last_only=False):
+    def prefill(self, ids, pixels, positions, bias, trace, last_only=False):
         x, vision_states, image = self.embed(ids, pixels)
-        logits, k, v, states = self.language_model.prefill(x, positions, keep, last_only)
+        logits, k, v, states = self.language_model.prefill(x, positions, bias, last_only)
         if trace:
             return logits, k, v, vision_states + (image, x) + states
         return logits, k, v
@@ -88,8 +88,8 @@ class _Prefill(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model, self.trace, self.last_only = model, trace, last_only
 
-    def construct(self, ids, pixels, positions, keep):
-        return self.model.prefill(ids, pixels, positions, keep, self.trace, self.last_only)
+    def construct(self, ids, pixels, positions, bias):
+        return self.model.prefill(ids, pixels, positions, bias, self.trace, self.last_only)
 
 
 class _Step(nn.Cell):
@@ -97,8 +97,8 @@ class _Step(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, ids, positions, keep, k_cache, v_cache):
-        return self.model.language_model.step(ids, positions, keep, k_cache, v_cache)
+    def construct(self, ids, positions, bias, k_cache, v_cache):
+        return self.model.language_model.step(ids, positions, bias, k_cache, v_cache)
 
 
 class Runner:
@@ -141,7 +141,7 @@ class Runner:
         s = ids.shape[1]
         keep = np.tril(np.ones((s, s), dtype=bool))
         out = self._prefill[trace](Tensor(ids), Tensor(np.asarray(pixel_values, dtype=np.float32)),
-                                   Tensor(np.arange(s, dtype=np.int32)), Tensor(keep))
+                                   Tensor(np.arange(s, dtype=np.int32)), Tensor(attention_bias(keep)))
         result = {"logits": out[0].asnumpy(), "k": out[1], "v": out[2]}
         if trace:
             result["trace"] = [t.asnumpy() for t in out[3]]
@@ -190,14 +190,14 @@ class Runner:
         t0 = time.perf_counter()
         pixels = Tensor(np.asarray(pixel_values, dtype=np.float32))
         if self.jit:
-            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), Tensor(keep))
+            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), Tensor(attention_bias(keep)))
             last = out[0].asnumpy()[:, -1]
             cache = KVCache(out[1], out[2], s + max_new_tokens)
             del out
         else:
             cache = self._empty_cache(b, s + max_new_tokens)
             x, _, _ = self.model.embed(Tensor(ids), pixels)
-            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(keep), cache,
+            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(attention_bias(keep)), cache,
                                                           on_layer=None if on_step is None else lambda: on_step(0, b))
             last = last.asnumpy()[:, -1]
             del x
@@ -242,7 +242,8 @@ class Runner:
             decoded += int((~done).sum())
             k, v = cache.tensors()
             out = self._step(Tensor(chosen.reshape(b, 1).astype(np.int32)),
-                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(visible[:, None, None, :]), k, v)
+                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(attention_bias(visible[:, None, None, :])),
+                             k, v)
             last = out[0].asnumpy()[:, -1]
             cache.write_all(slot, out[1], out[2])
             visible[:, slot] = True

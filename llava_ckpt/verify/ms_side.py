@@ -227,20 +227,20 @@ class MsSide:
         pos = self.Tensor(np.asarray(positions, dtype=np.int32))
         return self.ops.gather(self.cos, pos, 0), self.ops.gather(self.sin, pos, 0)
 
-    def decoder_prefill(self, i: int, x, cos, sin, keep):
+    def decoder_prefill(self, i: int, x, cos, sin, bias):
         """DecoderLayer.prefill of layer i: (output, k, v)."""
         self._begin()
         layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
-        out = layer.prefill(x, cos, sin, keep)
+        out = layer.prefill(x, cos, sin, bias)
         self._release(layer)
         return out
 
-    def decoder_step(self, i: int, x, cos, sin, keep, k_cache, v_cache):
+    def decoder_step(self, i: int, x, cos, sin, bias, k_cache, v_cache):
         """DecoderLayer.step of layer i (one new position attending over the KV cache and itself): (output,
         the new position's k, v) for the caller to write into the cache (model.llama.KVCache)."""
         self._begin()
         layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
-        out = layer.step(x, cos, sin, keep, k_cache, v_cache)
+        out = layer.step(x, cos, sin, bias, k_cache, v_cache)
         self.synchronize()  # done reading the cache before the caller writes the new slot into it
         self._release(layer)
         return out

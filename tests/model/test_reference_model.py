@@ -131,3 +131,14 @@ def test_unused_vision_layer_and_ln_post_are_optional(gqa):
     a = Runner(build_and_load(cfg, weights)[0], jit=False).forward(prompt_ids(), pixels())["logits"]
     b = Runner(build_and_load(cfg, slim)[0], jit=False).forward(prompt_ids(), pixels())["logits"]
     np.testing.assert_array_equal(a, b)
+
+
+def test_attention_bias_adds_nothing_where_kept_and_masks_the_rest():
+    from llava_ckpt.model.llama import MASKED, attention_bias
+    keep = np.tril(np.ones((3, 3), dtype=bool))[None, None]
+    bias = attention_bias(keep)
+    assert bias.dtype == np.float32 and bias.shape == keep.shape
+    assert (bias[keep] == 0).all() and (bias[~keep] == np.float32(MASKED)).all()
+    scores = np.random.default_rng(0).standard_normal(keep.shape).astype(np.float32)
+    masked = np.exp(scores + bias - (scores + bias).max(-1, keepdims=True))
+    assert (masked[~keep] == 0).all()  # a masked position gets no weight after the softmax
