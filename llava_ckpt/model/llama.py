@@ -27,6 +27,11 @@ def attention_bias(keep) -> np.ndarray:
     return np.where(np.asarray(keep, dtype=bool), np.float32(0.0), np.float32(MASKED))
 
 
+def causal_bias(length: int) -> np.ndarray:
+    """attention_bias of the causal mask of one prompt of `length` positions: [length, length]."""
+    return attention_bias(np.tril(np.ones((length, length), dtype=bool)))
+
+
 def rope_theta(tc: dict) -> float:
     """transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs write rope_theta."""
     params = tc.get("rope_parameters") or {}
@@ -112,8 +117,8 @@ class Attention(nn.Cell):
     def attend_cached(self, q, k, v, k_cache, v_cache, bias):
         """Attention of the new positions (q, k, v: [B, *, 1, d]) over the cache's T slots and themselves,
         without writing the cache. k_cache [B, kv, d, T] (KVCache's layout), v_cache [B, kv, T, d]; bias:
-        attention_bias of [B, 1, 1, T + 1], the cache slots a row may see, then the new position (always seen). One softmax over
-        both parts, so it equals attention over the written cache."""
+        attention_bias of [B, 1, 1, T + 1], the cache slots a row may see, then the new position (always seen).
+        One softmax over both parts, so it equals attention over the written cache."""
         b, _, s, _ = q.shape
         t = k_cache.shape[3]
         qg = self.grouped(q)
@@ -206,7 +211,8 @@ class LanguageModel(nn.Cell):
 
     def prefill(self, x, positions, bias, last_only=False):
         """x: input embeddings [B, S, H]; positions [S] or [B, S] (per row); bias: attention_bias of a mask
-        broadcastable to [B, heads, S, S]. Returns logits, per-layer k and v tuples ([B, kv, S, d] each), layer outputs.
+        broadcastable to [B, heads, S, S]. Returns logits, per-layer k and v tuples ([B, kv, S, d] each), layer
+        outputs.
         Tuples, not one stacked tensor: slicing a stacked cache per layer cost ~40 ms a layer on CPU, more
         than the layer's matmuls at decode time. last_only: logits of the last position only ([B, 1, V]),
         all generation needs (the full-vocab head over every prompt position costs as much as a layer)."""

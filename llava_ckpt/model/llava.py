@@ -9,7 +9,7 @@ from mindspore import nn, ops, Tensor
 
 from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
-from .llama import KVCache, LanguageModel, attention_bias
+from .llama import KVCache, LanguageModel, attention_bias, causal_bias
 from .sampling import greedy
 from ..engine.config import image_token_count
 from .vision import VisionEncoder, layers_run
@@ -139,9 +139,8 @@ class Runner:
         vision embeddings, ln_pre, each resblock, adapter, merged embeddings, each decoder layer, norm_out."""
         ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1])
         s = ids.shape[1]
-        keep = np.tril(np.ones((s, s), dtype=bool))
         out = self._prefill[trace](Tensor(ids), Tensor(np.asarray(pixel_values, dtype=np.float32)),
-                                   Tensor(np.arange(s, dtype=np.int32)), Tensor(attention_bias(keep)))
+                                   Tensor(np.arange(s, dtype=np.int32)), Tensor(causal_bias(s)))
         result = {"logits": out[0].asnumpy(), "k": out[1], "v": out[2]}
         if trace:
             result["trace"] = [t.asnumpy() for t in out[3]]
@@ -186,18 +185,18 @@ class Runner:
             raise fail("max_new_tokens must be at least 1")
         b, s = ids.shape
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-        keep = np.tril(np.ones((s, s), dtype=bool))[None, None] & mask[:, None, None, :]
+        bias = Tensor(attention_bias(np.tril(np.ones((s, s), dtype=bool))[None, None] & mask[:, None, None, :]))
         t0 = time.perf_counter()
         pixels = Tensor(np.asarray(pixel_values, dtype=np.float32))
         if self.jit:
-            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), Tensor(attention_bias(keep)))
+            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), bias)
             last = out[0].asnumpy()[:, -1]
             cache = KVCache(out[1], out[2], s + max_new_tokens)
             del out
         else:
             cache = self._empty_cache(b, s + max_new_tokens)
             x, _, _ = self.model.embed(Tensor(ids), pixels)
-            last = self.model.language_model.prefill_into(x, Tensor(positions), Tensor(attention_bias(keep)), cache,
+            last = self.model.language_model.prefill_into(x, Tensor(positions), bias, cache,
                                                           on_layer=None if on_step is None else lambda: on_step(0, b))
             last = last.asnumpy()[:, -1]
             del x
@@ -241,9 +240,9 @@ class Runner:
             slot = s + n - 1
             decoded += int((~done).sum())
             k, v = cache.tensors()
-            out = self._step(Tensor(chosen.reshape(b, 1).astype(np.int32)),
-                             Tensor((lengths + n - 1).reshape(b, 1)), Tensor(attention_bias(visible[:, None, None, :])),
-                             k, v)
+            bias = Tensor(attention_bias(visible[:, None, None, :]))
+            out = self._step(Tensor(chosen.reshape(b, 1).astype(np.int32)), Tensor((lengths + n - 1).reshape(b, 1)),
+                             bias, k, v)
             last = out[0].asnumpy()[:, -1]
             cache.write_all(slot, out[1], out[2])
             visible[:, slot] = True

@@ -88,10 +88,11 @@ def main(argv=None) -> int:
         if plan.get("package") and os.path.realpath(plan["package"]) != mine:
             raise fail(f"the ranks import llava_ckpt from {mine}, the launcher from {plan['package']}: "
                        "install the package (pip install -e .) or put it on PYTHONPATH")
-        set_device(plan.get("device", "CPU"))
-        if plan.get("device", "CPU") == "CPU":
+        device = plan.get("device", "CPU")
+        set_device(device)
+        if device == "CPU":
             run_ops_blocking()  # eager handlers (generate, verify's walk) on CPU: see model/loading.py
-        if plan.get("device", "CPU") == "CPU" and plan.get("threads"):
+        if device == "CPU" and plan.get("threads"):
             ms.device_context.cpu.op_tuning.threads_num(int(plan["threads"]))
             kernels.set_threads(int(plan["threads"]))
         init()
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         if world != len(plan["rank_dirs"]):
             raise fail(f"msrun started {world} ranks for {len(plan['rank_dirs'])} rank folders")
         ctx = SimpleNamespace(rank=rank, world=world, rank_dir=plan["rank_dirs"][rank], context=plan["context"],
-                              dtype=plan.get("dtype", "float32"), device=plan.get("device", "CPU"),
+                              dtype=plan.get("dtype", "float32"), device=device,
                               jit=bool(plan.get("jit", True)), cache={},
                               progress=_progress(args.work_dir) if rank == 0 else (lambda *_: None))
         for index in plan["pending"]:

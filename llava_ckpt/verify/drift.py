@@ -58,13 +58,13 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype):
     if name == "language_model.model.tok_embeddings":
         return theirs(hf.merge(input_ids, t_in)), mine(ms.merge(input_ids, m_in))
     if name.startswith("language_model.model.layers."):
-        from ..model.llama import attention_bias
+        from ..model.llama import causal_bias
         i = int(name.rsplit(".", 1)[1])
         ctx = hf.begin(t_in, 0)
         out = theirs(hf.decoder_layer(i, t_in, ctx))
         cos, sin = (ms.Tensor(p[0].detach().numpy().astype(ms.target)) for p in ctx["position_embeddings"])
         s = inp.shape[1]
-        causal = ms.Tensor(attention_bias(np.tril(np.ones((s, s), dtype=bool))))
+        causal = ms.Tensor(causal_bias(s))
         return out, mine(ms.decoder_prefill(i, m_in, cos, sin, causal)[0])
     if name == "language_model.model.norm_out":
         return theirs(hf.norm(t_in)), mine(ms.norm_and_logits(m_in)[0])

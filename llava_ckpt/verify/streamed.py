@@ -155,7 +155,7 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
     """The reference model over the prompt, then `extra_tokens` after it, module by module (`ms` a MsSide):
     on_module(name, output) for each module of model.trace_names(cfg), in order. Returns (float32 logits
     [1, S + len(extra_tokens), V], per-layer k and v lists if keep_kv)."""
-    from ..model.llama import attention_bias
+    from ..model.llama import causal_bias
     from ..model.vision import layers_run
     emb, x = clock.run("mindspore", ms.vision_embeddings, pixel_values)
     on_module("vision_encoder.embeddings", emb)
@@ -172,7 +172,7 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
     on_module("language_model.model.tok_embeddings", x)
     total = int(x.shape[1])
     cos, sin = ms.rope(np.arange(total))
-    causal = ms.Tensor(attention_bias(np.tril(np.ones((total, total), dtype=bool))))
+    causal = ms.Tensor(causal_bias(total))
     ks, vs = [], []
     for i in range(cfg["text_config"]["num_hidden_layers"]):
         x, k, v = clock.run("mindspore", ms.decoder_prefill, i, x, cos, sin, causal)
@@ -214,7 +214,8 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
             pos = s + len(tokens) - 1
             x = clock.run("mindspore", ms.token_embeddings, [tokens[-1]])
             cos, sin = ms.rope([pos])
-            bias = ms.Tensor(attention_bias(np.append(slots < pos, True)[None, None, None]))  # the cache's past, then pos
+            # the cache's past, then pos itself
+            bias = ms.Tensor(attention_bias(np.append(slots < pos, True)[None, None, None]))
             for i in range(len(cache.k)):
                 x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, bias, *cache.layer(i))
                 cache.write(i, pos, k, v)
