@@ -120,16 +120,26 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as
 
 
 @main.command()
-@click.argument("converted_dir")
+@click.argument("src")
 @click.argument("out")
-@click.option("--tp", type=int, required=True, help="Number of tensor-parallel ranks.")
+@click.option("--tp", type=int, required=True, help="Number of tensor-parallel ranks to write.")
+@click.option("--ranks", default=None, metavar="R0,R1,...",
+              help="Write only these ranks (one node's part of a multi-node job; the same bytes as the full run).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Output format (default: the source's).")
+@click.option("--config", "config", default=None,
+              help="HF folder or config.json for a source without a manifest that carries no config.json.")
+@click.option("--mapping", default=None, metavar="FILE",
+              help="The mapping table, for a source without a manifest, if not the packaged one.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def shard(converted_dir, out, tp, overwrite, as_json):
-    """Split a tp-1 output of `convert` into N tensor-parallel ranks."""
+def shard(src, out, tp, ranks, fmt, config, mapping, overwrite, as_json):
+    """Re-cut the MindSpore checkpoint SRC, in any layout, into TP tensor-parallel ranks: a convert / shard
+    output of any tp, a .ckpt / .safetensors file, or rank_<r>/ folders with strategy file(s) from distributed
+    training (tensor parallel, pipeline stages, optimizer-parallel slices). Optimizer state is skipped."""
     from .shard import shard as run
-    result = run(converted_dir, out, tp=tp, progress=_progress(as_json), overwrite=overwrite)
+    result = run(src, out, tp=tp, ranks=ranks, fmt=fmt, config=config, mapping=mapping,
+                 progress=_progress(as_json), overwrite=overwrite)
     _report(result, as_json)
     _warn(result)
 

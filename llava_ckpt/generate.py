@@ -76,27 +76,22 @@ def read_requests(path: str) -> list:
 # ---------------------------------------------------------------- the converted folder
 
 def open_output(ms_dir: str) -> dict:
-    """Check `ms_dir` is a convert/shard output with what generate needs, its weight files there and of the
-    sizes its manifest records (each file's header valid); returns {"cfg", "tp", "rank_dirs", "layout",
-    "dtypes" (each tensor's stored dtype), "tp_units" (the sizes --tp must divide)}."""
+    """Check `ms_dir` is a convert/shard output with what generate needs, opened by the one opener
+    (io/checkpoint.py: its weight files there, of the sizes its manifest records, every header valid); returns
+    {"checkpoint", "cfg", "tp", "rank_dirs", "layout", "dtypes" (each tensor's stored dtype), "tp_units" (the
+    sizes --tp must divide)}."""
     from .engine.config import load_config
-    from .engine.records import checked_entries, split_layout
-    from .io.manifest import NAME, checked_weight_files, output_layout, read_ms_output
-    from .io.ranks import rank_folders
-    from .io.readers import read_index
-    manifest = read_ms_output(ms_dir, "generate takes what convert or shard wrote")
-    where = os.path.join(ms_dir, NAME)
-    tp, _ = output_layout(manifest, where)
+    from .io.checkpoint import open_checkpoint
+    from .io.manifest import read_ms_output
+    read_ms_output(ms_dir, "generate takes what convert or shard wrote")  # a manifest, or what it is instead
     if not os.path.isfile(os.path.join(ms_dir, "config.json")):
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
-    for _, path in checked_weight_files(ms_dir, manifest):
-        read_index(path)  # headers / record index only: a damaged file is named before any model starts
-    dirs = rank_folders(ms_dir, tp)
-    entries = checked_entries(manifest, where)
-    return {"cfg": cfg, "tp": tp, "rank_dirs": dirs, "layout": split_layout(entries),
-            "dtypes": {e["name"]: e["dtype"] for e in entries}, "tp_units": list(manifest.get("tp_sizes", {}).items())}
+    checkpoint = open_checkpoint(ms_dir, "what convert or shard wrote")
+    return {"checkpoint": checkpoint, "cfg": cfg, "tp": checkpoint.tp, "rank_dirs": checkpoint.rank_dirs,
+            "layout": checkpoint.layout(), "dtypes": {n: e["dtype"] for n, e in checkpoint.entries.items()},
+            "tp_units": list(checkpoint.manifest.get("tp_sizes", {}).items())}
 
 
 # ---------------------------------------------------------------- batches

@@ -87,7 +87,7 @@ def test_bad_tp_and_foreign_inputs_are_refused(tiny, tmp_path):
     convert(tiny, str(tmp_path / "one"), progress=False)
     with pytest.raises(CheckpointError, match=r"--tp 3 must divide .*Valid: 1, 2, 4"):
         shard(str(tmp_path / "one"), str(tmp_path / "tp3"), tp=3, progress=False)
-    with pytest.raises(CheckpointError, match="no manifest.json"):
+    with pytest.raises(CheckpointError, match="is a Hugging Face checkpoint folder, not a MindSpore checkpoint"):
         shard(tiny, str(tmp_path / "x"), tp=2, progress=False)
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     # shard follows the split kinds the manifest records (from the table): an unknown one is refused, named

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..io.dtypes import cast, numpy_dtype, itemsize
 from ..io.output import staged_output
-from ..io.ranks import rank_folder_name, weights_name
+from ..io.ranks import RankedTensor, rank_folder_name, weights_name
 from ..io.readers import FileReader
 from ..io.strategy import write_strategy
 from ..io.writers import ckpt_load_warning, open_writer
@@ -32,7 +32,8 @@ CHUNK = 16 * 1024 * 1024
 class PlannedTarget:
     """One target tensor as it will be written: its sources resolved to files, its output dtype."""
     target: Target
-    infos: tuple          # TensorInfo of each source, in the target's source order
+    infos: tuple          # each source, in the target's source order: a TensorInfo (one file holds it whole)
+                          # or an io.ranks.RankedTensor (rank pieces of a checkpoint that shard re-cuts)
     out_dtype: str        # safetensors code
     source_names: tuple   # the sources' names as spelled in their files (for the manifest)
     out_dtype_name: str   # float16 | bfloat16 | float32
@@ -56,19 +57,41 @@ def target_rank_shape(target: Target, tp: int) -> tuple:
     return rank_shape(target.shape, target.split, tp)
 
 
+def _read_rows(reader: FileReader, source, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a source: one file's tensor, or rank pieces joined (replicas compared)."""
+    if isinstance(source, RankedTensor):
+        return source.read_rows(reader, lo, hi)
+    return reader.read_rows(source, lo, hi)
+
+
+def _row_bytes(source) -> int:
+    per = itemsize(source.dtype)
+    for d in tuple(source.shape)[1:]:
+        per *= d
+    return per
+
+
+def _held_bytes(source, lo: int, hi: int):
+    """(TensorInfo, byte offset) of source rows [lo, hi) when one file holds them as they are, else None."""
+    if isinstance(source, RankedTensor):
+        held = source.sole_holder(lo, hi)
+        return None if held is None else (held[0], held[1] * held[0].row_bytes)
+    return source, lo * source.row_bytes
+
+
 def _gather(reader: FileReader, item: PlannedTarget, src: np.ndarray, row: np.ndarray, a: int, b: int) -> np.ndarray:
     """Output rows [a, b) of the item's target, in the source dtype."""
     idx, rows = src[a:b], row[a:b]
     first = int(idx[0])
     if (idx == first).all() and rows[-1] - rows[0] == b - a - 1:  # one contiguous run: read it straight
-        return reader.read_rows(item.infos[first], int(rows[0]), int(rows[-1]) + 1)
+        return _read_rows(reader, item.infos[first], int(rows[0]), int(rows[-1]) + 1)
     shape = item.target.shape
     out = np.empty((b - a,) + tuple(shape[1:]), dtype=numpy_dtype(item.infos[0].dtype))
     for k in np.unique(idx):
         sel = idx == k
         wanted = rows[sel]
         lo, hi = int(wanted.min()), int(wanted.max()) + 1
-        block = reader.read_rows(item.infos[int(k)], lo, hi)
+        block = _read_rows(reader, item.infos[int(k)], lo, hi)
         out[sel] = block[wanted - lo]
     return out
 
@@ -80,7 +103,7 @@ def _direct_run(item: PlannedTarget, row, out_np, dim) -> bool:
 
 
 def _chunk_rows(item: PlannedTarget) -> int:
-    row_bytes = max(1, item.infos[0].row_bytes, itemsize(item.out_dtype) * int(np.prod(item.target.shape[1:] or (1,))))
+    row_bytes = max(1, _row_bytes(item.infos[0]), itemsize(item.out_dtype) * int(np.prod(item.target.shape[1:] or (1,))))
     return max(1, CHUNK // row_bytes)
 
 
@@ -93,7 +116,9 @@ def _spans(n_rows: int, step: int, dim, tp: int) -> list:
 
 
 def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes: int | None = None) -> None:
-    """Stream every planned target into the rank writers (writers[r] for rank r), in order."""
+    """Stream every planned target into the rank writers (writers[r] for rank r; None for a rank not written
+    here, whose rows are then not read either), in order."""
+    present = [w for w in writers if w is not None]
     reader = FileReader()
     maps: dict = {}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
@@ -109,18 +134,20 @@ def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes:
             dim = target_dim(t) if tp > 1 else None
             rshape = target_rank_shape(t, tp)
             rbytes = int(np.prod(rshape)) * out_np.itemsize
-            for w in writers:
+            for w in present:
                 w.begin(t.name, rshape, item.out_dtype, rbytes)
             spans = _spans(len(src), _chunk_rows(item), dim, tp)
             direct = _direct_run(item, row, out_np, dim)
             for rank, a, b in spans:
-                if direct:  # same dtype, one contiguous source run: pread straight into the writers' blocks
-                    info = item.infos[0]
-                    first = int(row[a]) * info.row_bytes
+                if rank is not None and writers[rank] is None:
+                    continue
+                held = _held_bytes(item.infos[0], int(row[a]), int(row[a]) + b - a) if direct else None
+                if held:  # same dtype, one contiguous run one file holds: pread straight into the writers' blocks
+                    info, first = held
                     n = (b - a) * info.row_bytes
-                    for w in ([writers[rank]] if rank is not None else writers):
+                    for w in ([writers[rank]] if rank is not None else present):
                         w.fill(n, lambda view, off: reader.read_bytes(info, first + off, first + off + len(view), view))
-                    bar.update(n * (1 if rank is not None else len(writers)))
+                    bar.update(n * (1 if rank is not None else len(present)))
                     continue
                 data = cast(_gather(reader, item, src, row, a, b), item.out_dtype)
                 if rank is not None:
@@ -128,25 +155,34 @@ def write_targets(planned, writers, tp: int, progress: bool = True, total_bytes:
                 elif dim == 1:
                     cols = t.shape[1] // tp
                     for r, w in enumerate(writers):
-                        w.write(np.ascontiguousarray(data[:, r * cols:(r + 1) * cols]).reshape(-1).view(np.uint8))
+                        if w is not None:
+                            w.write(np.ascontiguousarray(data[:, r * cols:(r + 1) * cols]).reshape(-1).view(np.uint8))
                 else:
                     flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-                    for w in writers:
+                    for w in present:
                         w.write(flat)
-                bar.update(data.nbytes * (tp if rank is None and dim is None else 1))
-            for w in writers:
+                if rank is not None:
+                    bar.update(data.nbytes)
+                else:  # every written rank got all of it (replicated) or its columns (dim 1)
+                    bar.update(data.nbytes * len(present) // (tp if dim == 1 else 1))
+            for w in present:
                 w.end()
     finally:
         bar.close()
         reader.close()
 
 
-def open_rank_writers(stage: str, fmt: str, planned, tp: int, layout_dir: bool) -> tuple:
-    """One writer per rank: STAGE/llava.<fmt>, or STAGE/rank_<r>/llava.<fmt> when layout_dir."""
+def open_rank_writers(stage: str, fmt: str, planned, tp: int, layout_dir: bool, ranks=None) -> tuple:
+    """One writer per rank: STAGE/llava.<fmt>, or STAGE/rank_<r>/llava.<fmt> when layout_dir. `ranks`: only
+    those (the others' entries are None)."""
     specs = [(j.target.name, target_rank_shape(j.target, tp), j.out_dtype) for j in planned]
     paths, writers = [], []
     try:
         for r in range(tp):
+            if ranks is not None and r not in ranks:
+                paths.append(None)
+                writers.append(None)
+                continue
             folder = os.path.join(stage, rank_folder_name(r)) if layout_dir else stage
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, weights_name(fmt))
@@ -154,44 +190,51 @@ def open_rank_writers(stage: str, fmt: str, planned, tp: int, layout_dir: bool) 
             paths.append(path)
     except BaseException:
         for w in writers:
-            w.abort()
+            if w is not None:
+                w.abort()
         raise
     return paths, writers
 
 
-def output_bytes(planned, tp: int) -> int:
-    """Bytes of tensor data the writers will produce, all ranks together."""
+def output_bytes(planned, tp: int, written: int | None = None) -> int:
+    """Bytes of tensor data the writers will produce, all ranks together (`written` of the tp ranks)."""
+    written = tp if written is None else written
     total = 0
     for j in planned:
         n = int(np.prod(j.target.shape)) * itemsize(j.out_dtype)
-        total += n * tp if target_dim(j.target) is None else n
+        total += n * written if target_dim(j.target) is None else n * written // tp
     return total
 
 
 def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, manifest: dict, progress: bool,
                      known_hashes=None, expected_hashes=None, inputs_key: str = "files", side_files=(),
-                     expected_side=None, overwrite: bool = False) -> dict:
+                     expected_side=None, overwrite: bool = False, ranks=None) -> dict:
     """Write all ranks, the side files, the strategy file (tp > 1) and the manifest into OUT, atomically.
 
     `inputs` [(name, path)] are hashed while the data streams and recorded under manifest["source"][inputs_key]
     (io.output.staged_output says how `known_hashes` and `expected_hashes` count); `side_files` [(name, path)]
     (config, tokenizer, processor, chat template) are copied beside the weights so the output stands alone.
-    `overwrite`: replace an OUT that holds another output (io.output.check_out)."""
-    total = output_bytes(planned, tp)
-    manifest = dict(manifest, tp=tp, format=fmt)
+    `overwrite`: replace an OUT that holds another output (io.output.check_out). `ranks`: write only those rank
+    folders (one node's part; the same bytes as the full run's, the full strategy file beside them; the manifest
+    records which)."""
+    ranks = None if ranks is None or list(ranks) == list(range(tp)) else sorted(ranks)
+    total = output_bytes(planned, tp, None if ranks is None else len(ranks))
+    manifest = dict(manifest, tp=tp, format=fmt, **({"ranks": ranks} if ranks is not None else {}))
     where = os.path.abspath(out)  # now: when OUT is the current folder, the swap leaves the process in a gone one
     with staged_output(out, src, total, manifest, inputs, known_hashes, expected_hashes, inputs_key,
                        overwrite) as staged:
-        paths, writers = open_rank_writers(staged.stage, fmt, planned, tp, layout_dir=tp > 1)
+        paths, writers = open_rank_writers(staged.stage, fmt, planned, tp, tp > 1, ranks)
         try:
             write_targets(planned, writers, tp, progress, total)
-            digests = [w.close() for w in writers]
+            digests = [w.close() if w is not None else None for w in writers]
         except BaseException:
             for w in writers:
-                w.abort()
+                if w is not None:
+                    w.abort()
             raise
         for path, digest in zip(paths, digests):
-            staged.add(os.path.relpath(path, staged.stage), digest)
+            if path is not None:
+                staged.add(os.path.relpath(path, staged.stage), digest)
         staged.copy_side_files(side_files, expected_side)
         if tp > 1:
             write_strategy(os.path.join(staged.stage, "strategy.ckpt"),
@@ -200,8 +243,9 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
     files = staged.files
     weights = [f for f in files if f["path"].endswith(weights_name(fmt))]
     largest = max(weights, key=lambda f: f["size"])
-    what = largest["path"] if tp == 1 else f"each of {weights_name(fmt)} of the {tp} rank folders"
+    what = largest["path"] if tp == 1 else f"each of {weights_name(fmt)} of the {len(weights)} rank folders"
     warning = ckpt_load_warning(what, largest["size"]) if fmt == "ckpt" else None
-    return {"out": where, "format": fmt, "tp": tp, "tensors": len(planned),
+    return {"out": where, "format": fmt, "tp": tp, "ranks": ranks if ranks is not None else list(range(tp)),
+            "tensors": len(planned),
             "bytes": sum(f["size"] for f in files), "files": [f["path"] for f in files],
             "warnings": [warning] if warning else []}

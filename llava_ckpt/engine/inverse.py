@@ -43,13 +43,13 @@ def _chunks(inv: np.ndarray, step: int, rt: RankedTensor):
     row_bytes = itemsize(rt.dtype) * int(np.prod(rt.shape[1:], dtype=np.int64))
     if len(runs) > 1 and n * row_bytes / len(runs) < MIN_RUN:
         runs = [(0, n)]
-    per = rt.shape[0] // rt.n_blocks if rt.dim == 0 and rt.n_blocks > 1 else None
+    banded = rt.ranks > 1 and not rt.replicated
     for a, b in runs:
         c = a
         while c < b:
             end = min(c + step, b)
-            if per and inv[end - 1] - inv[c] == end - 1 - c:
-                end = min(end, c + int((inv[c] // per + 1) * per - inv[c]))
+            if banded and inv[end - 1] - inv[c] == end - 1 - c:
+                end = min(end, c + rt.row_end(int(inv[c])) - int(inv[c]))
             yield c, end
             c = end
 

@@ -128,12 +128,40 @@ def check_divides(units: Sequence[tuple], tp) -> None:
 
 
 def rank_blocks(dev_matrix: Sequence[int], tmap: Sequence[int], n_ranks: int, name: str = "tensor") -> tuple:
-    """(split dim or None, block index of each rank, number of blocks) for a MindSpore layout.
+    """(split dim or None, block index of each rank, number of blocks) for a MindSpore layout that cuts at most
+    one dim (rank_boxes says how ranks map onto blocks). dev_matrix [1, N] is convert's tensor parallelism."""
+    shape, boxes = rank_boxes(dev_matrix, tmap, [1] * len(tmap), n_ranks, 0, name)
+    split = [d for d, n in enumerate(shape) if n > 1]
+    if not split:
+        return None, [0] * n_ranks, 1
+    if len(split) > 1:
+        raise fail(f"{name}: tensor_map {list(tmap)} splits more than one dim; only one split dim is supported")
+    dim = split[0]
+    return dim, [box[dim][0] for box in boxes], shape[dim]
 
-    Ranks are laid out row-major over dev_matrix (the last axis varies fastest); a tensor dim whose tensor_map
-    entry m names a device axis (indexed from the right) is cut into as many equal blocks as that axis has
-    devices, and rank r holds the block of its coordinate on that axis. Ranks with the same coordinate hold
-    replicas (all of them, when no dim is split). dev_matrix [1, N] is convert's tensor parallelism."""
+
+def _coord(rank: int, dev: Sequence[int], axis: int) -> int:
+    """Rank `rank`'s coordinate on device axis `axis`: ranks are laid out row-major over dev_matrix (the last
+    axis varies fastest)."""
+    inner = 1
+    for d in dev[axis + 1:]:
+        inner *= d
+    return (rank // inner) % dev[axis]
+
+
+def rank_boxes(dev_matrix: Sequence[int], tmap: Sequence[int], piece_shape: Sequence[int], n_ranks: int,
+               opt_shard_size: int = 0, name: str = "tensor") -> tuple:
+    """(whole shape, box of each rank) of a tensor saved under a MindSpore layout, where a box is the (lo, hi)
+    range of each dim of the whole tensor that rank holds and `piece_shape` what each rank's file holds.
+
+    A tensor dim whose tensor_map entry m names a device axis (indexed from the right of dev_matrix) is cut into
+    as many equal blocks as that axis has devices; rank r holds the block of its coordinate on that axis.
+    Optimizer parallelism (opt_weight_shard_size k > 1, -1 for all) cuts dim 0 of each such block again into k
+    equal parts over the device axes the tensor is not cut on, taken from the right (the innermost first, an
+    axis larger than what is left contributing its inner part); the rank's part is its mixed-radix coordinate
+    over those axes, the leftmost most significant. This is how MindSpore's checkpoint transform lays optimizer
+    shards out (parallel/_tensor.py, _construct_tensor_layout_for_opt_shard). Ranks with equal boxes hold
+    replicas."""
     dev = [int(d) for d in dev_matrix]
     if not dev or any(d < 1 for d in dev):
         raise fail(f"{name}: invalid dev_matrix {list(dev_matrix)}")
@@ -142,20 +170,54 @@ def rank_blocks(dev_matrix: Sequence[int], tmap: Sequence[int], n_ranks: int, na
         total *= d
     if total != n_ranks:
         raise fail(f"{name}: its layout is for {total} devices (dev_matrix {dev}), there are {n_ranks} ranks")
-    split = []
+    piece = [int(n) for n in piece_shape]
+    if len(tmap) != len(piece):
+        raise fail(f"{name}: tensor_map {list(tmap)} has {len(tmap)} entries for a {len(piece)}-d tensor")
+    used = {}
     for dim, m in enumerate(tmap):
         if m == -1:
             continue
         if not 0 <= m < len(dev):
             raise fail(f"{name}: tensor_map {list(tmap)} names a device axis outside dev_matrix {dev}")
-        if dev[len(dev) - 1 - m] > 1:
-            split.append((dim, len(dev) - 1 - m))
-    if not split:
-        return None, [0] * n_ranks, 1
-    if len(split) > 1:
-        raise fail(f"{name}: tensor_map {list(tmap)} splits more than one dim; only one split dim is supported")
-    dim, axis = split[0]
-    inner = 1
-    for d in dev[axis + 1:]:
-        inner *= d
-    return dim, [(r // inner) % dev[axis] for r in range(n_ranks)], dev[axis]
+        axis = len(dev) - 1 - m
+        if axis in used.values():
+            raise fail(f"{name}: tensor_map {list(tmap)} cuts two dims over the same device axis")
+        if dev[axis] > 1:
+            used[dim] = axis
+    repeated = [a for a in range(len(dev)) if a not in used.values() and dev[a] > 1]
+    k = int(opt_shard_size)
+    if k == -1:
+        k = 1
+        for a in repeated:
+            k *= dev[a]
+    opt_axes, left = [], k
+    if k > 1:
+        if not piece:
+            raise fail(f"{name}: a 0-d tensor cannot be optimizer-sharded (opt_weight_shard_size {k})")
+        for a in reversed(repeated):
+            part = min(dev[a], left)
+            if dev[a] % part or left % part:
+                break
+            opt_axes.insert(0, (a, part))
+            left //= part
+            if left == 1:
+                break
+        if left != 1:
+            raise fail(f"{name}: opt_weight_shard_size {k} does not fit the device axes it is not cut on "
+                       f"(dev_matrix {dev}, tensor_map {list(tmap)})")
+    whole = [n * (dev[used[d]] if d in used else 1) for d, n in enumerate(piece)]
+    if k > 1:
+        whole[0] *= k
+    boxes = []
+    for r in range(n_ranks):
+        box = []
+        for d, n in enumerate(piece):
+            b = _coord(r, dev, used[d]) if d in used else 0
+            if d == 0 and k > 1:
+                part = 0
+                for a, size in opt_axes:
+                    part = part * size + _coord(r, dev, a) % size
+                b = b * k + part
+            box.append((b * n, (b + 1) * n))
+        boxes.append(tuple(box))
+    return tuple(whole), boxes

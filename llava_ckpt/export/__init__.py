@@ -37,7 +37,7 @@ def export(ms_src: str, hf_out: str, config: str | None = None, dtype: str | Non
     from ..io.hf_folder import INDEX
     from ..io.output import staged_output
     from ..io.writers import write_safetensors_index
-    from .checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
     from .config import check_agrees, choose_config, retyped_config
     from .plan import assign_files, parse_size, plan_export, round_trip
     if dtype is not None and dtype not in BY_NAME:

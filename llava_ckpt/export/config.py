@@ -9,10 +9,10 @@ from ..engine.config import MAX_CONFIG
 from ..errors import fail
 from ..io.files import read_json
 from ..io.hf_folder import side_files
-from .checkpoint import MsCheckpoint
+from ..io.checkpoint import Checkpoint
 
 
-def choose_config(source: MsCheckpoint, config: str | None) -> tuple:
+def choose_config(source: Checkpoint, config: str | None) -> tuple:
     """(raw config.json, where it came from, side files [(name, real path)], the names whose record to check).
     `--config` (an HF folder, whose side files are copied, or a config.json) overrides what MS_SRC carries."""
     side = dict(source.side)
@@ -58,7 +58,7 @@ def retyped_config(raw: dict, out_dtype: str | None) -> bytes | None:
     return (json.dumps(raw, indent=2) + "\n").encode("utf-8") if changed else None
 
 
-def check_agrees(table: dict, cfg: dict, where: str, source: MsCheckpoint) -> None:
+def check_agrees(table: dict, cfg: dict, where: str, source: Checkpoint) -> None:
     """A --config must describe the model MS_SRC holds: every size the table names (heads, KV heads, layers,
     widths, ...) as MS_SRC's own config.json says, when it carries one. Same shapes with other head counts
     would export scrambled q/k/v rows with exit 0, so a disagreement is an error naming the key and both

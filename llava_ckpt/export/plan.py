@@ -14,7 +14,7 @@ from ..io.dtypes import BY_NAME, casts_lose, code_for, dtype_name, itemsize
 from ..io.hf_folder import INDEX
 from ..io.manifest import NAME as MANIFEST
 from ..io.ranks import RankedTensor
-from .checkpoint import MsCheckpoint
+from ..io.checkpoint import Checkpoint
 
 def parse_size(size) -> int:
     """'5GB' (10**9, as transformers counts), '500MB', '2GiB' (2**30), '123' (bytes) -> bytes."""
@@ -54,7 +54,7 @@ def _listing(names, limit=6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def plan_export(source: MsCheckpoint, table: dict, cfg: dict, dtype: str | None, where: str) -> list:
+def plan_export(source: Checkpoint, table: dict, cfg: dict, dtype: str | None, where: str) -> list:
     """Every HF tensor to write, checked against the table and config.json. Nothing is written here."""
     names = list(source.tensors)
     options = detect_options(table, names)
@@ -107,7 +107,7 @@ def plan_export(source: MsCheckpoint, table: dict, cfg: dict, dtype: str | None,
     return outs
 
 
-def _plain_file(name, source: MsCheckpoint) -> str:
+def _plain_file(name, source: Checkpoint) -> str:
     if (not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name
             or name.startswith(".") or name == INDEX):
         raise fail(f"{source.path}/{MANIFEST}: source file {name!r} is not a plain .safetensors file name")

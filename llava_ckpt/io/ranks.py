@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from ..errors import fail
 from .paths import inside
+from .dtypes import numpy_dtype
 from .readers import FileReader, TensorInfo
 
 RANK_FOLDER = re.compile(r"rank_([0-9]+)")
@@ -111,87 +113,147 @@ def _regular(folder: str, name: str) -> str:
     return real
 
 
+Box = tuple  # ((lo, hi) per dim): the part of the whole tensor one rank holds
+
+
 @dataclass(frozen=True)
 class RankedTensor:
-    """One tensor held by one or more ranks: `pieces[r]` is rank r's TensorInfo, `blocks[r]` the block of the
-    split dim it holds (all 0 when no dim is split: every rank holds a replica)."""
+    """One tensor held by one or more ranks: `pieces[r]` is rank r's TensorInfo, `boxes[r]` the part of the whole
+    tensor it holds, as a (lo, hi) range per dim. Ranks with the same box hold replicas; the distinct boxes tile
+    the whole tensor exactly (boxed_tensor checks that)."""
     name: str
     shape: tuple          # the whole tensor
     dtype: str
     pieces: tuple
-    dim: int | None
-    blocks: tuple
-    n_blocks: int
+    boxes: tuple
 
     @property
     def ranks(self) -> int:
         return len(self.pieces)
 
-    def holders(self, block: int) -> list:
-        return [r for r, b in enumerate(self.blocks) if b == block]
+    @property
+    def replicated(self) -> bool:
+        """Every rank holds the whole tensor."""
+        return len(self._distinct) == 1
+
+    @cached_property
+    def _distinct(self) -> dict:
+        """box -> the ranks holding it, in rank order."""
+        out: dict = {}
+        for r, box in enumerate(self.boxes):
+            out.setdefault(box, []).append(r)
+        return out
+
+    def row_end(self, row: int) -> int:
+        """The end of the row band holding `row`: the first dim-0 boundary of a piece after it, so a chunk that
+        stops there is read from whole rows of the same pieces."""
+        if not self.shape:
+            return 1
+        return min(box[0][1] for box in self._distinct if box[0][0] <= row < box[0][1])
+
+    def holder_of(self, index) -> int:
+        """The first rank whose piece holds element `index` of the whole tensor."""
+        for r, box in enumerate(self.boxes):
+            if all(lo <= i < hi for i, (lo, hi) in zip(index, box)):
+                return r
+        raise ValueError(f"{self.name}: index {list(index)} is outside {list(self.shape)}")
 
     def sole_holder(self, lo: int, hi: int):
         """(TensorInfo, first row in it) when one rank alone holds whole rows [lo, hi) (nothing to compare
         with, nothing to join), else None: a caller may then copy those bytes straight from that file."""
-        if self.dim == 1 and self.n_blocks > 1:
+        for box, holders in self._distinct.items():
+            if not box or not box[0][0] <= lo < box[0][1]:
+                continue
+            whole_rows = all(b == (0, n) for b, n in zip(box[1:], self.shape[1:]))
+            if hi <= box[0][1] and whole_rows and len(holders) == 1:
+                return self.pieces[holders[0]], lo - box[0][0]
             return None
-        if self.dim is None or self.n_blocks == 1:
-            return (self.pieces[0], lo) if self.ranks == 1 else None
-        per = self.shape[0] // self.n_blocks
-        block = lo // per
-        holders = self.holders(block)
-        if (hi - 1) // per != block or len(holders) != 1:
-            return None
-        return self.pieces[holders[0]], lo - block * per
+        return (self.pieces[0], lo) if not self.shape and self.ranks == 1 else None
 
-    def read_rows(self, reader: FileReader, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) along dim 0 of the whole tensor (replicas compared as they are read)."""
-        if self.dim is None or self.n_blocks == 1:
-            return self._agreed(reader, 0, lo, hi)
-        if self.dim == 1:
-            return np.concatenate([self._agreed(reader, b, lo, hi) for b in range(self.n_blocks)], axis=1)
-        per = self.shape[0] // self.n_blocks
-        parts = []
-        for b in range(lo // per, (hi - 1) // per + 1):
-            a, c = max(lo, b * per), min(hi, (b + 1) * per)
-            parts.append(self._agreed(reader, b, a - b * per, c - b * per))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    def read_rows(self, reader: FileReader, lo: int, hi: int, mismatched: set | None = None) -> np.ndarray:
+        """Rows [lo, hi) along dim 0 of the whole tensor (replicas compared as they are read: a difference is an
+        error naming the tensor and both ranks, or, given `mismatched`, the name is added to it and the first
+        holder's copy used)."""
+        if self.replicated:
+            return self._agreed(reader, self._distinct[self.boxes[0]], lo, hi, mismatched)
+        out = np.empty((hi - lo,) + tuple(self.shape[1:]), dtype=numpy_dtype(self.dtype))
+        for box, holders in self._distinct.items():
+            a, c = max(lo, box[0][0]), min(hi, box[0][1])
+            if a >= c:
+                continue
+            part = self._agreed(reader, holders, a - box[0][0], c - box[0][0], mismatched)
+            out[(slice(a - lo, c - lo),) + tuple(slice(b0, b1) for b0, b1 in box[1:])] = part
+        return out
 
-    def _agreed(self, reader: FileReader, block: int, lo: int, hi: int) -> np.ndarray:
-        holders = self.holders(block)
+    def _agreed(self, reader: FileReader, holders, lo: int, hi: int, mismatched: set | None = None) -> np.ndarray:
         first = reader.read_rows(self.pieces[holders[0]], lo, hi)
         for r in holders[1:]:
             other = reader.read_rows(self.pieces[r], lo, hi)
             if not np.array_equal(first.reshape(-1).view(np.uint8), other.reshape(-1).view(np.uint8)):
-                raise fail(f"{self.name}: replicated tensor differs between rank {holders[0]} and rank {r} "
+                if mismatched is not None:
+                    mismatched.add(self.name)
+                    continue
+                what = "replicated tensor" if self.replicated else "slice held by several ranks"
+                raise fail(f"{self.name}: {what} differs between rank {holders[0]} and rank {r} "
                            f"({os.path.basename(self.pieces[holders[0]].path)} and "
                            f"{os.path.basename(self.pieces[r].path)})")
         return first
 
 
+def boxed_tensor(name: str, pieces, boxes, rank_names=None) -> RankedTensor:
+    """Join rank pieces (TensorInfo per rank) and the box each holds (engine.splits.rank_boxes) into one
+    RankedTensor, checking that they agree on dtype, that each piece has its box's shape, and that the distinct
+    boxes tile the whole tensor: no two overlap, none is missing. `rank_names`: how to name rank i in messages
+    (default "rank i")."""
+    pieces, boxes = tuple(pieces), tuple(tuple(tuple(b) for b in box) for box in boxes)
+    label = (lambda i: rank_names[i]) if rank_names else (lambda i: f"rank {i}")
+    first = pieces[0]
+    for r, (p, box) in enumerate(zip(pieces, boxes)):
+        if r and p.dtype != first.dtype:
+            raise fail(f"{name}: {label(r)} holds {p.dtype}, {label(0)} holds {first.dtype} ({p.path})")
+        if tuple(p.shape) != tuple(hi - lo for lo, hi in box):
+            if r and tuple(p.shape) != tuple(first.shape):
+                raise fail(f"{name}: {label(r)} holds {list(p.shape)} {p.dtype}, {label(0)} holds "
+                           f"{list(first.shape)} {first.dtype} ({p.path})")
+            raise fail(f"{name}: {label(r)} holds {list(p.shape)}, its layout gives it "
+                       f"{[hi - lo for lo, hi in box]} ({p.path})")
+    shape = tuple(max(box[d][1] for box in boxes) for d in range(len(first.shape)))
+    distinct: dict = {}
+    for r, box in enumerate(boxes):
+        distinct.setdefault(box, r)
+    keys = list(distinct)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if all(max(x[0], y[0]) < min(x[1], y[1]) for x, y in zip(a, b)):
+                raise fail(f"{name}: {label(distinct[a])} and {label(distinct[b])} hold overlapping slices "
+                           f"({[list(x) for x in a]} and {[list(y) for y in b]})")
+    volume = sum(int(np.prod([hi - lo for lo, hi in box], dtype=np.int64)) for box in keys)
+    if volume != int(np.prod(shape, dtype=np.int64)):
+        raise fail(f"{name}: the ranks do not hold every part of its {list(shape)} (a slice is missing)")
+    return RankedTensor(name, shape, first.dtype, pieces, boxes)
+
+
 def ranked_tensor(name: str, pieces, dim, blocks, n_blocks: int) -> RankedTensor:
-    """Join rank pieces (TensorInfo per rank, in rank order) into one RankedTensor, checking that they agree on
-    dtype and shape and that the blocks really cut `dim` into `n_blocks` equal parts."""
+    """Rank pieces cut along one dim: rank r holds block blocks[r] of `n_blocks` equal blocks along `dim`
+    (dim None: every rank holds a replica). Checked as boxed_tensor checks."""
     pieces = tuple(pieces)
     first = pieces[0]
     for r, p in enumerate(pieces[1:], 1):
         if p.dtype != first.dtype or tuple(p.shape) != tuple(first.shape):
             raise fail(f"{name}: rank {r} holds {list(p.shape)} {p.dtype}, rank 0 holds {list(first.shape)} "
                        f"{first.dtype} ({p.path})")
-    shape = list(first.shape)
+    piece = list(first.shape)
     if dim is not None and n_blocks > 1:
-        if dim >= len(shape):
-            raise fail(f"{name}: cannot be split along dim {dim}, it has {len(shape)} dims")
-        if dim > 1 or (dim == 1 and len(shape) != 2):
-            raise fail(f"{name}: split along dim {dim} of a {len(shape)}-d tensor is not supported")
+        if dim >= len(piece):
+            raise fail(f"{name}: cannot be split along dim {dim}, it has {len(piece)} dims")
         if sorted(set(blocks)) != list(range(n_blocks)):
             raise fail(f"{name}: the ranks do not hold every one of its {n_blocks} blocks")
-        shape[dim] *= n_blocks
     else:
-        dim, blocks, n_blocks = None, (0,) * len(pieces), 1
-    return RankedTensor(name, tuple(shape), first.dtype, pieces, dim, tuple(blocks), n_blocks)
+        dim, blocks = None, (0,) * len(pieces)
+    boxes = [tuple((b * n, (b + 1) * n) if d == dim else (0, n) for d, n in enumerate(piece)) for b in blocks]
+    return boxed_tensor(name, pieces, boxes)
 
 
 def single(info: TensorInfo) -> RankedTensor:
     """A tensor held whole by one file."""
-    return RankedTensor(info.name, tuple(info.shape), info.dtype, (info,), None, (0,), 1)
+    return RankedTensor(info.name, tuple(info.shape), info.dtype, (info,), (tuple((0, n) for n in info.shape),))

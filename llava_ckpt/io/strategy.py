@@ -27,7 +27,7 @@ Rank r's slice of a split tensor is the r-th of N equal contiguous blocks along 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from ..engine.splits import check_degree, split_dim, tensor_map
@@ -123,6 +123,8 @@ class Layout:
     field: int
     opt_weight_shard_step: int
     opt_weight_shard_size: int
+    stage: int = 0            # the pipeline stage holding it (from the file's strategy items, or a merged
+                              # file's "<stage>-<name>" spelling)
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple:
@@ -164,8 +166,10 @@ def _signed(v: int) -> int:
 
 def parse_strategy(data: bytes) -> dict:
     """Parse ParallelStrategyMap bytes into {param_name: Layout}, in file order."""
-    layouts = {}
+    layouts, stage = {}, None
     for field, value in _fields(data):
+        if field == 2 and stage is None:  # the first strategy item's stage is the file's (as MindSpore reads it)
+            stage = _item_stage(value)
         if field != 3:
             continue
         name, raw = None, None
@@ -191,7 +195,19 @@ def parse_strategy(data: bytes) -> dict:
             elif f == 7:
                 size = _signed(v)
         layouts[name] = Layout(tuple(dev), tuple(tmap), tuple(split), fld, step, size)
+    if stage:
+        layouts = {n: replace(l, stage=stage) for n, l in layouts.items()}
     return layouts
+
+
+def _item_stage(item: bytes) -> int:
+    """ParallelStrategyItem{node_name=1, ParallelStrategys{stage=1, ...}=2} -> its stage."""
+    for f, v in _fields(item):
+        if f == 2 and isinstance(v, bytes):
+            for g, w in _fields(v):
+                if g == 1 and isinstance(w, int):
+                    return w
+    return 0
 
 
 MAX_STRATEGY = 256 << 20  # the 7B strategy file is about 60 KB
@@ -234,6 +250,13 @@ def parse_json_strategy(obj, where: str = "strategy file") -> dict:
             raise fail(f"{where}: {name!r} has an invalid {key} {v!r}")
         return tuple(v)
 
+    stage = 0
+    strategy_items = obj.get("parallel_strategy_item")
+    if isinstance(strategy_items, dict) and strategy_items:
+        first = next(iter(strategy_items.values()))
+        stage = first.get("stage", 0) if isinstance(first, dict) else 0
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+            raise fail(f"{where}: parallel_strategy_item has an invalid stage {stage!r}")
     layouts = {}
     for name, item in items.items():
         if not isinstance(item, dict):
@@ -246,5 +269,29 @@ def parse_json_strategy(obj, where: str = "strategy file") -> dict:
             scalars.append(v)
         layouts[name] = Layout(ints(item.get("dev_matrix"), "dev_matrix", name),
                                ints(item.get("tensor_map"), "tensor_map", name),
-                               ints(item.get("param_split_shape", []), "param_split_shape", name), *scalars)
+                               ints(item.get("param_split_shape", []), "param_split_shape", name), *scalars,
+                               stage)
     return layouts
+
+
+def read_stage_layouts(paths) -> dict:
+    """{parameter: {stage: Layout}} from one or more strategy files: one per pipeline stage as training saves
+    them (each file's stage from its strategy items), or one merged by `ms.merge_pipeline_strategys` (whose names
+    read "<stage>-<name>"). Files that give the same parameter of the same stage two different layouts are
+    refused, naming the parameter and both files."""
+    out: dict = {}
+    origin: dict = {}
+    for path in paths:
+        for key, layout in read_strategy(path).items():
+            name, stage = key, layout.stage
+            head, sep, rest = key.partition("-")
+            if sep and head.isdigit() and str(int(head)) == head:
+                name, stage = rest, int(head)
+                layout = replace(layout, stage=stage)
+            there = out.setdefault(name, {}).get(stage)
+            if there is not None and there != layout:
+                raise fail(f"mismatched strategies: {name!r} (stage {stage}) is laid out differently in "
+                           f"{origin[name, stage]} and {path}")
+            out[name][stage] = layout
+            origin.setdefault((name, stage), path)
+    return out

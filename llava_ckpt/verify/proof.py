@@ -38,15 +38,16 @@ class ProofItem:
     rank: int | None   # the rank whose replica this is (None: every rank's piece, read as one tensor)
 
 
-def plan_proof(hf_src: str, ms_dir: str, cfg: dict) -> dict:
+def plan_proof(hf_src: str, source, cfg: dict) -> dict:
     """Everything the proof will compare, checked before anything is read: {"items", "tensors", "bytes",
     "skipped"}. The converted output's names, shapes and ops must be the table's (export.plan.plan_export)."""
     from ..engine.mapping import detect_layout, table_for, to_canonical
-    from ..export.checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
     from ..export.plan import plan_export
     from ..io.hf_folder import read_tensors
     from ..io.ranks import single
-    source = open_checkpoint(ms_dir)
+    if isinstance(source, str):  # a path: opened here (the caller may pass what it opened already)
+        source = open_checkpoint(source)
     table = table_for(cfg)
     outs = plan_export(source, table, cfg, None, os.path.join(hf_src, "config.json"))
     tensors, _ = read_tensors(hf_src)
@@ -63,7 +64,7 @@ def plan_proof(hf_src: str, ms_dir: str, cfg: dict) -> dict:
             raise fail(f"{info.path}: tensor {info.name!r} has shape {list(info.shape)}, config.json implies "
                        f"{list(o.shape)}")
         rt = o.tensor
-        views = [(r, single(p)) for r, p in enumerate(rt.pieces)] if rt.dim is None and rt.ranks > 1 \
+        views = [(r, single(p)) for r, p in enumerate(rt.pieces)] if rt.replicated and rt.ranks > 1 \
             else [(None, rt)]
         for rank, view in views:
             items.append(ProofItem(dataclasses.replace(o, tensor=view, code=rt.dtype), info, rank))
@@ -128,9 +129,8 @@ def _difference(item: ProofItem, expect: _Expect, maps: dict) -> dict:
     index = [target_row] + src_index[1:] if src_index else []
     rank = item.rank
     rt = o.tensor
-    if rank is None and rt.ranks > 1 and rt.dim is not None:  # which rank holds that element
-        per = rt.shape[rt.dim] // rt.n_blocks
-        rank = int(rt.holders(index[rt.dim] // per)[0])
+    if rank is None and rt.ranks > 1 and not rt.replicated:  # which rank holds that element
+        rank = rt.holder_of(index)
     largest = expect.largest
     return {"name": o.target.name, "source": o.name, "rank": rank, "elements": expect.differ,
             "of": int(np.prod(o.shape, dtype=np.int64)), "max_abs_diff": largest if np.isfinite(largest) else str(largest),

@@ -55,7 +55,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     tensors, tp = converted["tensors"], converted["tp"]
     if weights_only:
         try:
-            planned = plan_proof(hf_src, ms_dir, cfg)
+            planned = plan_proof(hf_src, converted["checkpoint"], cfg)
             hashing = start_hashing(hf_src, ms_dir)
             try:
                 weights = prove(planned, progress)
@@ -91,7 +91,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         from .weights import Arena
         arena = Arena()  # one step's weights, either side's: the two never run a step at the same time
         ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target, arena=arena)  # names checked only
-        planned = plan_proof(hf_src, ms_dir, cfg)
+        planned = plan_proof(hf_src, converted["checkpoint"], cfg)
         hashing = start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
         try:
             weights = prove(planned, progress)  # before the numeric walk
