@@ -14,7 +14,7 @@ import re
 
 from .errors import CheckpointError, fail
 from .io.files import sha256_file
-from .io.manifest import NAME, output_layout, read_manifest
+from .io.manifest import NAME, output_layout, output_ranks, read_manifest
 from .io.paths import is_plain_name, within
 from .io.ranks import weight_paths
 from .io.readers import read_index
@@ -50,10 +50,10 @@ def _layout(manifest: dict, where: str) -> tuple:
     if manifest.get("command") == "export":
         return [], {}
     tp, fmt = output_layout(manifest, where)
-    weights = weight_paths(tp, fmt)
+    weights = weight_paths(tp, fmt, output_ranks(manifest, where))
     if tp == 1:
         return weights, {}
-    return weights + ["strategy.ckpt"], {rel: r for r, rel in enumerate(weights)}
+    return weights + ["strategy.ckpt"], {rel: r for r, rel in zip(output_ranks(manifest, where), weights)}
 
 
 def check(out: str) -> dict:

@@ -246,11 +246,10 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
 
     run_info = {}
     if tp == 1:
-        from .io import load_tensors
         from .model import Runner, build_and_load
         from .model.loading import run_ops_blocking
         run_ops_blocking()
-        tensors = load_tensors(ms_dir)
+        tensors = info["checkpoint"].arrays()
         try:
             model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device, stored=True)
         finally:

@@ -64,17 +64,20 @@ def test_no_import_cycles():
 # second copy that can drift from the first.
 HOMES = {
     "llava_ckpt.engine.splits": ["SPLIT_DIMS", "SPLIT_KINDS", "split_dim", "rank_shape", "merge", "replicas_equal",
-                                 "tensor_map", "rank_blocks", "check_divides", "valid_degrees"],
+                                 "tensor_map", "rank_blocks", "rank_boxes", "check_divides", "valid_degrees"],
     "llava_ckpt.engine.ops": ["OPS", "row_map", "forward", "inverse"],
     "llava_ckpt.io.paths": ["inside", "within", "is_plain_name"],
     "llava_ckpt.io.ranks": ["rank_folders", "rank_folder_name", "weights_name", "weight_paths", "output_weight_files",
-                            "rank_weight_file"],
+                            "rank_weight_file", "RankedTensor", "boxed_tensor", "ranked_tensor"],
+    "llava_ckpt.io.checkpoint": ["open_checkpoint", "Checkpoint", "is_training_state", "find_strategies",
+                                 "OPTIMIZER_PREFIXES", "TRAINING_SCALARS"],
+    "llava_ckpt.io.strategy": ["read_strategy", "read_stage_layouts", "write_strategy"],
     "llava_ckpt.io.output": ["staged_output", "staging_dir", "publish_dir", "check_free_space"],
     "llava_ckpt.io.files": ["sha256_file", "write_atomic", "write_json", "read_json", "fsync_dir"],
     "llava_ckpt.io.dtypes": ["cast"],
     "llava_ckpt.io.verification": ["write_record", "read_record", "output_files"],
     "llava_ckpt.io.writers": ["ckpt_load_warning", "host_memory"],
-    "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "recorded_side_files",
+    "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "output_ranks", "recorded_side_files",
                                "FORMATS", "DEFAULT_FORMAT"],
     "llava_ckpt.verify.proof": ["plan_proof", "prove"],
     "llava_ckpt.verify.record": ["start_hashing", "write_verification"],
@@ -113,6 +116,23 @@ def test_each_concept_is_defined_in_exactly_one_module():
     wrong = {name: where.get(name, []) for home, names in HOMES.items() for name in names
              if where.get(name, []) != [home]}
     assert wrong == {}
+
+
+def test_every_command_opens_a_checkpoint_through_the_one_opener():
+    """shard, export, verify and generate open a MindSpore checkpoint with io.checkpoint.open_checkpoint; nothing
+    else lists an output's weight files (checked_weight_files) or joins rank pieces itself."""
+    users = {"llava_ckpt.shard", "llava_ckpt.export", "llava_ckpt.verify.converted", "llava_ckpt.generate",
+             "llava_ckpt.verify.proof"}
+    calls: dict = {}
+    for mod, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in ("open_checkpoint", "checked_weight_files", "ranked_tensor", "boxed_tensor"):
+                    calls.setdefault(name, set()).add(mod)
+    assert users <= calls["open_checkpoint"]
+    assert calls["checked_weight_files"] == {"llava_ckpt.io.checkpoint"}
+    assert calls["ranked_tensor"] | calls["boxed_tensor"] <= {"llava_ckpt.io.checkpoint", "llava_ckpt.io.ranks"}
 
 
 def _strings(tree):

@@ -281,6 +281,11 @@ def _ranks(folder: str, dirs: list) -> Checkpoint:
     if n % n_stages:
         raise fail(f"{folder}: {n} rank folders cannot hold {n_stages} pipeline stages of equal size")
     per = n // n_stages
+    devices = {int(np.prod(l.dev_matrix)) for stage in layouts.values() for l in stage.values()}
+    if devices != {per}:
+        raise fail(f"mismatched strategies: {folder}'s strategy files lay tensors out over "
+                   f"{' or '.join(map(str, sorted(devices)))} devices a stage in {n_stages} pipeline stage(s), "
+                   f"there are {n} rank folders ({per} a stage)")
     _check_steps(folder, rel, indexes)
     order: dict = {}
     for index in indexes:

@@ -59,6 +59,10 @@ def checked_weight_files(folder: str, manifest: dict) -> list:
     from .ranks import output_weight_files
     where = os.path.join(folder, NAME)
     tp, fmt = output_layout(manifest, where)
+    ranks = output_ranks(manifest, where)
+    if len(ranks) != tp:
+        raise fail(f"{folder} holds ranks {','.join(map(str, ranks))} of a tp-{tp} output (written by shard "
+                   "--ranks, one node's part): gather every node's rank folders into one folder to use it whole")
     files = output_weight_files(folder, tp, fmt)
     sizes = {f.get("path"): f.get("size") for f in manifest.get("files", []) if isinstance(f, dict)}
     for rel, real in files:
@@ -79,6 +83,16 @@ def output_layout(manifest: dict, where: str) -> tuple:
     return tp, fmt
 
 
+def output_ranks(manifest: dict, where: str) -> list:
+    """The rank folders an output holds: all of 0..tp-1, or those `shard --ranks` wrote (manifest `ranks`)."""
+    tp, _ = output_layout(manifest, where)
+    ranks = manifest.get("ranks", list(range(tp)))
+    if (not isinstance(ranks, list) or not ranks or ranks != sorted(set(ranks))
+            or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < tp for r in ranks)):
+        raise fail(f"{where}: 'ranks' is not a sorted list of distinct ranks below tp {tp}: {ranks!r}")
+    return ranks
+
+
 def identity(manifest: dict) -> dict:
     """What makes two outputs the same run's, as {dotted key: value}: the command, its input (the hub repo and
     revision when it was downloaded, else the path), its options, tp and format, and the mapping table's file.
@@ -94,7 +108,7 @@ def identity(manifest: dict) -> dict:
         out["source.converted"] = _resolved(source["converted"])
     options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
     out.update({f"options.{k}": v for k, v in sorted(options.items()) if k not in ("tp", "format")})
-    out.update({k: manifest[k] for k in ("tp", "format") if k in manifest})
+    out.update({k: manifest[k] for k in ("tp", "format", "ranks") if k in manifest})
     if isinstance(manifest.get("mapping"), dict):
         out["mapping.file"] = manifest["mapping"].get("file")
     return out

@@ -33,11 +33,12 @@ def weights_name(fmt: str) -> str:
     return f"llava.{fmt}"
 
 
-def weight_paths(tp: int, fmt: str) -> list:
-    """The weight files an output of `tp` ranks in `fmt` holds, relative to it, in rank order."""
+def weight_paths(tp: int, fmt: str, ranks=None) -> list:
+    """The weight files an output of `tp` ranks in `fmt` holds, relative to it, in rank order (`ranks`: only
+    those were written, by shard --ranks)."""
     if tp == 1:
         return [weights_name(fmt)]
-    return [f"{rank_folder_name(r)}/{weights_name(fmt)}" for r in range(tp)]
+    return [f"{rank_folder_name(r)}/{weights_name(fmt)}" for r in (range(tp) if ranks is None else ranks)]
 
 
 def rank_folders(folder: str, tp: int | None = None) -> list:

@@ -54,3 +54,31 @@ def test_degrees_name_what_they_do_not_divide():
         check_divides(units, 3)
     with pytest.raises(CheckpointError, match="positive integer"):
         check_divides(units, 0)
+
+
+@pytest.mark.parametrize("dp,mp,opt", [(2, 2, 2), (4, 1, 4), (4, 2, 2), (2, 4, 2), (4, 2, -1)])
+@pytest.mark.parametrize("kind,shape", [("column", (16, 4)), ("row", (16, 8)), ("replicated", (16,)),
+                                        ("vocab", (32, 4))])
+def test_rank_boxes_follow_mindspore_optimizer_slices(dp, mp, opt, kind, shape):
+    """Each rank's box is the slice tests/training.py cuts by hand (MindSpore's rule; the shard tests hold both
+    to ms.transform_checkpoints)."""
+    from llava_ckpt.engine.splits import rank_boxes
+    from training import training_piece
+    full = np.arange(int(np.prod(shape))).reshape(shape)
+    tmap = tensor_map(kind, len(shape)) if mp > 1 else [-1] * len(shape)
+    size = dp * (1 if 0 in tmap else mp) if opt == -1 else opt  # -1: every device the tensor is not cut over
+    pieces = [training_piece(full, kind, dp, mp, size, r) for r in range(dp * mp)]
+    whole, boxes = rank_boxes([dp, mp], tmap, pieces[0].shape, dp * mp, opt)
+    assert whole == shape
+    for r, box in enumerate(boxes):
+        assert np.array_equal(full[tuple(slice(a, b) for a, b in box)], pieces[r]), (r, box)
+
+
+def test_rank_boxes_refuse_what_does_not_fit():
+    from llava_ckpt.engine.splits import rank_boxes
+    with pytest.raises(CheckpointError, match="opt_weight_shard_size 3 does not fit"):
+        rank_boxes([2, 2], [0, -1], (4, 4), 4, 3)
+    with pytest.raises(CheckpointError, match="for 4 devices"):
+        rank_boxes([2, 2], [0, -1], (4, 4), 8, 0)
+    with pytest.raises(CheckpointError, match="2 entries for a 1-d tensor"):
+        rank_boxes([1, 2], [0, -1], (4,), 2, 0)

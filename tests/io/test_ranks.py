@@ -101,3 +101,41 @@ def test_rank_folders_and_their_files(tmp_path):
         rank_weight_file(str(tmp_path / "rank_0"))
     (tmp_path / "rank_0" / "llava.ckpt").write_bytes(b"x")
     assert rank_weight_file(str(tmp_path / "rank_0")).endswith("llava.ckpt")
+
+
+def _pieces_of(tmp_path, arrays):
+    pieces = []
+    for r, a in enumerate(arrays):
+        folder = tmp_path / f"rank_{r}"
+        folder.mkdir(exist_ok=True)
+        save_file({"w": np.ascontiguousarray(a)}, str(folder / "w.safetensors"))
+        pieces.append(read_index(str(folder / "w.safetensors"))["w"])
+    return pieces
+
+
+def test_boxes_cut_on_two_dims_read_back_whole(tmp_path):
+    """Optimizer parallelism on a row-split weight cuts dim 0 and dim 1 at once: four quarters, read as one."""
+    from llava_ckpt.io.ranks import boxed_tensor
+    full = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    boxes = [((0, 4), (0, 3)), ((0, 4), (3, 6)), ((4, 8), (0, 3)), ((4, 8), (3, 6))]
+    t = boxed_tensor("w", _pieces_of(tmp_path, [full[a:b, c:d] for (a, b), (c, d) in boxes]), boxes)
+    assert t.shape == (8, 6) and not t.replicated
+    with FileReader() as reader:
+        for lo, hi in [(0, 8), (3, 5), (7, 8)]:
+            assert np.array_equal(t.read_rows(reader, lo, hi), full[lo:hi])
+    assert t.row_end(1) == 4 and t.row_end(4) == 8 and t.holder_of((5, 4)) == 3
+    assert t.sole_holder(0, 2) is None  # a row is split between two ranks
+
+
+def test_overlapping_or_missing_slices_are_named(tmp_path):
+    from llava_ckpt.io.ranks import boxed_tensor
+    full = np.zeros((4, 4), np.float32)
+    overlap = [((0, 4), (0, 2)), ((0, 2), (0, 4))]
+    pieces = _pieces_of(tmp_path, [full[a:b, c:d] for (a, b), (c, d) in overlap])
+    with pytest.raises(CheckpointError, match=r"w: rank 0 and rank 1 hold overlapping slices"):
+        boxed_tensor("w", pieces, overlap)
+    gap = [((0, 2), (0, 2)), ((2, 4), (2, 4))]
+    (tmp_path / "gap").mkdir()
+    pieces = _pieces_of(tmp_path / "gap", [full[a:b, c:d] for (a, b), (c, d) in gap])
+    with pytest.raises(CheckpointError, match=r"w: the ranks do not hold every part of its \[4, 4\]"):
+        boxed_tensor("w", pieces, gap)
