@@ -278,7 +278,7 @@ def _damage_other_global_step(train, tmp):
 
 def _damage_stage_strategy_missing(train, tmp):
     (train / "strategy" / "ckpt_strategy_rank_2.ckpt").unlink()
-    return ["mismatched strategies", "2 devices a stage in 1 pipeline stage", "4 rank folders"]
+    return ["mismatched strategies", "2 devices a stage in 1 pipeline stage", "there are 4 ranks"]
 
 
 def _damage_conflicting_strategy(train, tmp):

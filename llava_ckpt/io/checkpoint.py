@@ -285,7 +285,7 @@ def _ranks(folder: str, dirs: list) -> Checkpoint:
     if devices != {per}:
         raise fail(f"mismatched strategies: {folder}'s strategy files lay tensors out over "
                    f"{' or '.join(map(str, sorted(devices)))} devices a stage in {n_stages} pipeline stage(s), "
-                   f"there are {n} rank folders ({per} a stage)")
+                   f"there are {n} ranks ({per} a stage)")
     _check_steps(folder, rel, indexes)
     order: dict = {}
     for index in indexes:
