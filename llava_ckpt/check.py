@@ -15,6 +15,7 @@ import re
 from .errors import CheckpointError, fail
 from .io.files import sha256_file
 from .io.manifest import NAME, output_layout, output_ranks, read_manifest
+from .io.mindformers import PREDICT_YAML
 from .io.paths import is_plain_name, within
 from .io.ranks import weight_paths
 from .io.readers import read_index
@@ -132,6 +133,8 @@ def check(out: str) -> dict:
             if rel != NAME and rel not in listed and name.endswith(WEIGHT_SUFFIXES):
                 problems.append(f"{rel}: weight file not listed in the manifest")
     problems += _replicas_differ(rank_parts)
+    if PREDICT_YAML in listed and os.path.isfile(os.path.join(out, PREDICT_YAML)):
+        problems += _predict_yaml_problems(out, manifest, where)
     verification = None
     try:
         record = read_record(out)
@@ -140,6 +143,21 @@ def check(out: str) -> dict:
     except CheckpointError as exc:
         problems.append(str(exc))
     return {"ok": not problems, "checked": checked, "problems": problems, "verification": verification}
+
+
+def _predict_yaml_problems(out: str, manifest: dict, where: str) -> list:
+    """What OUT/predict_llava.yaml says that contradicts the weights (sizes from config.json, qkv_concat, format,
+    parameter dtype, tensor parallelism): MindFormers would refuse them, or build a model they do not fit."""
+    from .engine.config import load_config
+    from .io.mindformers import contradictions, predict_config, stored_dtype
+    try:
+        cfg = load_config(out)
+        tp, fmt = output_layout(manifest, where)
+        fused = bool((manifest.get("options") or {}).get("fuse_qkv"))
+        expected = predict_config(cfg, out, fmt, tp, stored_dtype(manifest.get("tensors") or []), fused)
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        return [f"{PREDICT_YAML}: cannot say what it should hold ({exc})"]
+    return contradictions(os.path.join(out, PREDICT_YAML), expected)
 
 
 def _replicas_differ(rank_parts: dict) -> list:

@@ -93,6 +93,8 @@ OVERWRITE = ("Replace OUT when it holds another llava-ckpt output (of another co
              "a rerun of the same command replaces its own output without it, and a folder holding anything "
              "else is never replaced.")
 FORMAT_CHOICE = click.Choice(list(_formats.FORMATS))
+DEVICE_CHOICE = click.Choice(["Ascend", "CPU", "GPU"])
+DEVICE_HELP = "device_target of the MindFormers predict config written beside the weights (predict_llava.yaml)."
 
 
 @main.command()
@@ -107,14 +109,15 @@ FORMAT_CHOICE = click.Choice(list(_formats.FORMATS))
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
 @click.option("--mapping", default=None, metavar="FILE",
               help="Mapping table (.toml) to use instead of the packaged one that accepts SRC's config.json.")
+@click.option("--device", type=DEVICE_CHOICE, default="Ascend", show_default=True, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_clean_errors
-def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as_json):
+def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, device, overwrite, as_json):
     """Convert the HF checkpoint SRC (folder or hub repo id) into OUT."""
     from .convert import convert as run
     result = run(src, out, dtype=dtype, fmt=fmt, fuse_qkv=fuse_qkv, tp=tp, revision=revision,
-                 progress=_progress(as_json), mapping=mapping, overwrite=overwrite)
+                 progress=_progress(as_json), mapping=mapping, overwrite=overwrite, device=device)
     _report(result, as_json)
     _warn(result)
 
@@ -130,16 +133,17 @@ def convert(src, out, dtype, fmt, fuse_qkv, tp, revision, mapping, overwrite, as
               help="HF folder or config.json for a source without a manifest that carries no config.json.")
 @click.option("--mapping", default=None, metavar="FILE",
               help="The mapping table, for a source without a manifest, if not the packaged one.")
+@click.option("--device", type=DEVICE_CHOICE, default="Ascend", show_default=True, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE)
 @click.option("--json", "as_json", is_flag=True)
 @_clean_errors
-def shard(src, out, tp, ranks, fmt, config, mapping, overwrite, as_json):
+def shard(src, out, tp, ranks, fmt, config, mapping, device, overwrite, as_json):
     """Re-cut the MindSpore checkpoint SRC, in any layout, into TP tensor-parallel ranks: a convert / shard
     output of any tp, a .ckpt / .safetensors file, or rank_<r>/ folders with strategy file(s) from distributed
     training (tensor parallel, pipeline stages, optimizer-parallel slices). Optimizer state is skipped."""
     from .shard import shard as run
     result = run(src, out, tp=tp, ranks=ranks, fmt=fmt, config=config, mapping=mapping,
-                 progress=_progress(as_json), overwrite=overwrite)
+                 progress=_progress(as_json), overwrite=overwrite, device=device)
     _report(result, as_json)
     _warn(result)
 

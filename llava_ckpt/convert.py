@@ -89,17 +89,20 @@ def tp_units(targets) -> list:
 
 def convert(src: str, out: str, dtype: str | None = None, fmt: str = DEFAULT_FORMAT, fuse_qkv: bool = False,
             tp: int = 1, revision: str | None = None, progress: bool = True, mapping: str | None = None,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, device: str = "Ascend") -> dict:
     """Convert the HF checkpoint `src` (folder, or hub repo id) into the folder `out`; returns a summary (its
     `warnings`: a .ckpt too large for MindSpore's own load_checkpoint on this host, io.writers.ckpt_load_warning).
 
     `fmt`: "safetensors" (default: MindSpore loads it at any size) or "ckpt". `mapping`: a table name or .toml
     path (default: the packaged table that accepts src's config.json). `overwrite`: replace an OUT that holds
     another llava-ckpt output (a folder holding anything else is never replaced; a rerun of the same conversion
-    replaces its own output without asking)."""
+    replaces its own output without asking). `device`: the device_target of the MindFormers predict config
+    written beside the weights (OUT/predict_llava.yaml, io/mindformers.py)."""
+    from .io.mindformers import check_device, predict_file
     if fmt not in FORMATS:
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
     check_degree(tp)
+    check_device(device)
     provenance = {}
     known_hashes = {}
     if not os.path.isdir(src):
@@ -126,5 +129,7 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = DEFAULT_FOR
         "tp_sizes": distinct_units(units),
         "tensors": tensor_entries(planned, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
     }
+    predict = predict_file(ctx["cfg"], out, fmt, tp, manifest["tensors"], fuse_qkv, device,
+                           [n for n, _ in ctx["side_files"]])
     return write_checkpoint(out, src, planned, fmt, tp, ctx["files"], manifest, progress, known_hashes,
-                            side_files=ctx["side_files"], overwrite=overwrite)
+                            side_files=ctx["side_files"], overwrite=overwrite, extra_files=[predict])

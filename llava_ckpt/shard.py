@@ -56,7 +56,11 @@ def _from_output(source) -> dict:
         planned.append(_rename(name, e["split"], source.tensors[name]))
         entries.append({k: v for k, v in e.items() if k != "rank_shape"})
     listed = {f.get("path"): f.get("sha256") for f in manifest["files"]}
-    return {"planned": planned, "entries": entries,
+    side = dict(source.side)
+    if "config.json" not in side:
+        raise fail(f"{source.path} has no config.json: convert it again with this version of llava-ckpt (convert "
+                   "copies the source's config, tokenizer and processor files)")
+    return {"planned": planned, "entries": entries, "cfg": _config(side["config.json"], source.path),
             "units": [u for p in planned for u in p.target.tp_units()] + list(manifest.get("tp_sizes", {}).items()),
             "source": dict(manifest.get("source", {}), converted=os.path.abspath(source.path)),
             "mapping": manifest["mapping"],
@@ -83,7 +87,7 @@ def _from_training(source, config: str | None, mapping: str | None) -> dict:
         t = targets[name]
         planned.append(_rename(name, t.split, rt))
         made.append(PlannedTarget(t, (rt,), rt.dtype, tuple(t.sources), dtype_name(rt.dtype)))
-    return {"planned": planned, "entries": tensor_entries(made, 1, unused_names(table, cfg)),
+    return {"planned": planned, "entries": tensor_entries(made, 1, unused_names(table, cfg)), "cfg": cfg,
             "units": [u for t in targets.values() for u in t.tp_units()],
             "source": {"path": os.path.abspath(source.path), "kind": source.kind, "tp": source.tp,
                        "pipeline_stages": source.stages, "skipped_training_state": len(source.skipped),
@@ -94,6 +98,18 @@ def _from_training(source, config: str | None, mapping: str | None) -> dict:
             "side": side, "side_expected": {}}
 
 
+def _config(path: str, folder: str) -> dict:
+    """The normalized config.json an output carries."""
+    from .engine.config import MAX_CONFIG, normalize_config
+    from .engine.mapping import table_for
+    from .io.files import read_json
+    where = os.path.join(folder, "config.json")
+    raw = read_json(path, where, MAX_CONFIG)
+    if not isinstance(raw, dict):
+        raise fail(f"{where} is not a JSON object")
+    return normalize_config(raw, where, table_for(raw, where))
+
+
 def _format_of(source) -> str:
     if source.format:
         return source.format
@@ -102,16 +118,18 @@ def _format_of(source) -> str:
 
 
 def shard(src: str, out: str, tp: int, ranks=None, fmt: str | None = None, config: str | None = None,
-          mapping: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+          mapping: str | None = None, progress: bool = True, overwrite: bool = False, device: str = "Ascend") -> dict:
     """Write OUT/rank_<r>/llava.<fmt> for r < tp (or OUT/llava.<fmt> for tp 1), OUT/strategy.ckpt and
     OUT/manifest.json from the checkpoint SRC in any layout.
 
     `ranks`: write only those rank folders (one node of a multi-node job; the same bytes as the full run's).
     `fmt`: ckpt or safetensors (default: the source's). `config` / `mapping`: the config.json (or HF folder) and
     table for a source without a manifest, when it carries none. `overwrite`: replace an OUT that holds another
-    llava-ckpt output."""
+    llava-ckpt output. `device`: the device_target of the MindFormers predict config written beside them."""
     from .io.checkpoint import open_checkpoint
+    from .io.mindformers import check_device, predict_file
     check_degree(tp)
+    check_device(device)
     wanted = parse_ranks(ranks, tp)
     if fmt is not None and fmt not in FORMATS:
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
@@ -130,8 +148,11 @@ def shard(src: str, out: str, tp: int, ranks=None, fmt: str | None = None, confi
         "tp_sizes": distinct_units(job["units"]),
         "tensors": entries,
     }
-    result = write_checkpoint(out, src, planned, fmt or _format_of(source), tp, source.inputs, manifest, progress,
+    fmt = fmt or _format_of(source)
+    predict = predict_file(job["cfg"], out, fmt, tp, entries, bool(job["options"].get("fuse_qkv")), device,
+                           [n for n, _ in job["side"]])
+    result = write_checkpoint(out, src, planned, fmt, tp, source.inputs, manifest, progress,
                               expected_hashes=source.expected, inputs_key="converted_files",
                               side_files=job["side"], expected_side=job["side_expected"], overwrite=overwrite,
-                              ranks=wanted)
+                              ranks=wanted, extra_files=[predict])
     return dict(result, source_kind=source.kind, source_tp=source.tp, skipped_training_state=len(source.skipped))

@@ -19,6 +19,8 @@ from ..io.dtypes import cast, numpy_dtype, itemsize
 from ..io.output import staged_output
 from ..io.ranks import RankedTensor, rank_folder_name, weights_name
 from ..io.readers import FileReader
+from ..io.files import write_atomic
+from ..io.mindformers import strategy_copy
 from ..io.strategy import write_strategy
 from ..io.writers import ckpt_load_warning, open_writer
 from .mapping import Target
@@ -208,7 +210,7 @@ def output_bytes(planned, tp: int, written: int | None = None) -> int:
 
 def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, manifest: dict, progress: bool,
                      known_hashes=None, expected_hashes=None, inputs_key: str = "files", side_files=(),
-                     expected_side=None, overwrite: bool = False, ranks=None) -> dict:
+                     expected_side=None, overwrite: bool = False, ranks=None, extra_files=()) -> dict:
     """Write all ranks, the side files, the strategy file (tp > 1) and the manifest into OUT, atomically.
 
     `inputs` [(name, path)] are hashed while the data streams and recorded under manifest["source"][inputs_key]
@@ -216,7 +218,9 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
     (config, tokenizer, processor, chat template) are copied beside the weights so the output stands alone.
     `overwrite`: replace an OUT that holds another output (io.output.check_out). `ranks`: write only those rank
     folders (one node's part; the same bytes as the full run's, the full strategy file beside them; the manifest
-    records which)."""
+    records which). `extra_files` [(name, text)]: small files written beside them (the MindFormers predict config).
+    A tp > 1 output carries its strategy twice: strategy.ckpt, and strategy/ for MindFormers' loader
+    (io/mindformers.py)."""
     ranks = None if ranks is None or list(ranks) == list(range(tp)) else sorted(ranks)
     total = output_bytes(planned, tp, None if ranks is None else len(ranks))
     manifest = dict(manifest, tp=tp, format=fmt, **({"ranks": ranks} if ranks is not None else {}))
@@ -237,9 +241,12 @@ def write_checkpoint(out: str, src: str, planned, fmt: str, tp: int, inputs, man
                 staged.add(os.path.relpath(path, staged.stage), digest)
         staged.copy_side_files(side_files, expected_side)
         if tp > 1:
-            write_strategy(os.path.join(staged.stage, "strategy.ckpt"),
-                           [(j.target.name, j.target.split, j.target.shape) for j in planned], tp)
-            staged.add("strategy.ckpt")
+            layouts = [(j.target.name, j.target.split, j.target.shape) for j in planned]
+            for rel in ("strategy.ckpt", strategy_copy()):
+                write_strategy(os.path.join(staged.stage, rel), layouts, tp)
+                staged.add(rel)
+        for name, text in extra_files:
+            staged.add(name, write_atomic(os.path.join(staged.stage, name), text))
     files = staged.files
     weights = [f for f in files if f["path"].endswith(weights_name(fmt))]
     largest = max(weights, key=lambda f: f["size"])

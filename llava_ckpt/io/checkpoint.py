@@ -27,6 +27,7 @@ from ..engine.splits import rank_boxes, split_dim
 from ..errors import fail
 from .dtypes import DTYPES, dtype_name
 from .hf_folder import looks_like_hf_folder, side_files
+from .mindformers import STRATEGY_FOLDER
 from .manifest import (NAME as MANIFEST, checked_weight_files, output_layout, read_ms_output,
                        recorded_side_files)
 from .paths import inside
@@ -43,7 +44,6 @@ TRAINING_SCALARS = frozenset(("global_step", "learning_rate", "scale_sense", "lo
 STEP_FIELDS = ("global_step", "epoch_num", "step_num")
 # MindSpore's checkpoint file names end in -<epoch>_<step> (llava_rank_0-3_10.ckpt)
 STEP_SUFFIX = re.compile(r"-([0-9]+)_([0-9]+)\.(?:ckpt|safetensors)$")
-STRATEGY_FOLDER = "strategy"
 
 
 def is_training_state(name: str) -> bool:
