@@ -53,7 +53,8 @@ def edit_manifest(out, fn):
     (out / "manifest.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("name,n_files", [("tp1", 1 + SIDE), ("tp4", 5 + SIDE), ("tp2st", 3 + SIDE)])
+# beside the weights and side files: predict_llava.yaml, and for a tp output strategy/ckpt_strategy_rank_0.ckpt too
+@pytest.mark.parametrize("name,n_files", [("tp1", 1 + SIDE + 1), ("tp4", 5 + SIDE + 2), ("tp2st", 3 + SIDE + 2)])
 def test_clean_output_is_ok(outputs, name, n_files):
     result = check(str(outputs / name))
     assert result == {"ok": True, "checked": n_files, "problems": [], "verification": None}  # never verified
@@ -65,13 +66,13 @@ def test_flipped_byte_in_rank_2_is_found_and_named(tp4):
     size = os.path.getsize(tp4 / "rank_2" / "llava.ckpt")
     flip(tp4 / "rank_2" / "llava.ckpt", size // 3)
     result = check(str(tp4))
-    assert not result["ok"] and result["checked"] == 5 + SIDE
+    assert not result["ok"] and result["checked"] == 7 + SIDE
     assert len([p for p in result["problems"] if "corrupted" in p]) == 1
     assert result["problems"][0].startswith("rank_2/llava.ckpt: sha256 ")
     proc = cli_check(tp4)
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[0].startswith("rank_2/llava.ckpt: sha256 ")
-    assert proc.stdout.splitlines()[-1] == f"CORRUPT: {5 + SIDE} files checked in {tp4}"
+    assert proc.stdout.splitlines()[-1] == f"CORRUPT: {7 + SIDE} files checked in {tp4}"
 
 
 def test_damage_to_a_replicated_tensor_is_named(tp4):
@@ -92,7 +93,7 @@ def test_flipped_byte_in_strategy_file(tp4):
 def test_missing_file(tp4):
     (tp4 / "rank_3" / "llava.ckpt").unlink()
     result = check(str(tp4))
-    assert result["problems"] == ["rank_3/llava.ckpt: missing"] and result["checked"] == 4 + SIDE
+    assert result["problems"] == ["rank_3/llava.ckpt: missing"] and result["checked"] == 6 + SIDE
     proc = cli_check(tp4)
     assert proc.returncode == 1 and proc.stdout.startswith("rank_3/llava.ckpt: missing\n")
 
@@ -123,8 +124,8 @@ def test_entry_dropped_from_manifest(tp4):
 def test_manifest_paths_may_not_leave_out(tp4, path):
     edit_manifest(tp4, lambda m: m["files"].append({"path": path, "size": 1, "sha256": "0" * 64}))
     result = check(str(tp4))
-    assert not result["ok"] and result["checked"] == 5 + SIDE
-    assert result["problems"] == [f"{tp4 / 'manifest.json'}: files[{5 + SIDE}] path {path!r} is not a plain path inside "
+    assert not result["ok"] and result["checked"] == 7 + SIDE
+    assert result["problems"] == [f"{tp4 / 'manifest.json'}: files[{7 + SIDE}] path {path!r} is not a plain path inside "
                                   f"{tp4}; not opened"]
 
 

@@ -134,7 +134,8 @@ def test_cli_convert_and_bad_input(tiny, tmp_path):
     ok = subprocess.run([exe, "convert", tiny, str(tmp_path / "out"), "--format", "safetensors", "--json"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"] + [n for n in SIDE_FILES if os.path.exists(os.path.join(tiny, n))]
+    assert json.loads(ok.stdout)["files"] == ["llava.safetensors"] + [n for n in SIDE_FILES if os.path.exists(os.path.join(tiny, n))] \
+        + ["predict_llava.yaml"]
     bad = subprocess.run([exe, "convert", str(tmp_path / "nope"), str(tmp_path / "out2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2

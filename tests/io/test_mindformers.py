@@ -115,7 +115,7 @@ def test_mindformers_own_loader_loads_every_tensor_we_wrote(tiny, tmp_path):
     unify_safetensors, standalone) loads every tensor bit for bit."""
     from llava_ckpt.io.checkpoint import open_checkpoint
     from llava_ckpt.engine.config import load_config as normalized
-    assert os.path.isfile(MINDFORMERS_PYTHON), "scripts/setup makes .venv-mindformers (MindFormers' own loader)"
+    assert os.path.isfile(MINDFORMERS_PYTHON), "scripts/setup-mindformers makes .venv-mindformers (MindFormers' own loader)"
     outs = _outputs(tiny, tmp_path)
     work = tmp_path / "mindformers-work"
     work.mkdir()
