@@ -10,6 +10,7 @@ import click
 
 from .errors import CheckpointError
 from .export import DEFAULT_SHARD_SIZE
+from .fixture import PRESETS as FIXTURE_PRESETS
 from .io import manifest as _formats
 
 
@@ -286,7 +287,7 @@ def check(out, as_json):
 
 @main.command("make-fixture")
 @click.argument("out")
-@click.option("--preset", type=click.Choice(["tiny", "7b", "7b-few-layers", "13b", "13b-few-layers"]), default="tiny",
+@click.option("--preset", type=click.Choice(list(FIXTURE_PRESETS)), default="tiny",
               show_default=True)
 @click.option("--dtype", type=DTYPES, default="float16", show_default=True)
 @click.option("--layout", type=click.Choice(["hub", "v5", "inmemory"]), default="hub", show_default=True)

@@ -37,7 +37,18 @@ TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 # 7B's (CLIP ViT-L/14-336), the projector maps 1024 -> 5120 -> 5120. Sizes left out take the 7B config's.
 TEXT_13B = {"_name_or_path": "lmsys/vicuna-13b-v1.5", "hidden_size": 5120, "intermediate_size": 13824,
             "num_attention_heads": 40, "num_key_value_heads": 40, "num_hidden_layers": 40}
-PRESETS = ("tiny", "7b", "7b-few-layers", "13b", "13b-few-layers")
+# bakLlava (llava-hf/bakLlava-v1-hf): the same vision tower and projector, a Mistral-7B-v0.1 language model
+# (grouped-query attention, 8 KV heads; the sizes of its published config), its vocabulary padded to 32064 for
+# the image and pad tokens as the LLaVA conversion pads it. The tokenizer files are llava-1.5's (same
+# sentencepiece vocabulary size; a synthetic checkpoint's tokens mean nothing anyway).
+MISTRAL_7B = {"_name_or_path": "mistralai/Mistral-7B-v0.1", "architectures": ["MistralForCausalLM"],
+              "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+              "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 32064}
+TINY_MISTRAL = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 32064}
+PRESETS = ("tiny", "7b", "7b-few-layers", "13b", "13b-few-layers", "bakllava-tiny", "bakllava-7b")
 
 
 def _reference(name: str):
@@ -47,11 +58,17 @@ def _reference(name: str):
 
 def preset_config(preset: str, text_overrides: dict | None = None) -> dict:
     """config.json contents for a preset (tiny sizes written out; 7b presets are the real config, 13b ones
-    its text model widened to llava-1.5-13b-hf's; the few-layers presets keep 2 text layers)."""
+    its text model widened to llava-1.5-13b-hf's; the few-layers presets keep 2 text layers; the bakllava ones
+    have a Mistral language model)."""
     cfg = _reference("config.json")
     if preset == "tiny":
         cfg["text_config"] = dict(TINY_TEXT)
         cfg["vision_config"] = dict(TINY_VISION)
+    elif preset == "bakllava-tiny":
+        cfg["text_config"] = dict(TINY_MISTRAL)
+        cfg["vision_config"] = dict(TINY_VISION)
+    elif preset == "bakllava-7b":
+        cfg["text_config"] = dict(MISTRAL_7B)
     elif preset in ("13b", "13b-few-layers"):
         cfg["text_config"] = dict(cfg["text_config"], **TEXT_13B)
     elif preset not in ("7b", "7b-few-layers"):
@@ -118,12 +135,13 @@ def _init(name: str, shape: tuple, seed: int, dtype: np.dtype, rows_per_chunk: i
 def make_fixture(out: str, preset: str = "tiny", dtype: str = "float16", layout: str = "hub", seed: int = 0,
                  text_overrides: dict | None = None) -> str:
     """Write a synthetic checkpoint folder to `out` (created atomically) and return its path."""
-    table = load_table()
+    from .engine.mapping import table_for
+    cfg = preset_config(preset, text_overrides)
+    table = table_for(cfg)
     layouts = table["layouts"]
     if layout not in layouts:
         raise fail(f"unknown layout {layout!r} (one of {', '.join(layouts)})")
     code = code_for(dtype)
-    cfg = preset_config(preset, text_overrides)
     cfg["torch_dtype"] = dtype
     cfg["text_config"]["torch_dtype"] = dtype
     full = normalize_config(cfg)

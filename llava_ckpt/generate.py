@@ -102,7 +102,6 @@ def check_requests(requests: list, cfg: dict, folder: str, max_new_tokens: int) 
     their pictures."""
     from .engine.config import image_token_count
     from .prompts import check_length, load_image, prompt_floor
-    limit = int(cfg["text_config"]["max_position_embeddings"])
     out = []
     for n, req in enumerate(requests, 1):
         if not isinstance(req, dict) or not isinstance(req.get("image"), str) or not isinstance(req.get("prompt"), str):
@@ -110,7 +109,7 @@ def check_requests(requests: list, cfg: dict, folder: str, max_new_tokens: int) 
         picture = load_image(req["image"])
         floor = prompt_floor(folder, req["prompt"], image_token_count(cfg))
         if floor is not None:
-            check_length(floor, max_new_tokens, limit, f"request {n}'s prompt", exact=False)
+            check_length(floor, max_new_tokens, cfg, f"request {n}'s prompt", exact=False)
         out.append(dict(req, picture=picture))
     return out
 
@@ -120,12 +119,11 @@ def prepare(requests: list, processor, cfg: dict, max_new_tokens: int, raw: bool
     any model is loaded. `requests` come from check_requests (pictures read). Returns [{"image", "prompt",
     "prompt_text", "ids", "pixels"}]."""
     from .prompts import check_length, encode, format_prompt
-    limit = int(cfg["text_config"]["max_position_embeddings"])
     out = []
     for n, req in enumerate(requests, 1):
         text = format_prompt(processor, req["prompt"], raw)
         ids, pixels = encode(processor, req["picture"], text)
-        check_length(len(ids), max_new_tokens, limit, f"request {n}'s prompt")
+        check_length(len(ids), max_new_tokens, cfg, f"request {n}'s prompt")
         out.append({"image": req["image"], "prompt": req["prompt"], "prompt_text": text, "ids": ids,
                     "pixels": pixels})
     return out
@@ -209,7 +207,8 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     prepared = prepare(checked, processor, cfg, max_new_tokens, raw)
     if do_sample and seed is None:
         seed = int(np.random.SeedSequence().entropy % (1 << 63))  # reported, so the run can be repeated
-    limit = int(cfg["text_config"]["max_position_embeddings"]) - max_new_tokens
+    from .engine.config import context_limit
+    limit = context_limit(cfg)[0] - max_new_tokens
     jobs = []
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]

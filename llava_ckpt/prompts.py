@@ -87,13 +87,15 @@ def prompt_floor(folder: str, question: str, image_tokens: int) -> int | None:
     return max(0, len(tokenizer.encode(question, add_special_tokens=False).ids) - 2) + image_tokens
 
 
-def check_length(length: int, max_new_tokens: int, max_positions: int, what: str, exact: bool = True) -> None:
-    """Refuse a prompt whose `length` tokens and `max_new_tokens` do not fit the model's context."""
+def check_length(length: int, max_new_tokens: int, cfg: dict, what: str, exact: bool = True) -> None:
+    """Refuse a prompt whose `length` tokens and `max_new_tokens` do not fit the model's context
+    (engine.config.context_limit)."""
+    from .engine.config import context_limit
+    max_positions, limit = context_limit(cfg)
     if length + max_new_tokens > max_positions:
         size = f"{length} tokens" if exact else f"at least {length} tokens"
         raise fail(f"{what} is {size} with its image; with {max_new_tokens} new tokens that exceeds the model's "
-                   f"context of {max_positions} positions (max_position_embeddings): shorten it or lower "
-                   "--max-new-tokens")
+                   f"context of {max_positions} positions ({limit}): shorten it or lower --max-new-tokens")
 
 
 def encode(processor, picture, text: str):

@@ -30,6 +30,26 @@ LLAMA_DEFAULTS = {
     "head_dim": None,  # None means: hidden_size // num_attention_heads
 }
 
+# MistralConfig's defaults (bakLlava's language model): Llama's layer with grouped-query attention, a sliding
+# attention window, and its own sizes
+MISTRAL_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "head_dim": None,
+}
+
 CLIP_VISION_DEFAULTS = {
     "hidden_size": 768,
     "intermediate_size": 3072,
@@ -59,7 +79,8 @@ LLAVA_VISION_OVERRIDES = {
 
 
 # transformers' config classes, by the model_type a config.json names: what each leaves to its defaults.
-DEFAULTS = {"llava": LLAVA_DEFAULTS, "llama": LLAMA_DEFAULTS, "clip_vision_model": CLIP_VISION_DEFAULTS}
+DEFAULTS = {"llava": LLAVA_DEFAULTS, "llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS,
+            "clip_vision_model": CLIP_VISION_DEFAULTS}
 
 
 def normalize_config(raw: dict, where: str = "config.json", table: dict | None = None) -> dict:
@@ -115,6 +136,18 @@ def _check_feature_layer(cfg: dict, where: str) -> None:
     _check_positive(cfg["vision_config"], "vision_config", "num_hidden_layers", where)
     if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer <= n:
         raise fail(f"{where}: vision_feature_layer {layer!r} is not an int within the vision tower's layers")
+
+
+def context_limit(cfg: dict) -> tuple:
+    """(positions, what sets them) a prompt and its new tokens must fit: max_position_embeddings, or a sliding
+    attention window when it is smaller (Mistral's): past the window transformers attends to the window only,
+    which the reference model does not do, so verify and generate refuse such lengths instead of differing."""
+    tc = cfg["text_config"]
+    limit, what = int(tc["max_position_embeddings"]), "max_position_embeddings"
+    window = tc.get("sliding_window")
+    if isinstance(window, int) and not isinstance(window, bool) and 0 < window < limit:
+        limit, what = window, "sliding_window; the reference model has no sliding attention"
+    return limit, what
 
 
 def image_token_count(cfg: dict) -> int:

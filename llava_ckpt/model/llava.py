@@ -11,7 +11,7 @@ from ..errors import fail
 from .layers import Linear, gelu_exact, NP_DTYPES
 from .llama import KVCache, LanguageModel, attention_bias, causal_bias
 from .sampling import greedy
-from ..engine.config import image_token_count
+from ..engine.config import context_limit, image_token_count
 from .vision import VisionEncoder, layers_run
 
 
@@ -129,9 +129,9 @@ class Runner:
         got = (ids == self.model.image_token).sum(axis=1)
         if (got != want).any():
             raise fail(f"prompt has {int(got[got != want][0])} image tokens, the vision tower gives {want} features")
-        if total > self.model.language_model.max_positions:
-            raise fail(f"sequence length {total} exceeds max_position_embeddings "
-                       f"{self.model.language_model.max_positions}")
+        limit, what = context_limit(self.model.cfg)
+        if total > limit:
+            raise fail(f"sequence length {total} exceeds the model's context of {limit} positions ({what})")
         return ids.astype(np.int32)
 
     def forward(self, input_ids, pixel_values, trace: bool = False) -> dict:

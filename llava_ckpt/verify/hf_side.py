@@ -1,6 +1,6 @@
 """The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
-CLIPEncoderLayer, LlavaMultiModalProjector, LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding,
-create_causal_mask, DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
+CLIPEncoderLayer, LlavaMultiModalProjector, the text model's decoder layer, RMSNorm, rotary embedding and
+causal mask (Llama's, or Mistral's for bakLlava: TEXT_CLASSES), DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
 filled with its own weights read lazily from the source safetensors (pread, per tensor) and freed after
 it ran. Nothing here re-implements transformers' math; only the order of calls (LlavaModel.forward's)
 is spelled out.
@@ -22,6 +22,26 @@ from .weights import Arena, as_torch, cast_into, read_into_arena
 
 VISION = "vision_tower.vision_model."
 TEXT = "language_model.model."
+# transformers' own text-model classes, by the text config's model_type: (module, decoder layer, RMSNorm,
+# rotary embedding, the causal-mask function its model uses)
+TEXT_CLASSES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding",
+              "create_causal_mask"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRMSNorm",
+                "MistralRotaryEmbedding", "create_sliding_window_causal_mask"),
+}
+
+
+def text_classes(model_type: str) -> SimpleNamespace:
+    """transformers' decoder layer, RMSNorm, rotary embedding and causal-mask function for a text model."""
+    import importlib
+    if model_type not in TEXT_CLASSES:
+        raise fail(f"verify knows transformers' text models {', '.join(TEXT_CLASSES)}, not {model_type!r}")
+    module, layer, norm, rotary, mask = TEXT_CLASSES[model_type]
+    m = importlib.import_module(module)
+    masks = importlib.import_module("transformers.masking_utils")
+    return SimpleNamespace(layer=getattr(m, layer), norm=getattr(m, norm), rotary=getattr(m, rotary),
+                           mask=getattr(masks, mask))
 
 
 class HfSide:
@@ -47,6 +67,7 @@ class HfSide:
         self.image_token = int(cfg["image_token_index"])
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
         self.cache = None
+        self.classes = text_classes(self.text.model_type)
 
     # ---- weights
 
@@ -134,30 +155,26 @@ class HfSide:
         """Rotary embeddings and causal mask for `x` [1, S, H] following `past` cached positions (one new
         DynamicCache when past == 0); computed before any layer updates the cache, as LlamaModel does."""
         torch = self.torch
-        from transformers.masking_utils import create_causal_mask
         from transformers.cache_utils import DynamicCache
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         if past == 0:
             self.cache = DynamicCache(config=self.text)
         positions = (torch.arange(x.shape[1]) + past).unsqueeze(0)
-        rotary = LlamaRotaryEmbedding(config=self.text)
+        rotary = self.classes.rotary(config=self.text)
         with torch.no_grad():
             pe = rotary(x, position_ids=positions)
-            mask = create_causal_mask(config=self.text, inputs_embeds=x,
+            mask = self.classes.mask(config=self.text, inputs_embeds=x,
                                       attention_mask=torch.ones((1, past + x.shape[1]), dtype=torch.long),
                                       cache=self.cache, position_ids=positions)
         return {"position_embeddings": pe, "attention_mask": mask, "position_ids": positions}
 
     def decoder_layer(self, i: int, x, ctx: dict):
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-        layer = self._module(lambda: LlamaDecoderLayer(self.text, i), f"{TEXT}layers.{i}.")
+        layer = self._module(lambda: self.classes.layer(self.text, i), f"{TEXT}layers.{i}.")
         with self.torch.no_grad():
             return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"],
                          cache=self.cache, use_cache=True, position_embeddings=ctx["position_embeddings"])
 
     def norm(self, x):
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        norm = self._module(lambda: LlamaRMSNorm(self.text.hidden_size, eps=self.text.rms_norm_eps), TEXT + "norm.")
+        norm = self._module(lambda: self.classes.norm(self.text.hidden_size, eps=self.text.rms_norm_eps), TEXT + "norm.")
         with self.torch.no_grad():
             return norm(x)
 

@@ -69,10 +69,9 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         return write_verification(result, hashing, {"device": None})
     image_path = image or DEFAULT_IMAGE
     picture = load_image(image_path)
-    max_positions = int(cfg["text_config"]["max_position_embeddings"])
     floor = prompt_floor(hf_src, prompt or DEFAULT_PROMPT, image_token_count(cfg))
     if floor is not None:
-        check_length(floor, max_new_tokens, max_positions, "the prompt", exact=False)
+        check_length(floor, max_new_tokens, cfg, "the prompt", exact=False)
     try:
         use_msrun = tp > 1 if msrun is None else bool(msrun)
         if use_msrun and tp == 1:  # refused before the slow part
@@ -85,7 +84,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             narrow.append("float16")
         inputs = build_inputs(hf_src, image_path, prompt, picture)
         ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-        check_length(ids.shape[1], max_new_tokens, max_positions, "the prompt")
+        check_length(ids.shape[1], max_new_tokens, cfg, "the prompt")
         eos = inputs["eos"]
         from .ms_side import MsSide
         from .weights import Arena

@@ -1,0 +1,150 @@
+"""The LLaVA family beyond llava-1.5: bakLlava (LlavaForConditionalGeneration with a Mistral-7B language model,
+grouped-query attention) through every command on the bakllava-tiny preset: convert (its own table, fused and
+not), shard (tp must divide the KV heads), export bit-exact, verify layer by layer against transformers' own
+Mistral classes, generate token for token what transformers' generate gives, the MindFormers predict config;
+and a table that is not the checkpoint's is a named error."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from llava_ckpt.convert import convert
+from llava_ckpt.errors import CheckpointError
+from llava_ckpt.export import export
+from llava_ckpt.fixture import make_fixture
+from llava_ckpt.generate import generate
+from llava_ckpt.shard import shard
+from llava_ckpt.verify import verify
+
+from expected import expected, load_config, mismatches, read_hf, read_with_mindspore
+from test_shard import expected_slice
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def bakllava(tmp_path_factory):
+    return make_fixture(str(tmp_path_factory.mktemp("bakllava") / "hf"), preset="bakllava-tiny")
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "p.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_the_preset_is_a_mistral_llava_with_grouped_query_attention(bakllava):
+    cfg = load_config(bakllava)
+    assert cfg["model_type"] == "llava" and cfg["text_config"]["model_type"] == "mistral"
+    t = cfg["text_config"]
+    assert t["num_key_value_heads"] < t["num_attention_heads"] and t["sliding_window"] == 4096
+    from transformers import LlavaConfig
+    assert type(LlavaConfig.from_pretrained(bakllava).text_config).__name__ == "MistralConfig"
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_convert_shard_and_export_are_exact(bakllava, tmp_path, fuse):
+    one = tmp_path / "one"
+    result = convert(bakllava, str(one), fuse_qkv=fuse, progress=False)
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["mapping"]["file"] == "bakllava.toml" and result["tensors"] > 0
+    want = expected(read_hf(bakllava), load_config(bakllava), fuse_qkv=fuse)  # GQA rows grouped per KV head
+    assert mismatches(read_with_mindspore(str(one / "llava.safetensors")), want) == []
+    shard(str(one), str(tmp_path / "tp2"), tp=2, progress=False)
+    for r in range(2):
+        got = read_with_mindspore(str(tmp_path / "tp2" / f"rank_{r}" / "llava.safetensors"))
+        assert mismatches(got, {n: expected_slice(n, a, r, 2) for n, a in want.items()}) == []
+    with pytest.raises(CheckpointError, match=r"--tp 4 must divide .* 2 \((KV )?groups of .*(wk|w_qkv).weight\)"):
+        shard(str(one), str(tmp_path / "tp4"), tp=4, progress=False)  # 2 KV heads: a rank holds whole groups
+    export(str(tmp_path / "tp2"), str(tmp_path / "back"), progress=False)
+    back, hf = read_hf(str(tmp_path / "back")), read_hf(bakllava)
+    assert sorted(back) == sorted(hf) and [n for n in hf if back[n].tobytes() != hf[n].tobytes()] == []
+    mf = yaml.safe_load((one / "predict_llava.yaml").read_text())["model"]["model_config"]["text_config"]
+    assert mf["model_config"]["n_kv_heads"] == load_config(bakllava)["text_config"]["num_key_value_heads"]
+
+
+def test_a_table_that_is_not_the_checkpoint_s_is_named(bakllava, tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="text_config.model_type is 'mistral'; the table llava-1.5.toml "
+                                              "accepts 'llama'"):
+        convert(bakllava, str(tmp_path / "a"), mapping="llava-1.5", progress=False)
+    with pytest.raises(CheckpointError, match="text_config.model_type is 'llama'; the table bakllava.toml "
+                                              "accepts 'mistral'"):
+        convert(tiny, str(tmp_path / "b"), mapping="bakllava", progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_verify_walks_transformers_own_mistral_layers(bakllava, tmp_path):
+    out = tmp_path / "ms"
+    convert(bakllava, str(out), fuse_qkv=True, tp=2, progress=False)
+    r = verify(bakllava, str(out), max_new_tokens=N, msrun=False)
+    assert r["passed"] and r["weights"]["differ"] == [] and r["greedy_equal"] == len(r["tokens_hf"]) == N
+    names = [m["name"] for m in r["modules"]]
+    assert "language_model.model.layers.2" in names and all(m["ok"] for m in r["modules"])
+    from llava_ckpt.verify.hf_side import text_classes
+    assert text_classes("mistral").layer.__name__ == "MistralDecoderLayer"
+
+
+def _transformers_tokens(hf, picture, prompt):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(hf)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    with Image.open(picture) as im:
+        batch = processor(images=im.convert("RGB"), text=text, return_tensors="pt")
+    with torch.no_grad():
+        seq = model.generate(**batch, max_new_tokens=N, do_sample=False)
+    return seq[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_gives_transformers_tokens(bakllava, picture, tmp_path):
+    out = tmp_path / "ms"
+    convert(bakllava, str(out), progress=False)
+    requests = [{"image": picture, "prompt": "What is this?"}, {"image": picture, "prompt": "Describe it in detail."}]
+    got = generate(str(out), requests, max_new_tokens=N, batch_size=2)
+    assert [o["token_ids"] for o in got["outputs"]] == [_transformers_tokens(bakllava, picture, r["prompt"])
+                                                         for r in requests]
+
+
+def test_past_the_sliding_window_is_refused_before_any_model(tmp_path, picture):
+    """The reference model attends to every earlier position; Mistral past its window does not: refused, named."""
+    hf = make_fixture(str(tmp_path / "hf"), preset="bakllava-tiny", text_overrides={"sliding_window": 24})
+    out = tmp_path / "ms"
+    convert(hf, str(out), progress=False)
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    for cmd in (["generate", str(out), "--image", picture, "--prompt", "What is this?"],
+                ["verify", hf, str(out), "--image", picture, "--prompt", "What is this?"]):
+        run = subprocess.run([exe, *cmd], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+        assert "context of 24 positions (sliding_window; the reference model has no sliding attention)" in run.stderr
+
+
+@pytest.mark.slow
+def test_tp2_ranks_under_msrun_give_transformers_tokens(bakllava, picture, tmp_path):
+    """Each rank holds one of the two KV heads: the parallel cells and the cache split by KV heads."""
+    out = tmp_path / "tp2"
+    convert(bakllava, str(out), fuse_qkv=True, tp=2, progress=False)
+    got = generate(str(out), [{"image": picture, "prompt": "What is this?"}], max_new_tokens=N)
+    assert got["tp"] == 2
+    assert got["outputs"][0]["token_ids"] == _transformers_tokens(bakllava, picture, "What is this?")
+
+
+def test_llava_next_is_refused_by_name(tiny, tmp_path):
+    """LLaVA-NeXT (v1.6) has no table yet: its model_type is named, nothing is written."""
+    import shutil
+    src = tmp_path / "next"
+    shutil.copytree(tiny, src)
+    cfg = load_config(str(src))
+    cfg.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+               image_grid_pinpoints=[[336, 672], [672, 336]])
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type='llava_next'"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
