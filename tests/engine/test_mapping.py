@@ -87,17 +87,20 @@ def test_sizes_are_expressions_over_config_keys(tmp_path):
 
 def test_table_is_chosen_from_config_and_mapping_picks_another(tmp_path):
     raw = json.load(open(f"{REFERENCE}/config.json"))
-    raw["text_config"]["model_type"] = "mistral"
-    with pytest.raises(CheckpointError, match="not a LLaVA config that a mapping table accepts.*'mistral'"):
+    raw["text_config"]["model_type"] = "qwen2"  # a text model no packaged table accepts
+    with pytest.raises(CheckpointError, match="not a LLaVA config that a mapping table accepts.*'qwen2'"):
         normalize_config(raw)
-    variant = load_table(edited_table(tmp_path, 'text_model_types = ["llama"]', 'text_model_types = ["llama", "mistral"]'))
-    # no transformers defaults are known for "mistral": every size must then be written out
+    variant = load_table(edited_table(tmp_path, 'text_model_types = ["llama"]', 'text_model_types = ["llama", "qwen2"]'))
+    # no transformers defaults are known for "qwen2": every size must then be written out
     with pytest.raises(CheckpointError, match="text_config.hidden_size must be a positive integer"):
         normalize_config(raw, table=variant)
     raw["text_config"].update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, vocab_size=32064)
     cfg = normalize_config(raw, table=variant)
     assert cfg["text_config"]["head_dim"] == 64 and len(plan(variant, cfg, {})) > 0
+    raw["text_config"] = {"model_type": "mistral"}  # bakLlava's: its own table, MistralConfig's defaults
+    cfg = normalize_config(raw)
+    assert cfg["text_config"]["num_key_value_heads"] == 8 and cfg["text_config"]["intermediate_size"] == 14336
 
 
 def test_unused_tensors_say_whether_llavavlm_builds_them(tmp_path):
