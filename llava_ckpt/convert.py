@@ -98,7 +98,7 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = DEFAULT_FOR
     another llava-ckpt output (a folder holding anything else is never replaced; a rerun of the same conversion
     replaces its own output without asking). `device`: the device_target of the MindFormers predict config
     written beside the weights (OUT/predict_llava.yaml, io/mindformers.py)."""
-    from .io.mindformers import check_device, predict_file
+    from .io.mindformers import check_device, predict_files
     if fmt not in FORMATS:
         raise fail(f"unknown format {fmt!r} (ckpt or safetensors)")
     check_degree(tp)
@@ -129,7 +129,7 @@ def convert(src: str, out: str, dtype: str | None = None, fmt: str = DEFAULT_FOR
         "tp_sizes": distinct_units(units),
         "tensors": tensor_entries(planned, tp, unused_names(table, ctx["cfg"]), {p: n for n, p in ctx["files"]}),
     }
-    predict = predict_file(ctx["cfg"], out, fmt, tp, manifest["tensors"], fuse_qkv, device,
+    predict = predict_files(ctx["cfg"], out, fmt, tp, manifest["tensors"], fuse_qkv, device,
                            [n for n, _ in ctx["side_files"]])
     return write_checkpoint(out, src, planned, fmt, tp, ctx["files"], manifest, progress, known_hashes,
-                            side_files=ctx["side_files"], overwrite=overwrite, extra_files=[predict])
+                            side_files=ctx["side_files"], overwrite=overwrite, extra_files=predict)

@@ -48,7 +48,16 @@ MISTRAL_7B = {"_name_or_path": "mistralai/Mistral-7B-v0.1", "architectures": ["M
 TINY_MISTRAL = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
                 "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 32064}
-PRESETS = ("tiny", "7b", "7b-few-layers", "13b", "13b-few-layers", "bakllava-tiny", "bakllava-7b")
+# LLaVA-NeXT (v1.6): LlavaNextForConditionalGeneration, the anyres grid and `image_newline`; llava-v1.6-mistral-7b's
+# language model is Mistral-7B-Instruct-v0.2 (rope_theta 1e6, no sliding window), llava-v1.6-vicuna-7b's is
+# llava-1.5-7b's (vicuna-7b-v1.5).
+NEXT = {"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"],
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "use_image_newline_parameter": True}
+MISTRAL_7B_V02 = dict(MISTRAL_7B, _name_or_path="mistralai/Mistral-7B-Instruct-v0.2", rope_theta=1000000.0,
+                      sliding_window=None)
+PRESETS = ("tiny", "7b", "7b-few-layers", "13b", "13b-few-layers", "bakllava-tiny", "bakllava-7b",
+           "llava-next-mistral-tiny", "llava-next-mistral-7b", "llava-next-vicuna-7b")
 
 
 def _reference(name: str):
@@ -69,6 +78,16 @@ def preset_config(preset: str, text_overrides: dict | None = None) -> dict:
         cfg["vision_config"] = dict(TINY_VISION)
     elif preset == "bakllava-7b":
         cfg["text_config"] = dict(MISTRAL_7B)
+    elif preset == "llava-next-mistral-tiny":
+        cfg.update(NEXT)
+        cfg["text_config"] = dict(TINY_MISTRAL, rope_theta=1000000.0, sliding_window=None)
+        cfg["vision_config"] = dict(TINY_VISION)
+        cfg["image_grid_pinpoints"] = [[56, 112], [112, 56], [112, 112]]
+    elif preset == "llava-next-mistral-7b":
+        cfg.update(NEXT)
+        cfg["text_config"] = dict(MISTRAL_7B_V02)
+    elif preset == "llava-next-vicuna-7b":
+        cfg.update(NEXT)
     elif preset in ("13b", "13b-few-layers"):
         cfg["text_config"] = dict(cfg["text_config"], **TEXT_13B)
     elif preset not in ("7b", "7b-few-layers"):
@@ -102,7 +121,8 @@ def _file_for(name: str, cfg: dict, real_map: dict) -> str:
         return f"{m.group(1)}layers.{(i * (real - 1)) // max(n - 1, 1)}."
     real_name = re.sub(r"^(language_model\.model\.|vision_tower\.vision_model\.encoder\.)layers\.(\d+)\.", scale,
                        name)
-    return real_map[real_name]
+    # a tensor llava-1.5 has not (LLaVA-NeXT's image_newline) goes with the projector
+    return real_map.get(real_name, real_map["multi_modal_projector.linear_1.weight"])
 
 
 def _init(name: str, shape: tuple, seed: int, dtype: np.dtype, rows_per_chunk: int):

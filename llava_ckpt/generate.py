@@ -88,6 +88,8 @@ def open_output(ms_dir: str) -> dict:
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
+    from .engine.config import check_runnable
+    check_runnable(cfg, "generate")
     checkpoint = open_checkpoint(ms_dir, "what convert or shard wrote")
     return {"checkpoint": checkpoint, "cfg": cfg, "tp": checkpoint.tp, "rank_dirs": checkpoint.rank_dirs,
             "layout": checkpoint.layout(), "dtypes": {n: e["dtype"] for n, e in checkpoint.entries.items()},

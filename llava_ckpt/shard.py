@@ -127,7 +127,7 @@ def shard(src: str, out: str, tp: int, ranks=None, fmt: str | None = None, confi
     table for a source without a manifest, when it carries none. `overwrite`: replace an OUT that holds another
     llava-ckpt output. `device`: the device_target of the MindFormers predict config written beside them."""
     from .io.checkpoint import open_checkpoint
-    from .io.mindformers import check_device, predict_file
+    from .io.mindformers import check_device, predict_files
     check_degree(tp)
     check_device(device)
     wanted = parse_ranks(ranks, tp)
@@ -149,10 +149,10 @@ def shard(src: str, out: str, tp: int, ranks=None, fmt: str | None = None, confi
         "tensors": entries,
     }
     fmt = fmt or _format_of(source)
-    predict = predict_file(job["cfg"], out, fmt, tp, entries, bool(job["options"].get("fuse_qkv")), device,
+    predict = predict_files(job["cfg"], out, fmt, tp, entries, bool(job["options"].get("fuse_qkv")), device,
                            [n for n, _ in job["side"]])
     result = write_checkpoint(out, src, planned, fmt, tp, source.inputs, manifest, progress,
                               expected_hashes=source.expected, inputs_key="converted_files",
                               side_files=job["side"], expected_side=job["side_expected"], overwrite=overwrite,
-                              ranks=wanted, extra_files=[predict])
+                              ranks=wanted, extra_files=predict)
     return dict(result, source_kind=source.kind, source_tp=source.tp, skipped_training_state=len(source.skipped))

@@ -2,7 +2,8 @@
 grouped-query attention) through every command on the bakllava-tiny preset: convert (its own table, fused and
 not), shard (tp must divide the KV heads), export bit-exact, verify layer by layer against transformers' own
 Mistral classes, generate token for token what transformers' generate gives, the MindFormers predict config;
-and a table that is not the checkpoint's is a named error."""
+a table that is not the checkpoint's is a named error. LLaVA-NeXT (llava-next-mistral-tiny): the table-driven
+commands (convert, shard, export, the weight proof); the model walk and generate refused by name."""
 import json
 import os
 import subprocess
@@ -136,15 +137,43 @@ def test_tp2_ranks_under_msrun_give_transformers_tokens(bakllava, picture, tmp_p
     assert got["outputs"][0]["token_ids"] == _transformers_tokens(bakllava, picture, "What is this?")
 
 
-def test_llava_next_is_refused_by_name(tiny, tmp_path):
-    """LLaVA-NeXT (v1.6) has no table yet: its model_type is named, nothing is written."""
-    import shutil
-    src = tmp_path / "next"
-    shutil.copytree(tiny, src)
-    cfg = load_config(str(src))
-    cfg.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
-               image_grid_pinpoints=[[336, 672], [672, 336]])
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="model_type='llava_next'"):
-        convert(str(src), str(tmp_path / "out"), progress=False)
-    assert not (tmp_path / "out").exists()
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    return make_fixture(str(tmp_path_factory.mktemp("next") / "hf"), preset="llava-next-mistral-tiny")
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_llava_next_converts_shards_exports_and_is_weight_proven(llava_next, tmp_path, fuse):
+    """LLaVA-NeXT (v1.6, Mistral): its own table (llava-1.5's tensors and image_newline), every table-driven
+    command exact; no MindFormers predict config (research/llava's is for LlavaVlm)."""
+    from transformers import LlavaNextForConditionalGeneration
+    model = LlavaNextForConditionalGeneration.from_pretrained(llava_next)  # transformers takes the fixture
+    assert tuple(model.model.image_newline.shape) == (load_config(llava_next)["text_config"]["hidden_size"],)
+    del model
+    one = tmp_path / "one"
+    convert(llava_next, str(one), fuse_qkv=fuse, progress=False)
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["mapping"]["file"] == "llava-next.toml" and not (one / "predict_llava.yaml").exists()
+    hf = read_hf(llava_next)
+    want = dict(expected(hf, load_config(llava_next), fuse_qkv=fuse), image_newline=hf["image_newline"])
+    assert mismatches(read_with_mindspore(str(one / "llava.safetensors")), want) == []
+    shard(str(one), str(tmp_path / "tp2"), tp=2, progress=False)
+    for r in range(2):
+        got = read_with_mindspore(str(tmp_path / "tp2" / f"rank_{r}" / "llava.safetensors"))
+        assert mismatches(got, {n: expected_slice(n, a, r, 2) for n, a in want.items()}) == []
+    proof = verify(llava_next, str(tmp_path / "tp2"), weights_only=True)
+    assert proof["passed"] and proof["weights"]["differ"] == []
+    export(str(tmp_path / "tp2"), str(tmp_path / "back"), progress=False)
+    back = read_hf(str(tmp_path / "back"))
+    assert sorted(back) == sorted(hf) and [n for n in hf if back[n].tobytes() != hf[n].tobytes()] == []
+
+
+def test_llava_next_s_model_walk_and_generate_are_refused_by_name(llava_next, picture, tmp_path):
+    """The reference model has no anyres packing yet: verify's walk and generate say so before any model."""
+    convert(llava_next, str(tmp_path / "ms"), progress=False)
+    exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
+    for cmd in (["verify", llava_next, "ms"], ["generate", "ms", "--image", picture, "--prompt", "hi"]):
+        run = subprocess.run([exe, *cmd], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert "this one is 'llava_next' (LLaVA-NeXT's anyres image packing is not in it yet)" in run.stderr
+    assert not (tmp_path / "ms" / "verification.json").exists()

@@ -71,7 +71,11 @@ LLAVA_DEFAULTS = {
     "tie_word_embeddings": False,
 }
 
-# LlavaConfig's defaults for the sub-configs when config.json names none of their fields.
+# LlavaNextConfig's: LLaVA's, and the anyres grid the image is tiled on
+LLAVA_NEXT_DEFAULTS = dict(LLAVA_DEFAULTS, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                                [336, 1008]], image_seq_length=576)
+
+# LlavaConfig's (and LlavaNextConfig's) defaults for the sub-configs when config.json names none of their fields.
 LLAVA_VISION_OVERRIDES = {
     "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
     "image_size": 336, "patch_size": 14, "projection_dim": 768,
@@ -79,7 +83,7 @@ LLAVA_VISION_OVERRIDES = {
 
 
 # transformers' config classes, by the model_type a config.json names: what each leaves to its defaults.
-DEFAULTS = {"llava": LLAVA_DEFAULTS, "llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS,
+DEFAULTS = {"llava": LLAVA_DEFAULTS, "llava_next": LLAVA_NEXT_DEFAULTS, "llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS,
             "clip_vision_model": CLIP_VISION_DEFAULTS}
 
 
@@ -108,7 +112,7 @@ def normalize_config(raw: dict, where: str = "config.json", table: dict | None =
     if text.get("num_key_value_heads") is None:
         text["num_key_value_heads"] = text.get("num_attention_heads")
     vision = dict(DEFAULTS.get(vision_type, {}), model_type=vision_type)
-    if cfg.get("model_type") == "llava" and vision_type == "clip_vision_model":
+    if cfg.get("model_type") in ("llava", "llava_next") and vision_type == "clip_vision_model":
         vision.update(LLAVA_VISION_OVERRIDES)
     vision.update(vision_raw)
     cfg["text_config"] = text
@@ -136,6 +140,20 @@ def _check_feature_layer(cfg: dict, where: str) -> None:
     _check_positive(cfg["vision_config"], "vision_config", "num_hidden_layers", where)
     if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer <= n:
         raise fail(f"{where}: vision_feature_layer {layer!r} is not an int within the vision tower's layers")
+
+
+# what the reference model runs: LLaVA-1.5 and bakLlava (LlavaForConditionalGeneration); LLaVA-NeXT's anyres
+# image packing is not in it yet, so its checkpoints convert, shard, export and have their weights proven, but
+# verify's model walk and generate refuse them by name
+MODEL_TYPES_RUN = ("llava",)
+
+
+def check_runnable(cfg: dict, what: str) -> None:
+    """Refuse, naming the model type, a checkpoint the reference model cannot run (before anything loads)."""
+    if cfg.get("model_type") not in MODEL_TYPES_RUN:
+        raise fail(f"{what} needs the bundled reference model, which runs {', '.join(MODEL_TYPES_RUN)} checkpoints; "
+                   f"this one is {cfg.get('model_type')!r} (LLaVA-NeXT's anyres image packing is not in it yet): "
+                   "convert, shard, export and `verify --weights-only` take it")
 
 
 def context_limit(cfg: dict) -> tuple:

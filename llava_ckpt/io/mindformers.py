@@ -174,12 +174,16 @@ def predict_config(cfg: dict, out: str, fmt: str, tp: int, dtype: str, fused: bo
     }
 
 
-def predict_file(cfg: dict, out: str, fmt: str, tp: int, entries, fused: bool, device: str = "Ascend",
-                 names=()) -> tuple:
-    """(PREDICT_YAML, its text) for an output at `out` whose manifest tensor entries are `entries`; `names`: the
-    side files it carries (the tokenizer's vocab_file is its tokenizer.model, when it has one)."""
+def predict_files(cfg: dict, out: str, fmt: str, tp: int, entries, fused: bool, device: str = "Ascend",
+                  names=()) -> list:
+    """[(PREDICT_YAML, its text)] for an output at `out` whose manifest tensor entries are `entries`; `names`: the
+    side files it carries (the tokenizer's vocab_file is its tokenizer.model, when it has one). Only LLaVA-1.5 and
+    bakLlava (model_type llava) get one: research/llava's predict flow is for LlavaVlm; LLaVA-NeXT's research
+    model has a config of its own, not written here."""
+    if cfg.get("model_type") != "llava":
+        return []
     config = predict_config(cfg, out, fmt, tp, stored_dtype(entries), fused, device, "tokenizer.model" in names)
-    return PREDICT_YAML, predict_yaml(config)
+    return [(PREDICT_YAML, predict_yaml(config))]
 
 
 def predict_yaml(config: dict) -> str:

@@ -51,6 +51,9 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     # nothing outside the folders, the image readable, the prompt not longer than the context
     read_tensors(hf_src, SWAPPED)
     cfg = load_config(hf_src)
+    if not weights_only:
+        from ..engine.config import check_runnable
+        check_runnable(cfg, "verify's model walk")
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
     if weights_only:
