@@ -51,10 +51,11 @@ def _layout(manifest: dict, where: str) -> tuple:
     if manifest.get("command") == "export":
         return [], {}
     tp, fmt = output_layout(manifest, where)
-    weights = weight_paths(tp, fmt, output_ranks(manifest, where))
+    ranks = output_ranks(manifest, where)
+    weights = weight_paths(tp, fmt, ranks)
     if tp == 1:
         return weights, {}
-    return weights + ["strategy.ckpt"], {rel: r for r, rel in zip(output_ranks(manifest, where), weights)}
+    return weights + ["strategy.ckpt"], {rel: r for r, rel in zip(ranks, weights)}
 
 
 def check(out: str) -> dict:

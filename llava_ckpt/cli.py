@@ -85,8 +85,8 @@ def _progress(as_json: bool) -> bool:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llava-ckpt")
 def main():
-    """Convert, shard, verify, run (generate) and export back Hugging Face LLaVA-1.5 checkpoints for MindSpore /
-    MindFormers."""
+    """Convert, shard, verify, run (generate) and export back Hugging Face LLaVA checkpoints (LLaVA-1.5, bakLlava;
+    LLaVA-NeXT's weights) for MindSpore / MindFormers."""
 
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
@@ -294,7 +294,8 @@ def check(out, as_json):
 @click.option("--seed", type=int, default=0, show_default=True)
 @_clean_errors
 def make_fixture(out, preset, dtype, layout, seed):
-    """Write a synthetic HF LLaVA-1.5 checkpoint (real names, shard split, tokenizer) to OUT."""
+    """Write a synthetic HF LLaVA checkpoint (real names, shard split, tokenizer) to OUT: LLaVA-1.5, bakLlava or
+    LLaVA-NeXT, by --preset."""
     from .fixture import make_fixture as run
     path = run(out, preset=preset, dtype=dtype, layout=layout, seed=seed)
     click.echo(path)

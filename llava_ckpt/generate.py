@@ -80,17 +80,18 @@ def open_output(ms_dir: str) -> dict:
     (io/checkpoint.py: its weight files there, of the sizes its manifest records, every header valid); returns
     {"checkpoint", "cfg", "tp", "rank_dirs", "layout", "dtypes" (each tensor's stored dtype), "tp_units" (the
     sizes --tp must divide)}."""
-    from .engine.config import load_config
+    from .engine.config import check_runnable, load_config
     from .io.checkpoint import open_checkpoint
-    from .io.manifest import read_ms_output
-    read_ms_output(ms_dir, "generate takes what convert or shard wrote")  # a manifest, or what it is instead
+    from .io.manifest import NAME, read_ms_output
+    hint = "generate takes what convert or shard wrote"
+    if not os.path.lexists(os.path.join(ms_dir, NAME)):
+        read_ms_output(ms_dir, hint)  # names what the folder is instead
     if not os.path.isfile(os.path.join(ms_dir, "config.json")):
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
-    from .engine.config import check_runnable
     check_runnable(cfg, "generate")
-    checkpoint = open_checkpoint(ms_dir, "what convert or shard wrote")
+    checkpoint = open_checkpoint(ms_dir, "what convert or shard wrote", hint)
     return {"checkpoint": checkpoint, "cfg": cfg, "tp": checkpoint.tp, "rank_dirs": checkpoint.rank_dirs,
             "layout": checkpoint.layout(), "dtypes": {n: e["dtype"] for n, e in checkpoint.entries.items()},
             "tp_units": list(checkpoint.manifest.get("tp_sizes", {}).items())}

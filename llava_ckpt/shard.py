@@ -56,11 +56,11 @@ def _from_output(source) -> dict:
         planned.append(_rename(name, e["split"], source.tensors[name]))
         entries.append({k: v for k, v in e.items() if k != "rank_shape"})
     listed = {f.get("path"): f.get("sha256") for f in manifest["files"]}
-    side = dict(source.side)
-    if "config.json" not in side:
+    from .engine.config import load_config
+    if "config.json" not in dict(source.side):
         raise fail(f"{source.path} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, tokenizer and processor files)")
-    return {"planned": planned, "entries": entries, "cfg": _config(side["config.json"], source.path),
+    return {"planned": planned, "entries": entries, "cfg": load_config(source.path),
             "units": [u for p in planned for u in p.target.tp_units()] + list(manifest.get("tp_sizes", {}).items()),
             "source": dict(manifest.get("source", {}), converted=os.path.abspath(source.path)),
             "mapping": manifest["mapping"],
@@ -96,18 +96,6 @@ def _from_training(source, config: str | None, mapping: str | None) -> dict:
                         "file": os.path.basename(table["path"])},
             "options": {"dtype": None, **detect_options(table, source.tensors)},
             "side": side, "side_expected": {}}
-
-
-def _config(path: str, folder: str) -> dict:
-    """The normalized config.json an output carries."""
-    from .engine.config import MAX_CONFIG, normalize_config
-    from .engine.mapping import table_for
-    from .io.files import read_json
-    where = os.path.join(folder, "config.json")
-    raw = read_json(path, where, MAX_CONFIG)
-    if not isinstance(raw, dict):
-        raise fail(f"{where} is not a JSON object")
-    return normalize_config(raw, where, table_for(raw, where))
 
 
 def _format_of(source) -> str:

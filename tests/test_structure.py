@@ -63,7 +63,7 @@ def test_no_import_cycles():
 # Each concept and the one module it lives in: defining any of these names at the top level of another module is a
 # second copy that can drift from the first.
 HOMES = {
-    "llava_ckpt.engine.splits": ["SPLIT_DIMS", "SPLIT_KINDS", "split_dim", "rank_shape", "merge", "replicas_equal",
+    "llava_ckpt.engine.splits": ["SPLIT_DIMS", "SPLIT_KINDS", "split_dim", "rank_shape", "merge",
                                  "tensor_map", "rank_blocks", "rank_boxes", "check_divides", "valid_degrees"],
     "llava_ckpt.engine.ops": ["OPS", "row_map", "forward", "inverse"],
     "llava_ckpt.io.paths": ["inside", "within", "is_plain_name"],

@@ -75,12 +75,6 @@ def merge(parts: Sequence[np.ndarray], kind: str, name: str = "tensor") -> np.nd
     return np.concatenate(parts, axis=dim)
 
 
-def replicas_equal(parts: Sequence[np.ndarray]) -> bool:
-    first = np.ascontiguousarray(parts[0]).view(np.uint8)
-    return all(p.shape == parts[0].shape and np.array_equal(np.ascontiguousarray(p).view(np.uint8), first)
-               for p in parts[1:])
-
-
 def tensor_map(kind: str, ndim: int) -> list:
     """MindSpore's tensor_map for `kind` with dev_matrix [1, N]: per dim, 0 = the model-parallel axis
     (indexed from the right of dev_matrix), -1 = not split."""

@@ -121,8 +121,10 @@ class CheckpointArrays(Mapping):
         self._reader.close()
 
 
-def open_checkpoint(path: str, what: str = "a MindSpore checkpoint") -> Checkpoint:
-    """Find out what PATH is and index every tensor in it. `what`: how messages name what was expected."""
+def open_checkpoint(path: str, what: str = "a MindSpore checkpoint", hint: str = "expected what convert or shard "
+                    "wrote") -> Checkpoint:
+    """Find out what PATH is and index every tensor in it. `what`: how messages name what was expected; `hint`:
+    what a message about a manifest that is not a convert / shard output's adds (what the caller takes)."""
     if not os.path.lexists(path):
         raise fail(f"{path} does not exist")
     if os.path.isfile(path):
@@ -132,7 +134,7 @@ def open_checkpoint(path: str, what: str = "a MindSpore checkpoint") -> Checkpoi
     if not os.path.isdir(path):
         raise fail(f"{path} is neither a file nor a folder")
     if os.path.lexists(os.path.join(path, MANIFEST)):
-        return _converted(path)
+        return _converted(path, hint)
     if looks_like_hf_folder(path):
         raise fail(f"{path} is a Hugging Face checkpoint folder, not {what} (`llava-ckpt convert` goes from "
                    "Hugging Face to MindSpore)")
@@ -168,10 +170,10 @@ def _float_only(info) -> None:
                    "weight (and its name is not one of the training fields that are skipped)")
 
 
-def _converted(folder: str) -> Checkpoint:
+def _converted(folder: str, hint: str) -> Checkpoint:
     """A convert / shard output: its manifest names every tensor, its split and its HF source files."""
     where = os.path.join(folder, MANIFEST)
-    manifest = read_ms_output(folder, "expected what convert or shard wrote")
+    manifest = read_ms_output(folder, hint)
     entries = checked_entries(manifest, where)
     tp, fmt = output_layout(manifest, where)
     inputs = checked_weight_files(folder, manifest)
@@ -222,7 +224,7 @@ def find_strategies(folder: str) -> list:
     return found
 
 
-def _check_steps(folder: str, rel: list, indexes: list) -> None:
+def _check_steps(rel: list, indexes: list) -> None:
     """Every rank saved at the same training step: the epoch_step its file name carries, and the step fields
     it holds. A rank from another step would be joined into a tensor that never existed."""
     names = [STEP_SUFFIX.search(os.path.basename(r)) for r in rel]
@@ -286,7 +288,7 @@ def _ranks(folder: str, dirs: list) -> Checkpoint:
         raise fail(f"mismatched strategies: {folder}'s strategy files lay tensors out over "
                    f"{' or '.join(map(str, sorted(devices)))} devices a stage in {n_stages} pipeline stage(s), "
                    f"there are {n} ranks ({per} a stage)")
-    _check_steps(folder, rel, indexes)
+    _check_steps(rel, indexes)
     order: dict = {}
     for index in indexes:
         for name in index:

@@ -3,8 +3,8 @@ ranks read as one.
 
 A RankedTensor answers "rows [lo, hi) of the whole tensor" from the rank pieces, chunk by chunk, so the whole
 tensor is never in memory; pieces that should be replicas are compared as they are read, and a difference
-names the tensor and the two ranks. Which rank holds which block comes from engine/splits.py (split kinds, or
-a MindSpore layout through splits.rank_blocks).
+names the tensor and the two ranks. Which rank holds which part comes from engine/splits.py (split kinds, or
+a MindSpore layout through splits.rank_boxes).
 """
 from __future__ import annotations
 
@@ -112,9 +112,6 @@ def _regular(folder: str, name: str) -> str:
     if not os.path.isfile(real):
         raise fail(f"{path} is not a regular file")
     return real
-
-
-Box = tuple  # ((lo, hi) per dim): the part of the whole tensor one rank holds
 
 
 @dataclass(frozen=True)

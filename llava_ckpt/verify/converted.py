@@ -22,15 +22,13 @@ def open_converted(ms_dir: str) -> dict:
     from .inputs import SWAPPED
     if not os.path.isdir(ms_dir):
         raise fail(f"{ms_dir} is not a folder" if os.path.exists(ms_dir) else f"{ms_dir} does not exist")
-    if os.path.lexists(os.path.join(ms_dir, NAME)):
-        read_ms_output(ms_dir, SWAPPED)  # an export's or another tool's folder named now, with the hint
-    else:
+    if not os.path.lexists(os.path.join(ms_dir, NAME)):
         if looks_like_hf_folder(ms_dir):
             read_ms_output(ms_dir, SWAPPED)  # names what it is, with the hint
         if rank_folders(ms_dir):
             raise fail(f"{ms_dir} holds rank_<r>/ folders but no {NAME} saying how its tensors are split "
                        f"(`llava-ckpt shard {ms_dir} OUT --tp N` writes one verify takes)")
-    checkpoint = open_checkpoint(ms_dir, "converted MindSpore weights")
+    checkpoint = open_checkpoint(ms_dir, "converted MindSpore weights", SWAPPED)
     return {"checkpoint": checkpoint, "tensors": checkpoint.arrays(), "tp": checkpoint.tp,
             "rank_dirs": checkpoint.rank_dirs if checkpoint.tp > 1 else [], "layout": checkpoint.layout()}
 
