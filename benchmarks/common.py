@@ -75,7 +75,7 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-SIZES_GIB = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01}
+SIZES_GIB = {"7b": 13.2, "7b-few-layers": 1.9, "tiny": 0.01, "llava-next-mistral-7b": 14.1, "bakllava-7b": 14.1}
 
 
 def prepare_input(workdir: str, preset: str, space_factor: float) -> str:

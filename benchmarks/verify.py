@@ -14,6 +14,9 @@ tree (msrun ranks included), each run its own `llava-ckpt verify --json` process
                  second 14 GB copy is written; 1 greedy token (the failure is decided before decoding).
                  `negative-weights`: the same damage through --weights-only, which must name both tensors.
   13b-few-layers llava-1.5-13b-hf's widths, 2 text layers: tp 1, and tp 2 (ranks under msrun, the default).
+  next           LLaVA-NeXT at full size (the llava-next-mistral-7b preset: Mistral-7B-Instruct-v0.2's sizes, the
+                 v1.6 anyres grid), the bundled image (336 x 336: a 2 x 2 grid, 5 tower inputs, 2928 image
+                 tokens), 8 greedy tokens; its figures beside the 7b step's (llava-1.5, 576 image tokens).
 
 Inputs are made in --work (make-fixture) unless given (--src-7b / --src-7b-few-layers, e.g. a shared copy);
 converted outputs go to --work and are deleted after their runs.
@@ -30,7 +33,7 @@ import sys
 
 from common import LLAVA, ROOT, dir_bytes, need_free, run, run_sampled
 
-STEPS = ("baseline", "7b", "weights", "negative", "negative-weights", "13b")
+STEPS = ("baseline", "7b", "weights", "negative", "negative-weights", "13b", "next")
 
 
 def make(work: str, preset: str, given: str | None) -> str:
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--src-7b", default=None, help="an existing `make-fixture --preset 7b` folder")
     ap.add_argument("--src-7b-few-layers", default=None)
+    ap.add_argument("--src-next", default=None, help="an existing `make-fixture --preset llava-next-mistral-7b` folder")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {', '.join(STEPS)}")
     args = ap.parse_args()
@@ -163,6 +167,16 @@ def main():
         convert(src, two, "--tp", "2")
         results["13b-few-layers tp2"] = verify(src, two, args.max_new_tokens)
         shutil.rmtree(two)
+    if "next" not in skip:
+        print("llava-next-mistral-7b (LLaVA-NeXT, full size, anyres packing)", flush=True)
+        need_free(args.work, 16 if args.src_next else 30)
+        src = make(args.work, "llava-next-mistral-7b", args.src_next)
+        out = os.path.join(args.work, "ms-next-7b")
+        convert(src, out)
+        results["llava-next-mistral-7b"] = verify(src, out, args.max_new_tokens)
+        shutil.rmtree(out)
+        if not args.src_next:
+            shutil.rmtree(src)
     print("\nsummary")
     base = results.get("7b-few-layers")
     for name, row in results.items():

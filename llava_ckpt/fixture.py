@@ -200,19 +200,44 @@ def make_fixture(out: str, preset: str = "tiny", dtype: str = "float16", layout:
         _write_json(os.path.join(stage, "config.json"), cfg)
         for name in COPIED:
             shutil.copyfile(os.path.join(REFERENCE, name), os.path.join(stage, name))
-        pre = _reference("preprocessor_config.json")
-        size = full["vision_config"]["image_size"]
-        pre["crop_size"] = {"height": size, "width": size}
-        pre["size"] = {"shortest_edge": size}
-        _write_json(os.path.join(stage, "preprocessor_config.json"), pre)
-        proc = _reference("processor_config.json")
-        proc["patch_size"] = full["vision_config"]["patch_size"]
-        _write_json(os.path.join(stage, "processor_config.json"), proc)
+        for name, content in processor_files(full).items():
+            _write_json(os.path.join(stage, name), content)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     publish_dir(stage, out)
     return out
+
+
+# LLaVA-NeXT-Mistral's conversation format ([INST] ... [/INST]), as llava-hf/llava-v1.6-mistral-7b-hf's chat
+# template renders one user turn of an image and a question
+NEXT_MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ ' ' + content['text'] + '</s>' }}{% endfor %}{% endif %}{% endfor %}")
+
+
+def processor_files(cfg: dict) -> dict:
+    """preprocessor_config.json, processor_config.json (and for LLaVA-NeXT-Mistral chat_template.json) sized to
+    the vision tower of normalized `cfg`: llava-1.5's CLIP processor, or for LLaVA-NeXT its anyres processor
+    (LlavaNextImageProcessor tiling on the config's image_grid_pinpoints, LlavaNextProcessor expanding each
+    <image> to the packed feature count)."""
+    size = cfg["vision_config"]["image_size"]
+    pre = _reference("preprocessor_config.json")
+    pre["crop_size"] = {"height": size, "width": size}
+    pre["size"] = {"shortest_edge": size}
+    proc = _reference("processor_config.json")
+    proc["patch_size"] = cfg["vision_config"]["patch_size"]
+    files = {"preprocessor_config.json": pre, "processor_config.json": proc}
+    if cfg.get("model_type") == "llava_next":
+        pre.update(image_processor_type="LlavaNextImageProcessor", processor_class="LlavaNextProcessor",
+                   image_grid_pinpoints=cfg["image_grid_pinpoints"], do_pad=True, aspect_ratio_setting="anyres")
+        proc["processor_class"] = "LlavaNextProcessor"
+        if cfg["text_config"].get("model_type") == "mistral":
+            files["chat_template.json"] = {"chat_template": NEXT_MISTRAL_TEMPLATE}
+    return files
 
 
 def _write_json(path: str, obj) -> None:

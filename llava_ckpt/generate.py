@@ -80,7 +80,7 @@ def open_output(ms_dir: str) -> dict:
     (io/checkpoint.py: its weight files there, of the sizes its manifest records, every header valid); returns
     {"checkpoint", "cfg", "tp", "rank_dirs", "layout", "dtypes" (each tensor's stored dtype), "tp_units" (the
     sizes --tp must divide)}."""
-    from .engine.config import check_runnable, load_config
+    from .engine.config import load_config
     from .io.checkpoint import open_checkpoint
     from .io.manifest import NAME, read_ms_output
     hint = "generate takes what convert or shard wrote"
@@ -90,7 +90,6 @@ def open_output(ms_dir: str) -> dict:
         raise fail(f"{ms_dir} has no config.json: convert it again with this version of llava-ckpt (convert "
                    "copies the source's config, generation config, tokenizer and processor files)")
     cfg = load_config(ms_dir)
-    check_runnable(cfg, "generate")
     checkpoint = open_checkpoint(ms_dir, "what convert or shard wrote", hint)
     return {"checkpoint": checkpoint, "cfg": cfg, "tp": checkpoint.tp, "rank_dirs": checkpoint.rank_dirs,
             "layout": checkpoint.layout(), "dtypes": {n: e["dtype"] for n, e in checkpoint.entries.items()},
@@ -120,15 +119,15 @@ def check_requests(requests: list, cfg: dict, folder: str, max_new_tokens: int) 
 def prepare(requests: list, processor, cfg: dict, max_new_tokens: int, raw: bool = False) -> list:
     """Every request's prompt formatted and tokenized by the processor and its exact length checked, before
     any model is loaded. `requests` come from check_requests (pictures read). Returns [{"image", "prompt",
-    "prompt_text", "ids", "pixels"}]."""
+    "prompt_text", "ids", "pixels", "size"}]."""
     from .prompts import check_length, encode, format_prompt
     out = []
     for n, req in enumerate(requests, 1):
         text = format_prompt(processor, req["prompt"], raw)
-        ids, pixels = encode(processor, req["picture"], text)
+        ids, pixels, size = encode(processor, req["picture"], text)
         check_length(len(ids), max_new_tokens, cfg, f"request {n}'s prompt")
         out.append({"image": req["image"], "prompt": req["prompt"], "prompt_text": text, "ids": ids,
-                    "pixels": pixels})
+                    "pixels": pixels, "size": size})
     return out
 
 
@@ -155,7 +154,8 @@ def run_batch(runner, arrays: dict, job: dict, progress=None) -> dict:
                      job.get("seed"))
     out = runner.generate_batch(arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"],
                                 int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), choose=choose,
-                                pad_id=int(job.get("pad_id", 0)), on_step=progress)
+                                pad_id=int(job.get("pad_id", 0)), on_step=progress,
+                                image_sizes=arrays.get("image_sizes"))
     out["tokens"] = [[int(t) for t in row] for row in out["tokens"]]
     return out
 
@@ -211,6 +211,7 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     if do_sample and seed is None:
         seed = int(np.random.SeedSequence().entropy % (1 << 63))  # reported, so the run can be repeated
     from .engine.config import context_limit
+    from .model.anyres import stack_images
     limit = context_limit(cfg)[0] - max_new_tokens
     jobs = []
     for start in range(0, len(prepared), batch_size):
@@ -219,8 +220,10 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         jobs.append({"handler": f"{__name__}:batch_job", "max_new_tokens": max_new_tokens, "eos": list(eos), "pad_id": pad_id,
                      "do_sample": bool(do_sample), "temperature": float(temperature), "top_p": float(top_p),
                      "seed": None if seed is None else [int(seed), len(jobs)],
-                     "arrays": {"input_ids": ids, "attention_mask": mask,
-                                "pixel_values": np.stack([p["pixels"] for p in chunk])},
+                     "arrays": dict({"input_ids": ids, "attention_mask": mask,
+                                     "pixel_values": stack_images([p["pixels"] for p in chunk])},
+                                    **({"image_sizes": np.array([p["size"] for p in chunk], dtype=np.int64)}
+                                       if chunk[0]["size"] is not None else {})),
                      "start": start, "count": len(chunk)})
     from .model.memory import check_fits  # the largest batch against this host's memory, before any model loads
     memory = check_fits(cfg, info["layout"], tp, [(j["count"], j["arrays"]["input_ids"].shape[1]) for j in jobs],

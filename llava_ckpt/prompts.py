@@ -99,10 +99,13 @@ def check_length(length: int, max_new_tokens: int, cfg: dict, what: str, exact: 
 
 
 def encode(processor, picture, text: str):
-    """(input_ids [S] int64, pixel_values [C, H, W] float32) for one image and its formatted prompt."""
+    """(input_ids [S] int64, pixel_values float32, image size) for one image and its formatted prompt:
+    llava-1.5's [C, H, W] and None, LLaVA-NeXT's [patches, C, H, W] and the image's (height, width)."""
     batch = processor(images=picture, text=text, return_tensors="np")
+    sizes = batch.get("image_sizes")
     return (np.asarray(batch["input_ids"])[0].astype(np.int64),
-            np.asarray(batch["pixel_values"], dtype=np.float32)[0])
+            np.asarray(batch["pixel_values"], dtype=np.float32)[0],
+            None if sizes is None else tuple(int(v) for v in np.asarray(sizes)[0]))
 
 
 def special_ids(folder: str, tokenizer) -> tuple:

@@ -2,8 +2,8 @@
 grouped-query attention) through every command on the bakllava-tiny preset: convert (its own table, fused and
 not), shard (tp must divide the KV heads), export bit-exact, verify layer by layer against transformers' own
 Mistral classes, generate token for token what transformers' generate gives, the MindFormers predict config;
-a table that is not the checkpoint's is a named error. LLaVA-NeXT (llava-next-mistral-tiny): the table-driven
-commands (convert, shard, export, the weight proof); the model walk and generate refused by name."""
+a table that is not the checkpoint's is a named error. LLaVA-NeXT (llava-next-mistral-tiny): every command too,
+verify walking the anyres packing as its own module, generate batching images of other sizes."""
 import json
 import os
 import subprocess
@@ -168,12 +168,91 @@ def test_llava_next_converts_shards_exports_and_is_weight_proven(llava_next, tmp
     assert sorted(back) == sorted(hf) and [n for n in hf if back[n].tobytes() != hf[n].tobytes()] == []
 
 
-def test_llava_next_s_model_walk_and_generate_are_refused_by_name(llava_next, picture, tmp_path):
-    """The reference model has no anyres packing yet: verify's walk and generate say so before any model."""
+def _next_tokens(hf, picture, prompt):
+    """transformers' own LlavaNextForConditionalGeneration.generate, greedy, on one request."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    model = LlavaNextForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(hf)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    with Image.open(picture) as im:
+        batch = processor(images=im.convert("RGB"), text=text, return_tensors="pt")
+    with torch.no_grad():
+        seq = model.generate(**batch, max_new_tokens=N, do_sample=False)
+    return seq[0, batch["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """An image wider than it is tall: another grid (1 x 2 tiles) and padding cropped off the top and bottom."""
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (30, 97, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_llava_next_verify_walks_the_anyres_packing_as_its_own_module(llava_next, picture, tmp_path):
+    """verify on LLaVA-NeXT: the vision tower over every patch of the image, the packing compared with
+    transformers' own pack_image_features, then the Mistral language model; all within tolerance."""
+    convert(llava_next, str(tmp_path / "ms"), progress=False)
+    result = verify(llava_next, str(tmp_path / "ms"), image=picture, max_new_tokens=N)
+    assert result["passed"] and result["kind"] is None, result["checks"]
+    names = [m["name"] for m in result["modules"]]
+    assert names.index("adapter") + 1 == names.index("image_packing") == names.index(
+        "language_model.model.tok_embeddings") - 1
+    packing = next(m for m in result["modules"] if m["name"] == "image_packing")
+    assert packing["rel_diff"] <= result["thresholds"]["module_rtol"]
+    from llava_ckpt.model.anyres import token_count
+    with Image.open(picture) as im:
+        assert result["image_tokens"] == token_count(load_config(llava_next), (im.height, im.width))
+
+
+def test_a_wrong_packing_is_named_as_the_packing(llava_next, picture, tmp_path, monkeypatch):
+    """The packing can fail on its own: rows laid out column-major on our side (the same features, the same
+    count, another order) make image_packing the first module over the tolerance, with exact weights."""
+    convert(llava_next, str(tmp_path / "ms"), progress=False)
+    from llava_ckpt.model import anyres
+    real = anyres.image_index
+
+    def transposed(cfg, images, image_sizes=None):
+        index = real(cfg, images, image_sizes)
+        return np.concatenate([index[:16], np.sort(index[16:])])  # base kept; tiles' rows, cols and newlines reordered
+
+    monkeypatch.setattr(anyres, "image_index", transposed)
+    result = verify(llava_next, str(tmp_path / "ms"), image=picture, max_new_tokens=2)
+    assert not result["passed"] and result["kind"] == "numeric drift" and result["checks"]["weights"]
+    assert result["first_divergence"] == "image_packing"
+
+
+def test_llava_next_generate_batches_images_of_other_sizes_as_transformers_does(llava_next, picture, wide,
+                                                                                 tmp_path):
+    """Two images with other grids and token counts in one batch (patches padded, prompts left-padded): each
+    answer is transformers' LlavaNextForConditionalGeneration.generate on its request alone."""
+    convert(llava_next, str(tmp_path / "ms"), progress=False)
+    requests = [{"image": picture, "prompt": "What is this?"}, {"image": wide, "prompt": "Describe it in detail."}]
+    got = generate(str(tmp_path / "ms"), requests, max_new_tokens=N, batch_size=2)
+    assert got["batches"] == 1
+    assert [o["token_ids"] for o in got["outputs"]] == [_next_tokens(llava_next, r["image"], r["prompt"])
+                                                         for r in requests]
+    assert got["outputs"][0]["prompt_text"].startswith("[INST] <image>\n")  # its own chat template
+
+
+@pytest.mark.slow
+def test_llava_next_tp2_ranks_under_msrun_verify_and_generate(llava_next, wide, tmp_path):
+    """tp 2 as real ranks: verify's ranks walk the packing too, generate's ranks answer as transformers does."""
+    out = tmp_path / "tp2"
+    convert(llava_next, str(out), fuse_qkv=True, tp=2, progress=False)
+    result = verify(llava_next, str(out), image=wide, max_new_tokens=N)
+    assert result["passed"] and result["msrun"]["passed"], result["checks"]
+    assert "image_packing" in [m["name"] for m in result["msrun"]["modules"]]
+    got = generate(str(out), [{"image": wide, "prompt": "What is this?"}], max_new_tokens=N)
+    assert got["tp"] == 2 and got["outputs"][0]["token_ids"] == _next_tokens(llava_next, wide, "What is this?")
+
+
+def test_a_llava_next_output_is_not_verified_against_a_llava_source(llava_next, tmp_path):
+    """The folders of two family members: named (image_newline), not compared."""
+    hf15 = make_fixture(str(tmp_path / "hf15"), preset="tiny")
     convert(llava_next, str(tmp_path / "ms"), progress=False)
     exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
-    for cmd in (["verify", llava_next, "ms"], ["generate", "ms", "--image", picture, "--prompt", "hi"]):
-        run = subprocess.run([exe, *cmd], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
-        assert "this one is 'llava_next' (LLaVA-NeXT's anyres image packing is not in it yet)" in run.stderr
-    assert not (tmp_path / "ms" / "verification.json").exists()
+    run = subprocess.run([exe, "verify", "hf15", "ms"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert "image_newline" in run.stderr

@@ -80,7 +80,7 @@ HOMES = {
     "llava_ckpt.io.manifest": ["read_manifest", "write_manifest", "output_layout", "output_ranks", "recorded_side_files",
                                "FORMATS", "DEFAULT_FORMAT"],
     "llava_ckpt.verify.proof": ["plan_proof", "prove"],
-    "llava_ckpt.engine.config": ["context_limit", "check_runnable", "normalize_config", "DEFAULTS"],
+    "llava_ckpt.engine.config": ["context_limit", "normalize_config", "DEFAULTS"],
     "llava_ckpt.verify.hf_side": ["TEXT_CLASSES", "text_classes"],
     "llava_ckpt.io.mindformers": ["PREDICT_YAML", "STRATEGY_FOLDER", "predict_config", "predict_files"],
     "llava_ckpt.verify.record": ["start_hashing", "write_verification"],

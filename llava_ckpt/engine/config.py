@@ -142,18 +142,12 @@ def _check_feature_layer(cfg: dict, where: str) -> None:
         raise fail(f"{where}: vision_feature_layer {layer!r} is not an int within the vision tower's layers")
 
 
-# what the reference model runs: LLaVA-1.5 and bakLlava (LlavaForConditionalGeneration); LLaVA-NeXT's anyres
-# image packing is not in it yet, so its checkpoints convert, shard, export and have their weights proven, but
-# verify's model walk and generate refuse them by name
-MODEL_TYPES_RUN = ("llava",)
+TITLES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT"}
 
 
-def check_runnable(cfg: dict, what: str) -> None:
-    """Refuse, naming the model type, a checkpoint the reference model cannot run (before anything loads)."""
-    if cfg.get("model_type") not in MODEL_TYPES_RUN:
-        raise fail(f"{what} needs the bundled reference model, which runs {', '.join(MODEL_TYPES_RUN)} checkpoints; "
-                   f"this one is {cfg.get('model_type')!r} (LLaVA-NeXT's anyres image packing is not in it yet): "
-                   "convert, shard, export and `verify --weights-only` take it")
+def model_title(cfg: dict) -> str:
+    """What a normalized config is, for messages: 'LLaVA (llama)', 'LLaVA-NeXT (mistral)'."""
+    return f"{TITLES.get(cfg.get('model_type'), cfg.get('model_type'))} ({cfg['text_config'].get('model_type')})"
 
 
 def context_limit(cfg: dict) -> tuple:
@@ -170,7 +164,8 @@ def context_limit(cfg: dict) -> tuple:
 
 def image_token_count(cfg: dict) -> int:
     """How many image tokens one image becomes in the prompt: its patches, plus CLS when the 'full' feature
-    selection keeps it (576 for llava-1.5's 336-pixel, 14-pixel-patch tower). `cfg` normalized."""
+    selection keeps it (576 for llava-1.5's 336-pixel, 14-pixel-patch tower). `cfg` normalized. For LLaVA-NeXT
+    this is its base image's count, a floor: the tiles add more, by the image's size (model/anyres.py)."""
     vc = cfg["vision_config"]
     n = (vc["image_size"] // vc["patch_size"]) ** 2
     return n + 1 if cfg["vision_feature_select_strategy"] == "full" else n

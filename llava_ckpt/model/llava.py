@@ -8,10 +8,11 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from ..errors import fail
-from .layers import Linear, gelu_exact, NP_DTYPES
+from .layers import Linear, gelu_exact, param, NP_DTYPES
 from .llama import KVCache, LanguageModel, attention_bias, causal_bias
 from .sampling import greedy
 from ..engine.config import context_limit, image_token_count
+from .anyres import check_features, is_anyres, tower_inputs
 from .vision import VisionEncoder, layers_run
 
 
@@ -40,25 +41,40 @@ class LlavaVlm(nn.Cell):
         self.adapter = Adapter(cfg, dtype)
         self.language_model = LanguageModel(cfg["text_config"], fused, dtype)
         self.image_token = int(cfg["image_token_index"])
+        self.anyres = is_anyres(cfg)
+        if self.anyres:  # LLaVA-NeXT: the vector written after each row of packed image features
+            self.image_newline = param((cfg["text_config"]["hidden_size"],), dtype)
 
-    def embed(self, ids, pixels):
-        """Token embeddings with the projected image features written, in order, at the image tokens."""
+    def embed(self, ids, pixels, index):
+        """(token embeddings with the image features written, in order, at the image tokens; the vision
+        tower's states; the projected features; the packed ones). `index`: anyres.tower_inputs' packing."""
         feats, vision_states = self.vision_encoder(pixels)
         image = self.adapter(feats)
+        packed = self.pack(image, index)
+        return self.place(ids, packed), vision_states, image, packed
+
+    def pack(self, image, index):
+        """The projected features [N, T, H] flattened, LLaVA-NeXT's newline appended, gathered by `index`: for
+        LLaVA-1.5 every feature in order, for LLaVA-NeXT its anyres packing (model/anyres.py)."""
+        flat = image.reshape(-1, image.shape[-1])
+        if self.anyres:
+            flat = ops.concat((flat, self.image_newline.reshape(1, -1).astype(flat.dtype)), 0)
+        return ops.gather(flat, index, 0)
+
+    def place(self, ids, packed):
+        """Token embeddings with `packed` [K, H] written, in order, at the image tokens."""
         is_image = ids == self.image_token
         text = self.language_model.model.tok_embeddings(ops.where(is_image, ops.zeros_like(ids), ids))
-        flat = image.reshape(-1, image.shape[-1])
         index = ops.cumsum(is_image.astype(ms.int32).reshape(-1), 0) - 1
-        index = ops.clamp(index, 0, flat.shape[0] - 1)
-        placed = ops.gather(flat, index, 0).reshape(text.shape)
-        x = ops.where(is_image.expand_dims(-1), placed, text)
-        return x, vision_states, image
+        index = ops.clamp(index, 0, packed.shape[0] - 1)
+        placed = ops.gather(packed, index, 0).reshape(text.shape)
+        return ops.where(is_image.expand_dims(-1), placed, text)
 
-    def prefill(self, ids, pixels, positions, bias, trace, last_only=False):
-        x, vision_states, image = self.embed(ids, pixels)
+    def prefill(self, ids, pixels, index, positions, bias, trace, last_only=False):
+        x, vision_states, image, packed = self.embed(ids, pixels, index)
         logits, k, v, states = self.language_model.prefill(x, positions, bias, last_only)
         if trace:
-            return logits, k, v, vision_states + (image, x) + states
+            return logits, k, v, vision_states + (image,) + ((packed,) if self.anyres else ()) + (x,) + states
         return logits, k, v
 
 
@@ -77,6 +93,7 @@ def check_supported(cfg: dict) -> None:
         problems.append(f"projector_hidden_act {cfg.get('projector_hidden_act')!r}")
     if cfg.get("vision_feature_select_strategy") not in ("default", "full"):
         problems.append(f"vision_feature_select_strategy {cfg.get('vision_feature_select_strategy')!r}")
+    check_features(cfg)
     if problems:
         raise fail("the reference model does not support: " + ", ".join(problems))
 
@@ -88,8 +105,8 @@ class _Prefill(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model, self.trace, self.last_only = model, trace, last_only
 
-    def construct(self, ids, pixels, positions, bias):
-        return self.model.prefill(ids, pixels, positions, bias, self.trace, self.last_only)
+    def construct(self, ids, pixels, index, positions, bias):
+        return self.model.prefill(ids, pixels, index, positions, bias, self.trace, self.last_only)
 
 
 class _Step(nn.Cell):
@@ -117,45 +134,48 @@ class Runner:
         self._prefill_last = wrap(_Prefill(model, False, last_only=True))
         self._step = wrap(_Step(model))
 
-    def _check(self, input_ids, pixel_values, total):
+    def _check(self, input_ids, pixel_values, total, image_sizes=None):
+        """(ids int32, the tower's pixels, the packing index) once the prompt's image tokens, the images and the
+        context agree."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise fail(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        vc = self.model.cfg["vision_config"]
-        want_px = (ids.shape[0], vc["num_channels"], vc["image_size"], vc["image_size"])
-        if tuple(np.shape(pixel_values)) != want_px:
-            raise fail(f"pixel_values shape {tuple(np.shape(pixel_values))}, the vision tower needs {want_px}")
-        want = image_token_count(self.model.cfg)
+        pixels, index, tokens = tower_inputs(self.model.cfg, pixel_values, image_sizes)
+        if len(tokens) != ids.shape[0]:
+            raise fail(f"{len(tokens)} images for {ids.shape[0]} prompts: each prompt takes one image")
         got = (ids == self.model.image_token).sum(axis=1)
-        if (got != want).any():
-            raise fail(f"prompt has {int(got[got != want][0])} image tokens, the vision tower gives {want} features")
+        for row, (have, want) in enumerate(zip(got, tokens)):
+            if have != want:
+                raise fail(f"prompt {row} holds {int(have)} image tokens, its image gives {want} features")
         limit, what = context_limit(self.model.cfg)
         if total > limit:
             raise fail(f"sequence length {total} exceeds the model's context of {limit} positions ({what})")
-        return ids.astype(np.int32)
+        return ids.astype(np.int32), Tensor(pixels), Tensor(index)
 
-    def forward(self, input_ids, pixel_values, trace: bool = False) -> dict:
+    def forward(self, input_ids, pixel_values, trace: bool = False, image_sizes=None) -> dict:
         """Logits for every position (numpy float32), per-layer k/v tuples, and with trace the intermediates:
-        vision embeddings, ln_pre, each resblock, adapter, merged embeddings, each decoder layer, norm_out."""
-        ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1])
+        vision embeddings, ln_pre, each resblock, adapter, (LLaVA-NeXT: the packing,) merged embeddings, each
+        decoder layer, norm_out. image_sizes: LLaVA-NeXT's, as its processor gives them."""
+        ids, pixels, index = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1], image_sizes)
         s = ids.shape[1]
-        out = self._prefill[trace](Tensor(ids), Tensor(np.asarray(pixel_values, dtype=np.float32)),
+        out = self._prefill[trace](Tensor(ids), pixels, index,
                                    Tensor(np.arange(s, dtype=np.int32)), Tensor(causal_bias(s)))
         result = {"logits": out[0].asnumpy(), "k": out[1], "v": out[2]}
         if trace:
             result["trace"] = [t.asnumpy() for t in out[3]]
         return result
 
-    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos=(), first: dict | None = None) -> dict:
+    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos=(), first: dict | None = None,
+                 image_sizes=None) -> dict:
         """Greedy decoding of one prompt with the KV cache; stops after an eos token like transformers' generate.
 
         `first`: this prompt's forward() result, if already computed (saves one prefill)."""
-        ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens)
+        ids, _, _ = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens, image_sizes)
         if ids.shape[0] != 1:
             raise fail("generate takes one prompt at a time (generate_batch takes several)")
         if max_new_tokens < 1:
             raise fail("max_new_tokens must be at least 1")
-        first = first or self.forward(ids, pixel_values)
+        first = first or self.forward(ids, pixel_values, image_sizes=image_sizes)
         mask = np.ones(ids.shape, dtype=bool)
         cache = KVCache(first["k"], first["v"], ids.shape[1] + max_new_tokens)
         out = self._decode(first["logits"][:, -1], cache, mask, max_new_tokens, eos, greedy, keep_logits=True)
@@ -163,7 +183,7 @@ class Runner:
                 "prompt_logits": first["logits"]}
 
     def generate_batch(self, input_ids, attention_mask, pixel_values, max_new_tokens: int, eos=(),
-                       choose=greedy, pad_id: int = 0, on_step=None) -> dict:
+                       choose=greedy, pad_id: int = 0, on_step=None, image_sizes=None) -> dict:
         """Several prompts in one forward pass, as transformers' generate does for LLaVA.
 
         input_ids [B, S] LEFT-padded (padding at the start of a row, so every row's last prompt token is in
@@ -176,7 +196,8 @@ class Runner:
         "prefill_s", "decode_s", "decode_tokens"}.
         """
         mask = np.asarray(attention_mask).astype(bool)
-        ids = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens)
+        ids, pixels, index = self._check(input_ids, pixel_values, np.asarray(input_ids).shape[1] + max_new_tokens,
+                                         image_sizes)
         if mask.shape != ids.shape:
             raise fail(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
         if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
@@ -187,15 +208,14 @@ class Runner:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         bias = Tensor(attention_bias(np.tril(np.ones((s, s), dtype=bool))[None, None] & mask[:, None, None, :]))
         t0 = time.perf_counter()
-        pixels = Tensor(np.asarray(pixel_values, dtype=np.float32))
         if self.jit:
-            out = self._prefill_last(Tensor(ids), pixels, Tensor(positions), bias)
+            out = self._prefill_last(Tensor(ids), pixels, index, Tensor(positions), bias)
             last = out[0].asnumpy()[:, -1]
             cache = KVCache(out[1], out[2], s + max_new_tokens)
             del out
         else:
             cache = self._empty_cache(b, s + max_new_tokens)
-            x, _, _ = self.model.embed(Tensor(ids), pixels)
+            x, _, _, _ = self.model.embed(Tensor(ids), pixels, index)
             last = self.model.language_model.prefill_into(x, Tensor(positions), bias, cache,
                                                           on_layer=None if on_step is None else lambda: on_step(0, b))
             last = last.asnumpy()[:, -1]
@@ -262,6 +282,6 @@ def trace_names(cfg: dict) -> list:
     """Module names for Runner.forward(trace=True)'s intermediates, in execution order."""
     names = ["vision_encoder.embeddings", "vision_encoder.ln_pre"]
     names += [f"vision_encoder.transformer.resblocks.{i}" for i in range(layers_run(cfg))]
-    names += ["adapter", "language_model.model.tok_embeddings"]
+    names += ["adapter"] + (["image_packing"] if is_anyres(cfg) else []) + ["language_model.model.tok_embeddings"]
     names += [f"language_model.model.layers.{i}" for i in range(cfg["text_config"]["num_hidden_layers"])]
     return names + ["language_model.model.norm_out"]

@@ -6,6 +6,7 @@ from typing import Mapping
 import numpy as np
 from mindspore import Tensor
 
+from ..engine.config import model_title
 from ..errors import fail
 from ..engine.mapping import detect_options, is_unused, load_table, table_for, unused_names
 from .layers import NP_DTYPES, stored_dtype_params
@@ -71,7 +72,7 @@ def load_weights(model, tensors: Mapping[str, np.ndarray], stored: bool = False)
         if detect_fused(names) != model.fused:
             hint = " (the checkpoint uses the " + ("fused --fuse-qkv" if detect_fused(names) else "unfused") + \
                    " layout, the model was built for the other one)"
-        raise fail("checkpoint does not match the LLaVA-1.5 model: " + mismatch + hint)
+        raise fail(f"checkpoint does not match the {model_title(model.cfg)} model: " + mismatch + hint)
     target = NP_DTYPES[model.dtype]
     keep = stored_dtype_params(model) if stored else set()
     mapper = getattr(tensors, "mapped", None)

@@ -32,6 +32,7 @@ import os
 import numpy as np
 
 from ..engine.config import image_token_count
+from .anyres import most_patches
 from ..engine.mapping import is_unused, table_for, unused_names
 from ..engine.splits import rank_shape, valid_degrees
 from ..errors import fail
@@ -85,12 +86,13 @@ def need(cfg: dict, layout: dict, tp: int, batch: int, prompt_len: int, new_toke
     heads, kv, d = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
     s, t = prompt_len, prompt_len + new_tokens
     p = image_token_count(cfg) + 1  # the tower runs over the patches and CLS
+    images = batch * most_patches(cfg)  # LLaVA-NeXT's tower runs over each image's tiles and base
     vh, vf, vheads = vc["hidden_size"], vc["intermediate_size"], vc["num_attention_heads"]
     terms = dict(weights or weight_bytes(cfg, layout, tp, dtype, dtypes))
     terms.update({
         "kv_cache": layers * 2 * batch * (kv // tp) * t * d * size,
         "activations": (batch * s * (4 * h + 2 * f // tp) * size + batch * (heads // tp) * s * s * 4 * 2
-                        + batch * p * (4 * vh + 2 * vf // tp) * size + batch * (vheads // tp) * p * p * 4 * 2
+                        + images * p * (4 * vh + 2 * vf // tp) * size + images * (vheads // tp) * p * p * 4 * 2
                         + batch * tc["vocab_size"] * 4),
         "runtime": RUNTIME_BYTES,
     })

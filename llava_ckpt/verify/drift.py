@@ -32,7 +32,7 @@ def _previous(cfg: dict, name: str) -> str | None:
     return names[i - 1] if i else None
 
 
-def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype):
+def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype, image_sizes=None):
     """(transformers' output, the reference model's output) of module `name` on input `x` (numpy), both as
     float64 numpy arrays; both sides compute in `dtype` (numpy)."""
     import torch
@@ -47,7 +47,8 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype):
     t_in = None if inp is None else torch.from_numpy(np.ascontiguousarray(inp))
     m_in = None if inp is None else ms.Tensor(inp.astype(ms.target))
     if name == "vision_encoder.embeddings":
-        return theirs(hf.vision_embeddings(pixel_values)), mine(ms.vision_embeddings(pixel_values)[0])
+        return (theirs(hf.vision_embeddings(pixel_values, image_sizes)),
+                mine(ms.vision_embeddings(pixel_values, image_sizes)[0]))
     if name == "vision_encoder.ln_pre":
         return theirs(hf.ln_pre(t_in)), mine(ms.ln_pre(m_in))
     if name.startswith("vision_encoder.transformer.resblocks."):
@@ -55,7 +56,11 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype):
         return theirs(hf.vision_block(i, t_in)), mine(ms.vision_block(i, m_in))
     if name == "adapter":
         return theirs(hf.projector(t_in)), mine(ms.adapter(m_in))
+    if name == "image_packing":
+        return theirs(hf.pack(t_in, image_sizes)), mine(ms.pack(m_in, image_sizes))
     if name == "language_model.model.tok_embeddings":
+        if not ms.anyres:  # its input is the adapter's output, which the merge takes in order
+            m_in = ms.pack(m_in)
         return theirs(hf.merge(input_ids, t_in)), mine(ms.merge(input_ids, m_in))
     if name.startswith("language_model.model.layers."):
         from ..model.llama import causal_bias
@@ -74,7 +79,7 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype):
 
 
 def rerun(name: str, walk_sides: tuple, wide_sides: tuple, cfg: dict, hf_outputs: dict, input_ids, pixel_values,
-          walk_rel: float | None, compute: str, rtol: float) -> dict:
+          walk_rel: float | None, compute: str, rtol: float, image_sizes=None) -> dict:
     """Module `name` again on transformers' input to it: with the walk's own sides (`walk_sides`: HfSide, MsSide
     in the compute dtype) and with float64 ones (`wide_sides`). Returns the figures and the verdict."""
     prev = _previous(cfg, name)
@@ -89,8 +94,8 @@ def rerun(name: str, walk_sides: tuple, wide_sides: tuple, cfg: dict, hf_outputs
 
     # the walk's transformers side computes in float32 for either compute dtype (its weights rounded to float16
     # for a float16 run); the reference model's side casts its input to its own compute dtype
-    same_input = rel(_run(*walk_sides, name, x, input_ids, pixel_values, np.float32))
-    wide = rel(_run(*wide_sides, name, x, input_ids, pixel_values, np.float64))
+    same_input = rel(_run(*walk_sides, name, x, input_ids, pixel_values, np.float32, image_sizes))
+    wide = rel(_run(*wide_sides, name, x, input_ids, pixel_values, np.float64, image_sizes))
     shrinks = same_input is not None and wide is not None and (same_input <= rtol or wide * SHRINK <= same_input)
     if same_input is not None and same_input <= rtol:
         why = (f"on transformers' own input it agrees within the tolerance ({same_input:.3g}): the difference is "

@@ -1,5 +1,5 @@
 """The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
-CLIPEncoderLayer, LlavaMultiModalProjector, the text model's decoder layer, RMSNorm, rotary embedding and
+CLIPEncoderLayer, LlavaMultiModalProjector or LLaVA-NeXT's with its pack_image_features, the text model's decoder layer, RMSNorm, rotary embedding and
 causal mask (Llama's, or Mistral's for bakLlava: TEXT_CLASSES), DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
 filled with its own weights read lazily from the source safetensors (pread, per tensor) and freed after
 it ran. Nothing here re-implements transformers' math; only the order of calls (LlavaModel.forward's)
@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import fail
 from ..io.dtypes import dtype_name
 from ..io.readers import FileReader
+from ..model.anyres import is_anyres
 from .weights import Arena, as_torch, cast_into, read_into_arena
 
 VISION = "vision_tower.vision_model."
@@ -41,17 +42,17 @@ def text_classes(model_type: str) -> SimpleNamespace:
     m = importlib.import_module(module)
     masks = importlib.import_module("transformers.masking_utils")
     return SimpleNamespace(layer=getattr(m, layer), norm=getattr(m, norm), rotary=getattr(m, rotary),
-                           mask=getattr(masks, mask))
+                           mask=getattr(masks, mask), causal=masks.create_causal_mask)
 
 
 class HfSide:
     def __init__(self, hf_src: str, cfg: dict, round_to: list, arena: Arena | None = None, compute: str = "float32"):
         import torch
-        from transformers import LlavaConfig
+        from transformers import AutoConfig
         from ..io.hf_folder import read_tensors
         from ..engine.mapping import detect_layout, plan, table_for, to_canonical
         self.torch = torch
-        self.config = LlavaConfig.from_pretrained(hf_src)
+        self.config = AutoConfig.from_pretrained(hf_src)  # LlavaConfig, or LlavaNextConfig
         self.text, self.vision = self.config.text_config, self.config.vision_config
         for c in (self.config, self.text, self.vision):  # the attention transformers' verify used before: eager
             c._attn_implementation = "eager"
@@ -66,6 +67,10 @@ class HfSide:
         self.reader = FileReader()
         self.image_token = int(cfg["image_token_index"])
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
+        self.anyres = is_anyres(cfg)
+        module = "llava_next" if self.anyres else "llava"
+        import importlib
+        self.llava = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         self.cache = None
         self.classes = text_classes(self.text.model_type)
 
@@ -107,11 +112,23 @@ class HfSide:
 
     # ---- vision tower and projector
 
-    def vision_embeddings(self, pixels):
+    def vision_embeddings(self, pixels, image_sizes=None):
+        """CLIPVisionEmbeddings over the images (LLaVA-NeXT: over each image's own patches, taken as
+        LlavaNextModel.get_image_features takes them)."""
         from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+        pixels = self.torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        if self.anyres:
+            counts = self._patch_counts(image_sizes)
+            pixels = self.torch.cat([p[:n] for p, n in zip(pixels, counts)])
         emb = self._module(lambda: CLIPVisionEmbeddings(self.vision), VISION + "embeddings.", meta=False)
         with self.torch.no_grad():
-            return emb(self.torch.from_numpy(pixels))
+            return emb(pixels)
+
+    def _patch_counts(self, image_sizes) -> list:
+        return [self.llava.image_size_to_num_patches(image_size=[int(v) for v in size],
+                                                     grid_pinpoints=self.config.image_grid_pinpoints,
+                                                     patch_size=self.vision.image_size)
+                for size in np.asarray(image_sizes)]
 
     def ln_pre(self, x):
         norm = self._module(lambda: self.torch.nn.LayerNorm(self.vision.hidden_size, eps=self.vision.layer_norm_eps),
@@ -126,11 +143,24 @@ class HfSide:
             return block(x, None)
 
     def projector(self, x):
-        """LlavaModel.get_image_features' selection ('default' drops CLS), then the projector."""
-        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-        proj = self._module(lambda: LlavaMultiModalProjector(self.config), "multi_modal_projector.")
+        """LlavaModel.get_image_features' selection ('default' drops CLS), then the projector (LLaVA-NeXT's own)."""
+        cls = self.llava.LlavaNextMultiModalProjector if self.anyres else self.llava.LlavaMultiModalProjector
+        proj = self._module(lambda: cls(self.config), "multi_modal_projector.")
         with self.torch.no_grad():
             return proj(x if self.keep_cls else x[:, 1:])
+
+    def pack(self, image, image_sizes):
+        """LLaVA-NeXT: LlavaNextModel.pack_image_features on the projected features of each image's patches
+        (split as get_image_features splits them), with image_newline from the checkpoint: [K, H]."""
+        torch = self.torch
+        self.arena.reset()
+        newline = self._read(["image_newline"])["image_newline"]
+        parts = torch.split(image, self._patch_counts(image_sizes), dim=0)
+        with torch.no_grad():
+            packed, _ = self.llava.LlavaNextModel.pack_image_features(
+                SimpleNamespace(config=self.config), parts, torch.from_numpy(np.asarray(image_sizes)),
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy, image_newline=newline)
+            return torch.cat(packed, dim=0)
 
     # ---- language model
 
@@ -142,12 +172,13 @@ class HfSide:
             return table(ids)
 
     def merge(self, input_ids, image):
-        """Token embeddings with the image features scattered in (LlavaModel.forward's own two calls)."""
-        from transformers.models.llava.modeling_llava import LlavaModel
+        """Token embeddings with the image features scattered in (LlavaModel.forward's own two calls; LLaVA-NeXT's
+        with its packed features)."""
+        model = self.llava.LlavaNextModel if self.anyres else self.llava.LlavaModel
         ids = self.torch.from_numpy(input_ids)
         embeds = self._embed(ids)
         features = image.reshape(-1, image.shape[-1]).to(embeds.dtype)
-        mask = LlavaModel.get_placeholder_mask(SimpleNamespace(config=self.config), ids, inputs_embeds=embeds,
+        mask = model.get_placeholder_mask(SimpleNamespace(config=self.config), ids, inputs_embeds=embeds,
                                                image_features=features)
         return embeds.masked_scatter(mask, features)
 
@@ -162,9 +193,11 @@ class HfSide:
         rotary = self.classes.rotary(config=self.text)
         with torch.no_grad():
             pe = rotary(x, position_ids=positions)
-            mask = self.classes.mask(config=self.text, inputs_embeds=x,
-                                      attention_mask=torch.ones((1, past + x.shape[1]), dtype=torch.long),
-                                      cache=self.cache, position_ids=positions)
+            # MistralModel's choice: the sliding-window mask only when the config sets a window
+            make = self.classes.mask if getattr(self.text, "sliding_window", None) is not None else self.classes.causal
+            mask = make(config=self.text, inputs_embeds=x,
+                        attention_mask=torch.ones((1, past + x.shape[1]), dtype=torch.long),
+                        cache=self.cache, position_ids=positions)
         return {"position_embeddings": pe, "attention_mask": mask, "position_ids": positions}
 
     def decoder_layer(self, i: int, x, ctx: dict):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ..errors import fail
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -36,8 +38,9 @@ def build_inputs(hf_src: str, image: str | None = None, prompt: str | None = Non
     picture = load_image(path) if picture is None else picture
     processor = load_processor(hf_src)
     text = format_prompt(processor, prompt or DEFAULT_PROMPT)
-    ids, pixels = encode(processor, picture, text)
+    ids, pixels, size = encode(processor, picture, text)
     tokenizer = processor.tokenizer
     return {"input_ids": ids[None], "pixel_values": pixels[None], "text": text, "image": os.path.abspath(path),
+            "image_sizes": None if size is None else np.array([size], dtype=np.int64),
             "eos": special_ids(hf_src, tokenizer)[0],
             "decode": lambda ids: tokenizer.decode(ids, skip_special_tokens=False)}

@@ -57,6 +57,8 @@ class MsSide:
         del whole
         self.tc = (cfg if rank is None else local_config(cfg, self.world))["text_config"]  # this rank's sizes
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
+        from ..model.anyres import is_anyres
+        self.anyres = is_anyres(cfg)
         from ..model.llama import LanguageModel
         rope = LanguageModel(dict(self.tc, num_hidden_layers=0), self.fused, self.dtype)  # RoPE tables only
         self.cos, self.sin, self.max_positions = rope.cos, rope.sin, rope.max_positions
@@ -65,11 +67,12 @@ class MsSide:
     def check_names(self, params: dict) -> None:
         """Every parameter of the model is in the checkpoint and nothing else is (besides LLaVA's unused
         vision tail), before any weight is read."""
+        from ..engine.config import model_title
         from ..model.loading import detect_fused, name_mismatch
         names = list(self.tensors.keys())
         mismatch = name_mismatch(self.cfg, params, names)
         if mismatch:
-            raise fail("checkpoint does not match the LLaVA-1.5 model: " + mismatch
+            raise fail(f"checkpoint does not match the {model_title(self.cfg)} model: " + mismatch
                        + (" (layout: " + ("fused --fuse-qkv" if detect_fused(names) else "unfused") + ")"))
 
     # ---- weights in and out of one cell
@@ -143,14 +146,16 @@ class MsSide:
 
     # ---- vision tower and projector
 
-    def vision_embeddings(self, pixels):
-        """(patch + class + position embeddings, ln_pre of them): VisionEncoder's own embed and ln_pre; its
-        resblocks stay empty here (each runs as its own step)."""
+    def vision_embeddings(self, pixels, image_sizes=None):
+        """(patch + class + position embeddings, ln_pre of them): VisionEncoder's own embed and ln_pre over the
+        tower's inputs (anyres.tower_inputs: LLaVA-NeXT's patches of each image); its resblocks stay empty here
+        (each runs as its own step)."""
+        from ..model.anyres import tower_inputs
         from ..model.vision import VisionEncoder
         self._begin()
         stem = dict(self.cfg, vision_feature_layer=0)  # the same encoder built with no resblocks
         enc = self._load(VisionEncoder(stem, self.dtype), "vision_encoder.")
-        emb = enc.embed(self.Tensor(np.asarray(pixels, dtype=np.float32)))
+        emb = enc.embed(self.Tensor(tower_inputs(self.cfg, pixels, image_sizes)[0]))
         x = enc.ln_pre(emb)
         self._release(enc)
         return emb, x
@@ -183,15 +188,30 @@ class MsSide:
 
     # ---- language model
 
-    def merge(self, input_ids, image):
-        """LlavaVlm.embed's own merge, with the vision tower and adapter already run step by step."""
+    def pack(self, image, image_sizes=None):
+        """LlavaVlm.pack: the adapter's features [N, T, H] in the order the image tokens take them (LLaVA-NeXT:
+        its anyres packing with image_newline, model/anyres.py): [K, H]."""
+        from ..model.anyres import image_index
+        from ..model.llava import LlavaVlm
+        self._begin()
+        index = self.Tensor(image_index(self.cfg, self.images(image, image_sizes), image_sizes))
+        newline = None
+        if self.anyres:
+            newline = self.Tensor.from_numpy(self._weight("image_newline", (self.cfg["text_config"]["hidden_size"],)))
+        return LlavaVlm.pack(SimpleNamespace(anyres=self.anyres, image_newline=newline), image, index)
+
+    def images(self, image, image_sizes) -> int:
+        """How many images the adapter's features [N, T, H] are of (LLaVA-NeXT: one per image size)."""
+        return int(image.shape[0]) if not self.anyres else len(np.asarray(image_sizes))
+
+    def merge(self, input_ids, packed):
+        """LlavaVlm.place: the token embeddings with the packed image features written at the image tokens."""
         from ..model.llava import LlavaVlm
         self._begin()
         table = self._load(self._embedding_cell(), f"{TEXT}tok_embeddings.")
-        model = SimpleNamespace(vision_encoder=lambda pixels: (image, ()), adapter=lambda feats: feats,
-                                language_model=self._language_model(model={"tok_embeddings": table}),
+        model = SimpleNamespace(language_model=self._language_model(model={"tok_embeddings": table}),
                                 image_token=self.image_token)
-        x, _, _ = LlavaVlm.embed(model, self.Tensor(np.asarray(input_ids, dtype=np.int32)), None)
+        x = LlavaVlm.place(model, self.Tensor(np.asarray(input_ids, dtype=np.int32)), packed)
         self._release(table)
         return x
 

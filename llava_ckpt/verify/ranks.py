@@ -14,7 +14,7 @@ from ..errors import fail
 
 def run_ranks(rank_dirs: list, cfg: dict, layout: dict, input_ids, pixel_values, dtype: str = "float32",
               jit: bool = True, device: str = "CPU", timeout: float = 300.0, retries: int = 1, trace: bool = False,
-              max_new_tokens: int = 0, eos=(), streamed: bool = False) -> dict:
+              max_new_tokens: int = 0, eos=(), streamed: bool = False, image_sizes=None) -> dict:
     """One prompt batch on the ranks under msrun: {"logits" (rank 0's full-vocab prompt logits [B, S, V]
     float32), "trace" (list of arrays in model.trace_names(cfg) order, if trace), "tokens" (greedy new tokens of
     a batch-1 prompt, stopping after an eos token, if max_new_tokens > 0), "world", "seconds", "attempts"}.
@@ -31,6 +31,8 @@ def run_ranks(rank_dirs: list, cfg: dict, layout: dict, input_ids, pixel_values,
     job = {"handler": f"{__name__}:{'streamed_forward' if streamed else 'model_forward'}", "trace": bool(trace),
            "max_new_tokens": int(max_new_tokens), "eos": [int(e) for e in eos],
            "arrays": {"input_ids": ids.astype(np.int32), "pixel_values": np.asarray(pixel_values, np.float32)}}
+    if image_sizes is not None:  # LLaVA-NeXT's
+        job["arrays"]["image_sizes"] = np.asarray(image_sizes, dtype=np.int64)
     context = {"cfg": cfg, "layout": layout}
     run = run_jobs(rank_dirs, context, [job], dtype=dtype, jit=jit, device=device, timeout=timeout, retries=retries)
     r = run["results"][0]
@@ -48,13 +50,15 @@ def model_forward(ctx, job: dict, arrays: dict):
     from ..model.parallel import rank_runner
     runner = rank_runner(ctx)
     ids, pixels = arrays["input_ids"], arrays["pixel_values"]
-    fwd = runner.forward(ids, pixels, trace=bool(job.get("trace")))
+    sizes = arrays.get("image_sizes")
+    fwd = runner.forward(ids, pixels, trace=bool(job.get("trace")), image_sizes=sizes)
     out = {"logits": np.asarray(fwd["logits"], dtype=np.float32)}
     for i, t in enumerate(fwd.get("trace", [])):
         out[f"trace_{i:04d}"] = np.asarray(t, dtype=np.float32)
     meta = {}
     if int(job.get("max_new_tokens", 0)) > 0:
-        gen = runner.generate(ids, pixels, int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), first=fwd)
+        gen = runner.generate(ids, pixels, int(job["max_new_tokens"]), eos=tuple(job.get("eos", ())), first=fwd,
+                              image_sizes=sizes)
         meta["tokens"] = [int(t) for t in gen["tokens"]]
     return meta, out
 
@@ -71,7 +75,8 @@ def streamed_forward(ctx, job: dict, arrays: dict):
     new_tokens = int(job.get("max_new_tokens", 0))
     try:
         got = rank_walk(ms, cfg, arrays["input_ids"], arrays["pixel_values"], new_tokens,
-                        eos=tuple(job.get("eos", ())), trace=bool(job.get("trace")) and ctx.rank == 0)
+                        eos=tuple(job.get("eos", ())), trace=bool(job.get("trace")) and ctx.rank == 0,
+                        image_sizes=arrays.get("image_sizes"))
     finally:
         ms.close()
         tensors.close()

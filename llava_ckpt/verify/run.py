@@ -51,9 +51,6 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     # nothing outside the folders, the image readable, the prompt not longer than the context
     read_tensors(hf_src, SWAPPED)
     cfg = load_config(hf_src)
-    if not weights_only:
-        from ..engine.config import check_runnable
-        check_runnable(cfg, "verify's model walk")
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
     if weights_only:
@@ -86,7 +83,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if dtype == "float16" and narrow[-1:] != ["float16"]:
             narrow.append("float16")
         inputs = build_inputs(hf_src, image_path, prompt, picture)
-        ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+        ids, pixels, sizes = inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"]
         check_length(ids.shape[1], max_new_tokens, cfg, "the prompt")
         eos = inputs["eos"]
         from .ms_side import MsSide
@@ -102,7 +99,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
                 from .ranks import run_ranks
                 ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
                                   device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
-                                  eos=eos, streamed=True)
+                                  eos=eos, streamed=True, image_sizes=sizes)
             from .hf_side import HfSide
             from .streamed import walk
             tol = TOLERANCES[dtype]
@@ -110,13 +107,13 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             try:
                 got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
                            rank_trace=ranks["trace"] if ranks else None,
-                           rank_logits=ranks["logits"][0] if ranks else None)
+                           rank_logits=ranks["logits"][0] if ranks else None, image_sizes=sizes)
                 replicas = sorted(getattr(tensors, "replica_mismatch", ()))
                 result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas,
                                  hf_src, ms_dir, weights)
                 if result["kind"] == "numeric drift":
                     result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena,
-                                             device_target, ids, pixels, dtype, tol["module_rtol"])
+                                             device_target, ids, pixels, dtype, tol["module_rtol"], sizes)
             finally:
                 hf.close()
                 ms.close()
@@ -130,7 +127,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
 
 
 def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
-           rtol) -> dict:
+           rtol, image_sizes=None) -> dict:
     """Every weight is exact and the outputs differ: rerun the module that diverged (the first one, else the one
     furthest over its tolerance) on transformers' input, in the compute dtype and in float64 (drift.py)."""
     from .drift import rerun
@@ -150,7 +147,8 @@ def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device
     hf64 = HfSide(hf_src, cfg, storage, arena, compute="float64")
     ms64 = MsSide(cfg, tensors, dtype="float64", device_target=device_target, arena=arena)
     try:
-        return rerun(module, walk_sides, (hf64, ms64), cfg, got["hf_outputs"], ids, pixels, walk_rel, dtype, rtol)
+        return rerun(module, walk_sides, (hf64, ms64), cfg, got["hf_outputs"], ids, pixels, walk_rel, dtype, rtol,
+                     image_sizes)
     finally:
         hf64.close()
         ms64.close()

@@ -78,10 +78,11 @@ def module_names(cfg: dict) -> list:
 
 
 def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), rtol: float = 1e-3,
-         rank_trace: list | None = None, names: list | None = None, rank_logits=None) -> dict:
+         rank_trace: list | None = None, names: list | None = None, rank_logits=None, image_sizes=None) -> dict:
     """Prefill logits of both sides, per-module comparisons (also against `rank_trace`, the msrun ranks'
     intermediates in `names` order, and `rank_logits`, if given) and greedy tokens of both sides. Also returns
-    transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs."""
+    transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs.
+    image_sizes: LLaVA-NeXT's, as its processor gives them."""
     from ..model.llava import trace_names
     from ..model.vision import layers_run
     names = names or trace_names(cfg)
@@ -96,11 +97,13 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
         theirs[name] = to_numpy(out)
         return out
 
-    h_x = keep("vision_encoder.embeddings", clock.run("transformers", hf.vision_embeddings, pixel_values))
+    h_x = keep("vision_encoder.embeddings", clock.run("transformers", hf.vision_embeddings, pixel_values, image_sizes))
     h_x = keep("vision_encoder.ln_pre", clock.run("transformers", hf.ln_pre, h_x))
     for i in range(layers_run(cfg)):
         h_x = keep(f"vision_encoder.transformer.resblocks.{i}", clock.run("transformers", hf.vision_block, i, h_x))
     h_x = keep("adapter", clock.run("transformers", hf.projector, h_x))
+    if hf.anyres:
+        h_x = keep("image_packing", clock.run("transformers", hf.pack, h_x, image_sizes))
     h_x = keep("language_model.model.tok_embeddings", clock.run("transformers", hf.merge, input_ids, h_x))
     ctx = clock.run("transformers", hf.begin, h_x, 0)
     for i in range(n_layers):
@@ -136,7 +139,8 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
                 rank = None if k >= len(rank_trace) else np.asarray(rank_trace[k], dtype=np.float32)
             rank_modules.append(compare_module(name, theirs[name], rank, rtol))
 
-    m_logits, _, _ = reference_forward(ms, cfg, input_ids, pixel_values, clock, check, hf_tokens[:-1])
+    m_logits, _, _ = reference_forward(ms, cfg, input_ids, pixel_values, clock, check, hf_tokens[:-1],
+                                       image_sizes=image_sizes)
     check(HEAD, m_logits)
     m_logits = m_logits.asnumpy()[0]
     ms_tokens = []
@@ -151,13 +155,13 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
 
 
 def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, extra_tokens=(),
-                      keep_kv: bool = False):
+                      keep_kv: bool = False, image_sizes=None):
     """The reference model over the prompt, then `extra_tokens` after it, module by module (`ms` a MsSide):
     on_module(name, output) for each module of model.trace_names(cfg), in order. Returns (float32 logits
     [1, S + len(extra_tokens), V], per-layer k and v lists if keep_kv)."""
     from ..model.llama import causal_bias
     from ..model.vision import layers_run
-    emb, x = clock.run("mindspore", ms.vision_embeddings, pixel_values)
+    emb, x = clock.run("mindspore", ms.vision_embeddings, pixel_values, image_sizes)
     on_module("vision_encoder.embeddings", emb)
     on_module("vision_encoder.ln_pre", x)
     del emb
@@ -166,6 +170,9 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
         on_module(f"vision_encoder.transformer.resblocks.{i}", x)
     x = clock.run("mindspore", ms.adapter, x)
     on_module("adapter", x)
+    x = clock.run("mindspore", ms.pack, x, image_sizes)
+    if ms.anyres:
+        on_module("image_packing", x)
     x = clock.run("mindspore", ms.merge, input_ids, x)
     if len(extra_tokens):
         x = ms.ops.concat((x, clock.run("mindspore", ms.token_embeddings, list(extra_tokens))), 1)
@@ -186,7 +193,8 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
     return logits, ks, vs
 
 
-def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), trace: bool = True) -> dict:
+def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), trace: bool = True,
+              image_sizes=None) -> dict:
     """One tensor-parallel rank's part of verify under msrun, streamed like the walk (`ms` a MsSide for
     this rank): the prompt's logits and, with `trace`, every module's output (only the rank whose result is
     kept needs them), then free-running greedy decoding with the parallel KV-cache step (DecoderLayer.step,
@@ -199,7 +207,8 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
         if trace:
             outputs.append(out.asnumpy().astype(np.float32))
 
-    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, record, keep_kv=max_new_tokens > 0)
+    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, record, keep_kv=max_new_tokens > 0,
+                                       image_sizes=image_sizes)
     logits = logits.asnumpy()
     tokens = []
     if max_new_tokens > 0:
