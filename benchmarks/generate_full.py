@@ -5,6 +5,8 @@ same requests in bfloat16 (the configuration of transformers that fits a 24 GiB 
 Each run is its own child process, its whole process tree's anonymous memory (RssAnon) sampled every 0.2 s
 (msrun ranks included; each rank's own peak too). Figures:
 - ours, tp 1, batch 1 and 4; tp 2 under msrun, batch 4: prefill seconds, decode tokens/s, peak anonymous memory;
+- ours with --prefill-matmul bfloat16 (the bf16_matmul kernel: bfloat16 products, float32 sums), tp 1, batch 1
+  and 4: the same figures, and whether its tokens are ours in float32;
 - transformers bfloat16, batch 1 and 4: the same figures;
 - this host's memory bandwidth (numpy reading 2 x 1 GiB on 2 threads) and the decode floor it sets: the
   bytes of the weights a step reads (text Linear weights + lm_head, stored dtype) / bandwidth;
@@ -32,10 +34,11 @@ from common import need_free, run_sampled  # noqa: E402
 CLI = [sys.executable, "-m", "llava_ckpt.cli"]
 
 
-def make(work: str) -> dict:
+def make(work: str, skip_tp: bool = False) -> dict:
     paths = {n: os.path.join(work, n) for n in ("hf", "tp1", "tp2")}
-    steps = [("hf", ["make-fixture", paths["hf"], "--preset", "7b"]), ("tp1", ["convert", paths["hf"], paths["tp1"]]),
-             ("tp2", ["convert", paths["hf"], paths["tp2"], "--tp", "2"])]
+    steps = [("hf", ["make-fixture", paths["hf"], "--preset", "7b"]), ("tp1", ["convert", paths["hf"], paths["tp1"]])]
+    if not skip_tp:
+        steps.append(("tp2", ["convert", paths["hf"], paths["tp2"], "--tp", "2"]))
     for name, cmd in steps:
         if not os.path.exists(os.path.join(paths[name], "config.json")):
             t = time.perf_counter()
@@ -105,15 +108,16 @@ def child(kind: str, folder: str, requests: list, batch: int, new_tokens: int) -
 
 
 def run_child(kind: str, folder: str, requests: list, batch: int, new_tokens: int) -> dict:
-    if kind == "ours":
+    if kind in ("ours", "ours-bf16"):
         from llava_ckpt.generate import generate
         stats = []
         result = generate(folder, requests[:batch], max_new_tokens=new_tokens, batch_size=batch, eos=(),
-                          on_batch=lambda rows, done, total, s: stats.append(s))
+                          on_batch=lambda rows, done, total, s: stats.append(s),
+                          prefill_matmul="bfloat16" if kind == "ours-bf16" else "float32")
         s = stats[-1]
         return {"prefill_s": s["prefill_s"], "tokens_per_s": s["decode_tokens"] / s["decode_s"],
                 "length": None, "tokens": [o["token_ids"] for o in result["outputs"]],
-                "prompt_text": [o["prompt_text"] for o in result["outputs"]]}
+                "prompt_text": [o["prompt_text"] for o in result["outputs"]], "prefill_matmul": result["prefill_matmul"]}
     import torch
     from transformers import LlavaForConditionalGeneration
     from generate import theirs
@@ -138,9 +142,9 @@ def images(work: str) -> list:
 def main(args, requests=None) -> None:
     work = os.path.abspath(args.work or os.path.join(os.path.dirname(HERE), "bench-work", "generate-7b"))
     os.makedirs(work, exist_ok=True)
-    if not os.path.exists(os.path.join(work, "tp2", "manifest.json")):
-        need_free(work, 45)
-    paths = make(work)
+    if not os.path.exists(os.path.join(work, "tp1" if args.skip_tp else "tp2", "manifest.json")):
+        need_free(work, 30 if args.skip_tp else 45)
+    paths = make(work, args.skip_tp)
     requests = requests or images(work)
     from llava_ckpt.engine.config import load_config
     cfg = load_config(paths["tp1"])
@@ -153,18 +157,23 @@ def main(args, requests=None) -> None:
           f"{n} new tokens, greedy, eos ignored", flush=True)
     figures = {}
     for batch in (1, 4):
-        for kind, folder in (("ours", paths["tp1"]), ("transformers", paths["hf"])):
+        for kind, folder in (("ours", paths["tp1"]), ("ours-bf16", paths["tp1"]), ("transformers", paths["hf"])):
             figures[kind, batch] = f = child(kind, folder, requests, batch, n)
             extra = ""
+            if kind == "ours-bf16":
+                extra = (f"; {f['prefill_matmul']}; tokens {'identical' if f['tokens'] == figures['ours', batch]['tokens'] else 'differ'}"
+                         " to float32's")
             if kind == "ours":
                 reached = prefill_flops(cfg, batch, 608) / f["prefill_s"]
                 extra = (f", prefill at {reached / 1e9:.0f} GFLOP/s = {reached / flops:.0%} of the MatMul figure; "
                          f"decode {f['tokens_per_s'] / (batch * bw / step_bytes):.0%} of the bandwidth floor")
             print(f"{kind:12s} batch {batch}: prefill {f['prefill_s']:.1f} s, decode {f['tokens_per_s']:.2f} tokens/s, "
                   f"peak anonymous {f['peak_anon_gib']:.2f} GiB, whole run {f['wall_s']:.0f} s{extra}", flush=True)
-        o, t = figures["ours", batch], figures["transformers", batch]
+        o, b, t = figures["ours", batch], figures["ours-bf16", batch], figures["transformers", batch]
         print(f"batch {batch}: ours / transformers-bf16: decode {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-              f"prefill time {o['prefill_s'] / t['prefill_s']:.2f}x", flush=True)
+              f"prefill time {o['prefill_s'] / t['prefill_s']:.2f}x; ours with bfloat16 prefill: decode "
+              f"{b['tokens_per_s'] / t['tokens_per_s']:.2f}x, prefill time {b['prefill_s'] / t['prefill_s']:.2f}x",
+              flush=True)
     o1, o4 = figures["ours", 1], figures["ours", 4]
     print(f"batch-4 decode throughput / batch 1 (ours): {o4['tokens_per_s'] / o1['tokens_per_s']:.2f}x "
           f"(goal >= 2.5x)", flush=True)

@@ -223,10 +223,13 @@ def verify(hf_src, ms_dir, image, prompt, max_new_tokens, dtype, device, msrun, 
 @click.option("--seed", type=int, default=None, help="Seed for --do-sample (same seed, same tokens).")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds the msrun ranks of a --tp output may take per batch before the run is retried.")
+@click.option("--prefill-matmul", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16: the prompts' matrix products in bfloat16 with float32 sums (AVX-512 BF16 CPUs), "
+                   "faster, not float32's numbers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @_clean_errors
 def generate(ms_dir, images, prompts, requests_file, max_new_tokens, batch_size, dtype, device, raw, do_sample,
-             temperature, top_p, seed, timeout, as_json):
+             temperature, top_p, seed, timeout, prefill_matmul, as_json):
     """Answer questions about images with the converted checkpoint in MS_DIR."""
     from .generate import format_outputs, generate as run, pair_requests, read_requests
     if requests_file and (images or prompts):
@@ -247,7 +250,7 @@ def generate(ms_dir, images, prompts, requests_file, max_new_tokens, batch_size,
 
     result = run(ms_dir, requests, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
                  device=device, raw=raw, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
-                 timeout=timeout, on_batch=on_batch)
+                 timeout=timeout, on_batch=on_batch, prefill_matmul=prefill_matmul)
     if as_json:
         click.echo(json.dumps(result))
 

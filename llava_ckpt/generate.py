@@ -187,17 +187,22 @@ def _check_options(max_new_tokens, batch_size, dtype, device, do_sample, tempera
 def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32", device: str = "CPU", raw: bool = False,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             eos=None, timeout: float = 600.0, on_batch=None) -> dict:
+             eos=None, timeout: float = 600.0, on_batch=None, prefill_matmul: str = "float32") -> dict:
     """Answer `requests` ([{"image": path, "prompt": text}]) with the converted checkpoint in `ms_dir`.
 
     Greedy unless do_sample (then temperature / top-p, reproducible with `seed`). `eos`: token ids that end
     an answer (default: generation_config.json's). on_batch(outputs, done, total) is called as each batch
     finishes, outputs in input order. `timeout`: seconds the msrun ranks may take per batch (tp > 1).
+    `prefill_matmul` "bfloat16": the prompts' matrix products (prefill, vision tower) in bfloat16 with float32
+    sums where the CPU has AVX-512 BF16 (model/kernels: bf16_matmul), faster and no longer float32's numbers;
+    "float32" (the default) keeps every product in float32. The result's "prefill_matmul" says which ran.
     Returns {"tp", "outputs": [{"image", "prompt", "prompt_text", "token_ids", "text", "finish_reason"}],
     "prefill_s", "decode_tokens_per_s", "matmul" (what batched decode steps multiply with), ...}.
     """
+    from .model.kernels import check_prefill_mode
     from .prompts import load_processor, special_ids
     _check_options(max_new_tokens, batch_size, dtype, device, do_sample, temperature, top_p, seed)
+    check_prefill_mode(prefill_matmul)
     if not requests:
         raise fail("no requests to answer")
     t_start = time.perf_counter()
@@ -252,11 +257,13 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     run_info = {}
     if tp == 1:
         from .model import Runner, build_and_load
+        from .model.kernels import prefill_matmul as matmul_mode
         from .model.loading import run_ops_blocking
         run_ops_blocking()
         tensors = info["checkpoint"].arrays()
         try:
-            model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device, stored=True)
+            with matmul_mode(prefill_matmul):
+                model, _ = build_and_load(cfg, tensors, dtype=dtype, device_target=device, stored=True)
         finally:
             tensors.close()
         runner = Runner(model, jit=False)
@@ -265,7 +272,8 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     else:
         from .runtime.msrun import run_jobs
         specs = [{k: v for k, v in job.items() if k not in ("start", "count")} for job in jobs]
-        run = run_jobs(info["rank_dirs"], {"cfg": cfg, "layout": info["layout"]}, specs, dtype=dtype, jit=False,
+        run = run_jobs(info["rank_dirs"], {"cfg": cfg, "layout": info["layout"], "prefill_matmul": prefill_matmul},
+                       specs, dtype=dtype, jit=False,
                        device=device, timeout=timeout, on_result=finished)
         run_info = {"attempts": run["attempts"]}
     return dict({
@@ -281,11 +289,21 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         "dtype": dtype,
         "device": device,
         "matmul": _matmul_status(dtype, device),
+        "prefill_matmul": _prefill_status(prefill_matmul, dtype, device),
         "do_sample": bool(do_sample),
         "seed": seed,
         "ms_dir": os.path.abspath(ms_dir),
         "memory_floor": memory,
     }, **run_info)
+
+
+def _prefill_status(mode: str, dtype: str, device: str) -> str:
+    """What the prompts' matrix products ran on."""
+    if mode == "float32":
+        return "float32 (MindSpore MatMul)"
+    from .model.kernels import bf16_matmul_status
+    status = bf16_matmul_status(dtype, device)
+    return f"bfloat16: {status}" if status.startswith("bf16_matmul") else f"float32, no bfloat16 here: {status}"
 
 
 def _matmul_status(dtype: str, device: str) -> str:

@@ -190,10 +190,16 @@ def wide(tmp_path_factory):
     return str(path)
 
 
-def test_llava_next_verify_walks_the_anyres_packing_as_its_own_module(llava_next, picture, tmp_path):
+@pytest.mark.parametrize("text", ["mistral", "llama"])
+def test_llava_next_verify_walks_the_anyres_packing_as_its_own_module(llava_next, picture, tmp_path, text):
     """verify on LLaVA-NeXT: the vision tower over every patch of the image, the packing compared with
-    transformers' own pack_image_features, then the Mistral language model; all within tolerance."""
+    transformers' own pack_image_features, then the language model (Mistral as v1.6-mistral, Llama as
+    v1.6-vicuna); all within tolerance."""
+    if text == "llama":
+        llava_next = make_fixture(str(tmp_path / "vicuna"), preset="llava-next-mistral-tiny",
+                                  text_overrides={"model_type": "llama", "num_key_value_heads": 4})
     convert(llava_next, str(tmp_path / "ms"), progress=False)
+    assert load_config(str(tmp_path / "ms"))["text_config"]["model_type"] == text
     result = verify(llava_next, str(tmp_path / "ms"), image=picture, max_new_tokens=N)
     assert result["passed"] and result["kind"] is None, result["checks"]
     names = [m["name"] for m in result["modules"]]

@@ -1,4 +1,4 @@
-"""Reference MindSpore LLaVA-1.5 with the converted (MindFormers LlavaVlm) parameter names.
+"""Reference MindSpore LLaVA (1.5, bakLlava, LLaVA-NeXT) with the converted (MindFormers LlavaVlm) parameter names.
 
 It exists to run converted checkpoints: check them against transformers (`llava_ckpt.verify`) and answer
 questions (`llava_ckpt.generate`); it is not a training model. Usage: `model, _ = build_and_load(cfg, tensors)`,

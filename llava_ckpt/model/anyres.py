@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine.config import image_token_count
 from ..errors import fail
 
 
@@ -153,9 +154,7 @@ def image_index(cfg: dict, images: int, image_sizes=None) -> np.ndarray:
     past them) giving what fills the prompts' image tokens, in order: LLaVA-1.5 every feature in order,
     LLaVA-NeXT each image's anyres packing (batch_index)."""
     if not is_anyres(cfg):
-        side = cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]
-        per_image = side * side + (1 if cfg.get("vision_feature_select_strategy") == "full" else 0)
-        return np.arange(images * per_image, dtype=np.int32)
+        return np.arange(images * image_token_count(cfg), dtype=np.int32)
     return batch_index(cfg, _sizes(image_sizes, images))[1].astype(np.int32)
 
 

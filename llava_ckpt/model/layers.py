@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer
 
-from .kernels import SMALL_ROWS, small_matmul_op
+from .kernels import SMALL_ROWS, prefill_matmul_op, small_matmul_op
 
 # float64 is for verify's rerun of a diverging module: with the rounding of float32 / float16 kernels out of
 # the way, a difference that stays is a difference of the model, not of its kernels' precision.
@@ -41,7 +41,8 @@ def stored_dtype_params(model) -> set:
 
 class Linear(nn.Cell):
     """y = x @ weight.T (+ bias); weight [out, in]. A decode step's few rows go to the small_matmul kernel
-    where it runs (model/kernels), the rest to MindSpore's MatMul. A 16-bit weight under float32 compute
+    where it runs (model/kernels), the rest to MindSpore's MatMul, or to bf16_matmul for a cell built in
+    kernels.prefill_matmul("bfloat16"). A 16-bit weight under float32 compute
     (KEEPS_STORED) is widened inside the kernel, or for a MatMul into one temporary that lives for this call."""
 
     KEEPS_STORED = ("weight",)
@@ -53,12 +54,15 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.small_matmul = small_matmul_op(dtype)
         self.small_rows = SMALL_ROWS
+        self.prefill_matmul = prefill_matmul_op(dtype)  # bf16_matmul when built in that mode, else None
 
     def project(self, x2d):
         """x2d [T, in] @ weight.T; T and the dtypes are static in a compiled graph, so the choice is made at
         compile time. One row with a float32 weight: oneDNN's matrix-vector product reads the weight once
         too; with a 16-bit weight only the kernel reads it without widening it first."""
         rows = x2d.shape[0]
+        if self.prefill_matmul is not None and rows > self.small_rows[1]:
+            return self.prefill_matmul(x2d, self.weight)  # bfloat16 products, float32 sums, any stored weight
         if self.weight.dtype != x2d.dtype:
             if self.small_matmul is not None and rows <= self.small_rows[1]:
                 return self.small_matmul(x2d, self.weight)

@@ -1,4 +1,5 @@
-"""The LLaVA-1.5 cell (`vision_encoder`, `adapter`, `language_model`) and its compiled entry points."""
+"""The LLaVA cell (`vision_encoder`, `adapter`, LLaVA-NeXT's `image_newline`, `language_model`) and its compiled
+entry points: LLaVA-1.5, bakLlava and LLaVA-NeXT (its anyres packing: model/anyres.py)."""
 from __future__ import annotations
 
 import time
@@ -79,7 +80,8 @@ class LlavaVlm(nn.Cell):
 
 
 def check_supported(cfg: dict) -> None:
-    """The reference model implements LLaVA-1.5 exactly; refuse configs it would silently get wrong."""
+    """The reference model implements the LLaVA family's exact computation; refuse configs it would silently get
+    wrong."""
     tc, vc = cfg["text_config"], cfg["vision_config"]
     problems = []
     if tc.get("hidden_act", "silu") != "silu":

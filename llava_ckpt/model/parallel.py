@@ -185,11 +185,13 @@ def rank_runner(ctx, generating: bool = False):
     key = "generator" if generating else "runner"
     if key not in ctx.cache:
         from ..io import load_tensors
+        from .kernels import prefill_matmul
         from .llava import Runner
         tensors = load_tensors(ctx.rank_dir)
         try:
-            model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype,
-                              stored=generating)
+            with prefill_matmul(ctx.context.get("prefill_matmul", "float32")):
+                model = load_rank(ctx.context["cfg"], tensors, ctx.rank, ctx.world, ctx.context["layout"], ctx.dtype,
+                                  stored=generating)
         finally:
             tensors.close()
         ctx.cache[key] = Runner(model, jit=ctx.jit and not generating)

@@ -12,9 +12,17 @@ The source is built with the machine's C++ compiler (`$CXX`, else c++/g++) into
 atomically; with AVX-512 where /proc/cpuinfo lists avx512f (16 lanes), else AVX2. Where it cannot be used
 (not a CPU target, compute dtype not float32, no AVX2/FMA/F16C, no compiler, or LLAVA_CKPT_SMALL_MATMUL=0),
 MindSpore's MatMul runs instead (on the widened weight) and `small_matmul_status()` says why.
+
+`bf16_matmul` (bf16_matmul.cc): y = x @ w.T for a prefill's many rows in bfloat16 with float32 sums (AVX-512
+BF16's vdpbf16ps), x and the (16-bit or float32) weight rounded to bfloat16 as they are packed. MindSpore 2.10's
+CPU MatMul has no bfloat16 kernel and its float16 one runs at float32's speed (benchmarks/matmul_dtypes.py), so
+this is the only 16-bit prefill there is. It changes the numbers, so it is a mode a caller asks for
+(`prefill_matmul("bfloat16")` around building a model), never the default; built only where /proc/cpuinfo lists
+avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatMul runs then).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -29,8 +37,15 @@ from ...io.files import write_atomic
 # measured the same. Beyond 8: oneDNN's blocked GEMM wins (16 rows measured 1.0-1.2x the kernel's time).
 SMALL_ROWS = (2, 8)
 ENV_SWITCH = "LLAVA_CKPT_SMALL_MATMUL"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, "small_matmul.cc")
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
+_BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
+# the kernels: source file, the AOT entry point, the threads setter
+KERNELS = {"small_matmul": ("small_matmul.cc", "SmallMatmul", "small_matmul_set_threads"),
+           "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads")}
+PREFILL_MODES = ("float32", "bfloat16")
+_prefill = ["float32"]  # the prefill matmul mode Linear cells built now take (prefill_matmul)
 # Added where /proc/cpuinfo lists it: 16-lane loads and FMAs halve the instructions per weight, which at
 # 16-bit weights is what held the AVX2 build below the memory bandwidth (measured on the EPYC here).
 _AVX512_FLAGS = ["-mavx512f"]
@@ -65,11 +80,22 @@ def _cpu_supports() -> str | None:
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
 
 
-def build_flags() -> list:
+def build_flags(kernel: str = "small_matmul") -> list:
     """The compiler flags for this CPU: AVX2 + FMA + F16C, and AVX-512 where it has it (LLAVA_CKPT_AVX512=0
-    leaves it out, to measure or to test the AVX2 code)."""
+    leaves it out, to measure or to test the AVX2 code); bf16_matmul's add AVX-512 BF16."""
+    if kernel == "bf16_matmul":
+        return _FLAGS + _BF16_FLAGS
     wide = "avx512f" in cpu_flags() and os.environ.get("LLAVA_CKPT_AVX512", "1") != "0"
     return _FLAGS + (_AVX512_FLAGS if wide else [])
+
+
+def _bf16_supports() -> str | None:
+    """None if this CPU runs bf16_matmul, else why not."""
+    reason = _cpu_supports()
+    if reason:
+        return reason
+    missing = [f for f in ("avx512f", "avx512_bf16", "avx512bw", "avx512vl") if f not in cpu_flags()]
+    return f"this CPU lacks {' and '.join(missing)}" if missing else None
 
 
 def _compiler() -> str | None:
@@ -79,48 +105,52 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> tuple:
+def _build(kernel: str = "small_matmul") -> tuple:
     """(library path, "") or (None, reason): compiled once per source version into the cache folder."""
     folder = cache_dir()
-    if folder in _built:
-        return _built[folder]
-    reason = _cpu_supports()
+    key = folder if kernel == "small_matmul" else (folder, kernel)
+    if key in _built:
+        return _built[key]
+    source_name, _, set_threads_name = KERNELS[kernel]
+    reason = _cpu_supports() if kernel == "small_matmul" else _bf16_supports()
     path = None
     if reason is None:
-        with open(_SOURCE, "rb") as f:
+        source_path = os.path.join(_HERE, source_name)
+        with open(source_path, "rb") as f:
             source = f.read()
-        flags = build_flags()
+        flags = build_flags(kernel)
         tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-        path = os.path.join(folder, f"small_matmul-{tag}.so")
+        path = os.path.join(folder, f"{kernel}-{tag}.so")
         if not os.path.isfile(path):
-            reason = _compile(path, flags)
+            reason = _compile(path, flags, source_path)
             if reason:
                 path = None
     if path is not None:
         try:
             lib = ctypes.CDLL(path)  # the handle MindSpore's loader gets too (dlopen of one path is shared)
-            lib.small_matmul_set_threads(_threads[0] or len(os.sched_getaffinity(0)))
+            getattr(lib, set_threads_name)(_threads[0] or len(os.sched_getaffinity(0)))
         except (OSError, AttributeError) as e:
             path, reason = None, f"cannot load {path}: {e}"
-    _built[folder] = (path, reason or "")
-    return _built[folder]
+    _built[key] = (path, reason or "")
+    return _built[key]
 
 
-def _compile(path: str, flags: list) -> str | None:
+def _compile(path: str, flags: list, source: str = _SOURCE) -> str | None:
     """Build the library at `path` (atomically); the reason on failure, None on success."""
     cxx = _compiler()
     if cxx is None:
         return "no C++ compiler found (set CXX)"
+    name = os.path.basename(source)
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "small_matmul.so")
+        out = os.path.join(tmp, "kernel.so")
         try:
-            proc = subprocess.run([cxx, *flags, _SOURCE, "-o", out], capture_output=True, text=True,
+            proc = subprocess.run([cxx, *flags, source, "-o", out], capture_output=True, text=True,
                                   timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
-            return f"compiling small_matmul.cc failed: {e}"
+            return f"compiling {name} failed: {e}"
         if proc.returncode != 0 or not os.path.isfile(out):
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"compiling small_matmul.cc with {cxx} failed: {last}"
+            return f"compiling {name} with {cxx} failed: {last}"
         try:
             with open(out, "rb") as f:
                 write_atomic(path, f.read())
@@ -149,17 +179,64 @@ def small_matmul_op(dtype: str):
     """The custom op computing x [M, K] @ w [N, K].T (any M; used for SMALL_ROWS), or None where it cannot run."""
     if not small_matmul_status(dtype).startswith("small_matmul kernel"):
         return None
-    path = _build()[0]
+    return _custom(_build()[0], "small_matmul")
+
+
+def _custom(path: str, kernel: str):
+    """The MindSpore AOT custom op of a built kernel: x [M, K], w [N, K] -> [M, N] in x's dtype."""
     if path not in _ops:
         from mindspore import ops
-        _ops[path] = ops.Custom(f"{path}:SmallMatmul", out_shape=lambda x, w: (x[0], w[0]),
+        _ops[path] = ops.Custom(f"{path}:{KERNELS[kernel][1]}", out_shape=lambda x, w: (x[0], w[0]),
                                 out_dtype=lambda x, w: x, func_type="aot")
     return _ops[path]
 
 
 def set_threads(n: int) -> None:
-    """Threads the kernel splits its columns over (tp ranks on one machine share the cores out)."""
+    """Threads the kernels split their columns over (tp ranks on one machine share the cores out)."""
     _threads[0] = max(1, int(n))
     for path, _ in _built.values():
         if path:
-            ctypes.CDLL(path).small_matmul_set_threads(_threads[0])
+            lib = ctypes.CDLL(path)
+            for _, _, setter in KERNELS.values():
+                if hasattr(lib, setter):
+                    getattr(lib, setter)(_threads[0])
+
+
+def bf16_matmul_status(dtype: str = "float32", device: str | None = None) -> str:
+    """What a bfloat16 prefill's matmuls run on: the kernel's library, or why MindSpore's float32 MatMul runs
+    instead."""
+    if device is None:
+        import mindspore as ms
+        device = ms.get_context("device_target")
+    if device != "CPU":
+        return f"MindSpore MatMul (device {device})"
+    if dtype != "float32":
+        return f"MindSpore MatMul (bf16_matmul takes float32 activations, compute dtype is {dtype})"
+    path, reason = _build("bf16_matmul")
+    return f"bf16_matmul kernel ({path})" if path else f"MindSpore MatMul ({reason})"
+
+
+def check_prefill_mode(mode: str) -> None:
+    if mode not in PREFILL_MODES:
+        from ...errors import fail
+        raise fail(f"prefill matmul must be one of {', '.join(PREFILL_MODES)}, got {mode!r}")
+
+
+@contextlib.contextmanager
+def prefill_matmul(mode: str):
+    """`with prefill_matmul("bfloat16"):` the Linear cells built inside take bf16_matmul for their many-row
+    products (where it runs; bf16_matmul_status says which). Outside, cells are built with float32 products."""
+    check_prefill_mode(mode)
+    before, _prefill[0] = _prefill[0], mode
+    try:
+        yield
+    finally:
+        _prefill[0] = before
+
+
+def prefill_matmul_op(dtype: str):
+    """The bf16_matmul custom op for the Linear cells being built now, or None (float32 products: the default
+    mode, a compute dtype other than float32, or no kernel here)."""
+    if _prefill[0] != "bfloat16" or not bf16_matmul_status(dtype).startswith("bf16_matmul kernel"):
+        return None
+    return _custom(_build("bf16_matmul")[0], "bf16_matmul")

@@ -1,0 +1,212 @@
+// y = x @ w.T for a prefill's many rows in bfloat16, products summed in float32 (AVX-512 BF16: vdpbf16ps).
+// x [M, K] float32, w [N, K] float32, float16 or bfloat16; y [M, N] float32.
+//
+// Why it exists: MindSpore 2.10's CPU MatMul has no bfloat16 kernel, and its float16 one runs at float32's
+// speed, while one vdpbf16ps does 32 multiply-adds (twice a float32 FMA's). x and w are rounded to bfloat16
+// (to nearest even) as they are packed, w straight from the checkpoint's 16-bit matrix (no widened copy);
+// every sum is float32. Numerics are bfloat16 matmul's, which is why this is a mode of its own (verify and
+// generate name it), never a silent replacement for float32.
+//
+// Blocking: x is packed once per call as bfloat16 rows; w is packed per block of 48 output columns x 2048 of K
+// into pairs along K ([pair][column], the operand layout of vdpbf16ps; transposed 16 x 16 words at a time), and
+// an 8 x 48 tile of y (24 accumulators) is computed per pass over the block. Threads split the output columns; each output is
+// summed in the same order whatever the thread count.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BF16__)
+#error "bf16_matmul needs AVX-512 F and BF16 (build with -mavx512f -mavx512bf16 -mavx512bw -mavx512vl)"
+#endif
+
+namespace {
+
+int g_threads = 1;
+constexpr int kRows = 8;              // rows of x per tile (6 x 4 measured the same, 4 x 6 half as fast)
+constexpr int kVecs = 3;              // 16-column vectors per tile
+constexpr int kCols = 16 * kVecs;     // output columns per tile
+// pairs of K per block (2048 values): y is read and written once per block, so longer blocks pay less for it;
+// measured at 7B shapes: 128 pairs 320 GFLOP/s, 512 390, 1024 405-425 (the panel, 192 KB, still in L2)
+constexpr int64_t kPairs = 1024;
+
+inline uint16_t round_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu)) return static_cast<uint16_t>((b >> 16) | 0x40);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// 16 values of a row -> 16 bfloat16, rounded to nearest even
+inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+
+// One row of `n` values starting at `src` (weight_type 0 float32, 1 float16, 2 bfloat16) -> bfloat16 `dst`.
+void row_to_bf16(const void *src, int type, int64_t n, uint16_t *dst) {
+  int64_t i = 0;
+  if (type == 0) {
+    const float *s = static_cast<const float *>(src);
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + i), to_bf16(_mm512_loadu_ps(s + i)));
+    for (; i < n; i++) dst[i] = round_bf16(s[i]);
+  } else if (type == 1) {
+    const uint16_t *s = static_cast<const uint16_t *>(src);
+    for (; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(s + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + i), to_bf16(v));
+    }
+    for (; i < n; i++) dst[i] = round_bf16(half_to_float(s[i]));
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 2);
+  }
+}
+
+inline size_t type_size(int type) { return type == 0 ? 4 : 2; }
+
+// The tile y[m0 .. m0+M, n0 .. n0+cols) += x_pairs(rows) . panel, over `pairs` pairs.
+template <int M>
+void tile(const uint32_t *a, int64_t a_stride, const uint32_t *panel, int64_t pairs, float *y, int64_t ldy, int cols,
+          bool add) {
+  __m512 acc[M][kVecs];
+  for (int m = 0; m < M; m++)
+    for (int v = 0; v < kVecs; v++) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    const uint32_t *b = panel + p * kCols;
+    __m512bh bv[kVecs];
+    for (int v = 0; v < kVecs; v++) bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16 * v));
+    for (int m = 0; m < M; m++) {
+      __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[m * a_stride + p])));
+      for (int v = 0; v < kVecs; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    for (int v = 0; v < kVecs; v++) {
+      int left = cols - 16 * v;
+      if (left <= 0) break;
+      __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+      float *dst = y + m * ldy + 16 * v;
+      __m512 out = acc[m][v];
+      if (add) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, dst));
+      _mm512_mask_storeu_ps(dst, mask, out);
+    }
+  }
+}
+
+void tile_rows(int rows, const uint32_t *a, int64_t a_stride, const uint32_t *panel, int64_t pairs, float *y,
+               int64_t ldy, int cols, bool add) {
+  switch (rows) {
+    case 1: tile<1>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 2: tile<2>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 3: tile<3>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 4: tile<4>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 5: tile<5>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 6: tile<6>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    case 7: tile<7>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+    default: tile<8>(a, a_stride, panel, pairs, y, ldy, cols, add); break;
+  }
+}
+
+// Transpose 16 x 16 32-bit words in place (r[i] = row i -> r[i] = column i).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; i++) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; i++) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Output columns [n0, n1): for each block of K, pack 48 columns of w as pairs and run every row tile over it.
+void part(const uint32_t *a, int64_t a_stride, const void *w, int type, float *y, int64_t m_rows, int64_t n_out,
+          int64_t k_in, int64_t n0, int64_t n1) {
+  std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols));
+  std::vector<uint32_t> rows(static_cast<size_t>(kCols * kPairs));  // the block's columns as bfloat16 rows
+  const char *wb = static_cast<const char *>(w);
+  for (int64_t p0 = 0; p0 < a_stride; p0 += kPairs) {
+    int64_t pairs = a_stride - p0 < kPairs ? a_stride - p0 : kPairs;
+    int64_t k0 = 2 * p0, k1 = k0 + 2 * pairs < k_in ? k0 + 2 * pairs : k_in;
+    for (int64_t nb = n0; nb < n1; nb += kCols) {
+      int cols = static_cast<int>(n1 - nb < kCols ? n1 - nb : kCols);
+      std::memset(rows.data(), 0, rows.size() * 4);
+      for (int j = 0; j < cols; j++)
+        row_to_bf16(wb + ((nb + j) * k_in + k0) * type_size(type), type, k1 - k0,
+                    reinterpret_cast<uint16_t *>(rows.data() + j * kPairs));
+      for (int j0 = 0; j0 < kCols; j0 += 16) {
+        for (int64_t q = 0; q < pairs; q += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(rows.data() + (j0 + i) * kPairs + q);
+          transpose16(r);
+          for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel.data() + (q + i) * kCols + j0, r[i]);
+        }
+      }
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRows) {
+        int rows_here = static_cast<int>(m_rows - m0 < kRows ? m_rows - m0 : kRows);
+        tile_rows(rows_here, a + m0 * a_stride + p0, a_stride, panel.data(), pairs, y + m0 * n_out + nb, n_out,
+                  cols, p0 > 0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" void bf16_matmul_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+
+// weight_type: 0 float32, 1 float16, 2 bfloat16.
+extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_rows, int64_t n_out, int64_t k_in,
+                           int weight_type) {
+  if (weight_type < 0 || weight_type > 2) return 4;
+  int64_t a_stride = (k_in + 1) / 2;  // pairs per row of x
+  std::vector<uint16_t> a(static_cast<size_t>(m_rows * a_stride * 2), 0);
+  for (int64_t m = 0; m < m_rows; m++) row_to_bf16(x + m * k_in, 0, k_in, a.data() + m * a_stride * 2);
+  const uint32_t *pairs = reinterpret_cast<const uint32_t *>(a.data());
+  int64_t blocks = (n_out + kCols - 1) / kCols;
+  int64_t parts = g_threads < blocks ? g_threads : blocks;
+  if (parts < 1) parts = 1;
+  int64_t per = (blocks + parts - 1) / parts;
+  std::vector<std::thread> others;
+  for (int64_t i = 1; i < parts; i++) {
+    int64_t n0 = i * per * kCols, n1 = n0 + per * kCols < n_out ? n0 + per * kCols : n_out;
+    if (n0 < n1) others.emplace_back(part, pairs, a_stride, w, weight_type, y, m_rows, n_out, k_in, n0, n1);
+  }
+  part(pairs, a_stride, w, weight_type, y, m_rows, n_out, k_in, 0, per * kCols < n_out ? per * kCols : n_out);
+  for (auto &t : others) t.join();
+  return 0;
+}
+
+// MindSpore's AOT custom-op entry: inputs x [M, K] float32 and w [N, K] (float32, float16 or bfloat16);
+// output y [M, N] float32. Non-zero: refused.
+extern "C" int Bf16Matmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                          void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 2;
+  int weight_type = std::strcmp(dtypes[1], "float32") == 0    ? 0
+                    : std::strcmp(dtypes[1], "float16") == 0  ? 1
+                    : std::strcmp(dtypes[1], "bfloat16") == 0 ? 2
+                                                              : -1;
+  if (weight_type < 0) return 2;
+  int64_t m_rows = shapes[0][0], k_in = shapes[0][1], n_out = shapes[1][0];
+  if (shapes[1][1] != k_in || shapes[2][0] != m_rows || shapes[2][1] != n_out) return 3;
+  return bf16_matmul(static_cast<const float *>(params[0]), params[1], static_cast<float *>(params[2]), m_rows,
+                     n_out, k_in, weight_type);
+}
