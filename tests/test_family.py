@@ -255,10 +255,15 @@ def test_llava_next_tp2_ranks_under_msrun_verify_and_generate(llava_next, wide, 
 
 
 def test_a_llava_next_output_is_not_verified_against_a_llava_source(llava_next, tmp_path):
-    """The folders of two family members: named (image_newline), not compared."""
-    hf15 = make_fixture(str(tmp_path / "hf15"), preset="tiny")
+    """The folders of two family members: named by their model types, not compared."""
+    make_fixture(str(tmp_path / "hf15"), preset="tiny")
     convert(llava_next, str(tmp_path / "ms"), progress=False)
     exe = os.path.join(os.path.dirname(sys.executable), "llava-ckpt")
     run = subprocess.run([exe, "verify", "hf15", "ms"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-    assert "image_newline" in run.stderr
+    assert "ms holds a conversion of a 'llava_next' ('mistral') checkpoint, hf15 is LLaVA (llama)" in run.stderr
+    os.mkdir(tmp_path / "bare")  # a bare checkpoint (no manifest, no config): its tensors are checked instead
+    os.link(tmp_path / "ms" / "llava.safetensors", tmp_path / "bare" / "llava.safetensors")
+    run = subprocess.run([exe, "verify", "hf15", "bare"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "does not match the LLaVA (llama) model: unexpected 1: image_newline" in run.stderr

@@ -12,7 +12,7 @@ from ..errors import fail
 from .layers import Linear, gelu_exact, param, NP_DTYPES
 from .llama import KVCache, LanguageModel, attention_bias, causal_bias
 from .sampling import greedy
-from ..engine.config import context_limit, image_token_count
+from ..engine.config import context_limit
 from .anyres import check_features, is_anyres, tower_inputs
 from .vision import VisionEncoder, layers_run
 

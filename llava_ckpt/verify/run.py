@@ -53,6 +53,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     cfg = load_config(hf_src)
     converted = open_converted(ms_dir)
     tensors, tp = converted["tensors"], converted["tp"]
+    _check_same_model(cfg, ms_dir, hf_src, tensors)
     if weights_only:
         try:
             planned = plan_proof(hf_src, converted["checkpoint"], cfg)
@@ -124,6 +125,22 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if hasattr(tensors, "close"):
             tensors.close()
     return write_verification(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
+
+
+def _check_same_model(cfg: dict, ms_dir: str, hf_src: str, tensors) -> None:
+    """The config.json convert copied beside the weights names the model they are; another family member's
+    source (a LLaVA-NeXT output against a llava-1.5 folder) is named as such, before anything is compared."""
+    from ..engine.config import model_title, read_config
+    if not os.path.isfile(os.path.join(ms_dir, "config.json")):
+        return  # a bare checkpoint: its tensor names are checked against the source's model instead
+    theirs = read_config(ms_dir)
+    text = theirs.get("text_config") if isinstance(theirs.get("text_config"), dict) else {}
+    mine = (cfg.get("model_type"), cfg["text_config"].get("model_type"))
+    if (theirs.get("model_type"), text.get("model_type", mine[1])) != mine:
+        if hasattr(tensors, "close"):
+            tensors.close()
+        raise fail(f"{ms_dir} holds a conversion of a {theirs.get('model_type')!r} ({text.get('model_type')!r}) "
+                   f"checkpoint, {hf_src} is {model_title(cfg)}: verify a conversion against its own source")
 
 
 def _drift(result, got, walk_sides, hf_src, cfg, tensors, storage, arena, device_target, ids, pixels, dtype,
