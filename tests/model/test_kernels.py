@@ -57,14 +57,20 @@ def _sixteen(name):
     return {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
+@pytest.fixture(scope="module")
+def build_cache(tmp_path_factory):
+    """A kernel cache folder of this module's own (not the user's), shared by its parametrized runs."""
+    return str(tmp_path_factory.mktemp("kernel-cache"))
+
+
 @pytest.mark.parametrize("avx512", ["1", "0"])
 @pytest.mark.parametrize("weight_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 8])
-def test_sixteen_bit_weights_are_widened_exactly(rows, weight_dtype, avx512, monkeypatch, tmp_path):
+def test_sixteen_bit_weights_are_widened_exactly(rows, weight_dtype, avx512, monkeypatch, build_cache):
     """x @ w.T with w stored in 16 bits equals float64 x @ (w widened) within float32 rounding: the widening
     itself is exact. Both the AVX-512 build (where the CPU has it) and the AVX2 one; widths with tails."""
     monkeypatch.setenv("LLAVA_CKPT_AVX512", avx512)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", build_cache)  # each flag set compiled once for the whole module
     kernels._built.clear()
     try:
         rng = np.random.default_rng(rows)
