@@ -2,8 +2,9 @@
 
 One linear layer of the 7B's prefill (x [S, K] @ w [N, K].T, S = 594 positions: llava-1.5's bundled prompt) at
 the text model's three shapes, timed in this process: MindSpore's CPU MatMul in float32, float16 and bfloat16
-(where it has a kernel), and torch's F.linear in float32 and bfloat16 (oneDNN; AVX-512 BF16 where
-/proc/cpuinfo lists avx512_bf16). The named baseline is torch bfloat16, what transformers in bfloat16 runs;
+(where it has a kernel), our bf16_matmul custom op on the float16 weight (model/kernels: what
+`generate --prefill-matmul bfloat16` runs), and torch's F.linear in float32 and bfloat16 (oneDNN; AVX-512 BF16
+where /proc/cpuinfo lists avx512_bf16). MindSpore runs its ops blocking, as the reference model does. The named baseline is torch bfloat16, what transformers in bfloat16 runs;
 each figure is printed with its ratio to it.
 
     .venv/bin/python benchmarks/matmul_dtypes.py [--positions 594] [--runs 5]
@@ -37,11 +38,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from llava_ckpt.model import kernels
     from llava_ckpt.model.kernels import cpu_flags
+    from llava_ckpt.model.loading import run_ops_blocking
     import mindspore as ms
     import torch
     from mindspore import Tensor, ops
     ms.set_context(device_target="CPU")
+    run_ops_blocking()
+    with kernels.prefill_matmul("bfloat16"):
+        bf16_op = kernels.prefill_matmul_op("float32")
+    print(f"bf16_matmul: {kernels.bf16_matmul_status()}")
     flags = set(cpu_flags())
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; avx512f {'avx512f' in flags}, "
           f"avx512_bf16 {'avx512_bf16' in flags}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -64,6 +71,9 @@ def main() -> int:
                                                 else mm(a, b).astype(ms.float32).asnumpy(), args.runs)
             except (RuntimeError, TypeError, ValueError) as e:
                 rows[f"mindspore {dt}"] = str(e).strip().splitlines()[0][:90]
+        if bf16_op is not None:
+            a, b = Tensor(x), Tensor(w.astype(np.float16))
+            rows["bf16_matmul (ours)"] = timed(lambda: bf16_op(a, b).asnumpy(), args.runs)
         base = rows["torch bfloat16"]
         print(f"\n{label} ({args.positions} positions, {flop / 1e9:.1f} GFLOP); baseline torch bfloat16")
         for name, t in rows.items():

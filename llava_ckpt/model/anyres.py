@@ -115,10 +115,20 @@ def token_count(cfg: dict, size: tuple) -> int:
 
 def check_features(cfg: dict) -> None:
     """The packing lays each tile's features out as a side x side map, so a tile's features must be exactly
-    its patches: the 'default' selection (CLS dropped). Refused otherwise, as transformers would misplace them."""
-    if is_anyres(cfg) and cfg.get("vision_feature_select_strategy") != "default":
+    its patches: the 'default' selection (CLS dropped); and the grid must be whole tiles. Refused otherwise
+    (transformers would misplace the features, or fail)."""
+    if not is_anyres(cfg):
+        return
+    if cfg.get("vision_feature_select_strategy") != "default":
         raise fail("LLaVA-NeXT's anyres packing needs vision_feature_select_strategy 'default', got "
                    f"{cfg.get('vision_feature_select_strategy')!r}")
+    tile = cfg["vision_config"]["image_size"]
+    points = cfg.get("image_grid_pinpoints")
+    if not isinstance(points, list) or not points or any(
+            not isinstance(p, (list, tuple)) or len(p) != 2 or any(not isinstance(v, int) or isinstance(v, bool)
+                                                                   or v <= 0 or v % tile for v in p) for p in points):
+        raise fail(f"image_grid_pinpoints must be [height, width] pairs, multiples of the vision tower's "
+                   f"{tile}-pixel image_size, got {points!r}")
 
 
 def tower_inputs(cfg: dict, pixel_values, image_sizes=None) -> tuple:

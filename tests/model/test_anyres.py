@@ -118,3 +118,6 @@ def test_the_packing_needs_the_default_feature_selection():
     anyres.check_features(TINY)
     with pytest.raises(CheckpointError, match="needs vision_feature_select_strategy 'default', got 'full'"):
         anyres.check_features(dict(TINY, vision_feature_select_strategy="full"))
+    for points in ([[56, 100]], [], [[56]], "56x112"):
+        with pytest.raises(CheckpointError, match="image_grid_pinpoints must be .height, width. pairs, multiples"):
+            anyres.check_features(dict(TINY, image_grid_pinpoints=points))

@@ -126,3 +126,32 @@ def test_without_avx512_bf16_the_float32_matmul_runs_and_says_why(monkeypatch, t
 def _real_flags():
     with open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+
+
+def test_a_model_built_in_the_mode_runs_its_prefill_in_bfloat16(tiny, tmp_path):
+    """The reference model built in prefill_matmul("bfloat16"): its prompt logits are within bfloat16
+    rounding of the float32 model's, and not equal to them (the kernel ran); generate names the mode."""
+    from llava_ckpt.convert import convert
+    from llava_ckpt.generate import generate
+    from llava_ckpt.io.checkpoint import open_checkpoint
+    from llava_ckpt.model import Runner, build_and_load
+    from llava_ckpt.engine.config import load_config
+    from llava_ckpt.verify.inputs import DEFAULT_IMAGE, build_inputs
+    out = tmp_path / "ms"
+    convert(tiny, str(out), progress=False)
+    cfg, inputs = load_config(tiny), build_inputs(tiny)
+    logits = {}
+    for mode in ("float32", "bfloat16"):
+        tensors = open_checkpoint(str(out), "the output", "").arrays()
+        try:
+            with kernels.prefill_matmul(mode):
+                model, _ = build_and_load(cfg, tensors, stored=True)
+        finally:
+            tensors.close()
+        logits[mode] = Runner(model, jit=False).forward(inputs["input_ids"], inputs["pixel_values"])["logits"]
+    scale = np.abs(logits["float32"]).max()
+    rel = np.abs(logits["bfloat16"] - logits["float32"]).max() / scale
+    assert 1e-6 < rel < 5e-2, rel
+    got = generate(str(out), [{"image": DEFAULT_IMAGE, "prompt": "What is this?"}], max_new_tokens=3,
+                   prefill_matmul="bfloat16")
+    assert got["prefill_matmul"].startswith("bfloat16: bf16_matmul kernel (") and len(got["outputs"][0]["token_ids"]) > 0
