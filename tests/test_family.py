@@ -27,6 +27,7 @@ from expected import expected, load_config, mismatches, read_hf, read_with_minds
 from test_shard import expected_slice
 
 N = 5
+NEXT = "LlavaNextForConditionalGeneration"
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,11 @@ def test_verify_walks_transformers_own_mistral_layers(bakllava, tmp_path):
     assert text_classes("mistral").layer.__name__ == "MistralDecoderLayer"
 
 
-def _transformers_tokens(hf, picture, prompt):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+def _transformers_tokens(hf, picture, prompt, model_class="LlavaForConditionalGeneration"):
+    """transformers' own generate (greedy, float32) on one request: `model_class` is the checkpoint's."""
+    import transformers
+    from transformers import AutoProcessor
+    model = getattr(transformers, model_class).from_pretrained(hf, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(hf)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
@@ -168,20 +171,6 @@ def test_llava_next_converts_shards_exports_and_is_weight_proven(llava_next, tmp
     assert sorted(back) == sorted(hf) and [n for n in hf if back[n].tobytes() != hf[n].tobytes()] == []
 
 
-def _next_tokens(hf, picture, prompt):
-    """transformers' own LlavaNextForConditionalGeneration.generate, greedy, on one request."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-    model = LlavaNextForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(hf)
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    with Image.open(picture) as im:
-        batch = processor(images=im.convert("RGB"), text=text, return_tensors="pt")
-    with torch.no_grad():
-        seq = model.generate(**batch, max_new_tokens=N, do_sample=False)
-    return seq[0, batch["input_ids"].shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """An image wider than it is tall: another grid (1 x 2 tiles) and padding cropped off the top and bottom."""
@@ -237,8 +226,8 @@ def test_llava_next_generate_batches_images_of_other_sizes_as_transformers_does(
     requests = [{"image": picture, "prompt": "What is this?"}, {"image": wide, "prompt": "Describe it in detail."}]
     got = generate(str(tmp_path / "ms"), requests, max_new_tokens=N, batch_size=2)
     assert got["batches"] == 1
-    assert [o["token_ids"] for o in got["outputs"]] == [_next_tokens(llava_next, r["image"], r["prompt"])
-                                                         for r in requests]
+    want = [_transformers_tokens(llava_next, r["image"], r["prompt"], NEXT) for r in requests]
+    assert [o["token_ids"] for o in got["outputs"]] == want
     assert got["outputs"][0]["prompt_text"].startswith("[INST] <image>\n")  # its own chat template
 
 
@@ -251,7 +240,8 @@ def test_llava_next_tp2_ranks_under_msrun_verify_and_generate(llava_next, wide, 
     assert result["passed"] and result["msrun"]["passed"], result["checks"]
     assert "image_packing" in [m["name"] for m in result["msrun"]["modules"]]
     got = generate(str(out), [{"image": wide, "prompt": "What is this?"}], max_new_tokens=N)
-    assert got["tp"] == 2 and got["outputs"][0]["token_ids"] == _next_tokens(llava_next, wide, "What is this?")
+    want = _transformers_tokens(llava_next, wide, "What is this?", NEXT)
+    assert got["tp"] == 2 and got["outputs"][0]["token_ids"] == want
 
 
 def test_a_llava_next_output_is_not_verified_against_a_llava_source(llava_next, tmp_path):

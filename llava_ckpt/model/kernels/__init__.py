@@ -41,6 +41,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "small_matmul.cc")
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
 _BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
+HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every kernel
 # the kernels: source file, the AOT entry point, the threads setter
 KERNELS = {"small_matmul": ("small_matmul.cc", "SmallMatmul", "small_matmul_set_threads"),
            "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads")}
@@ -116,8 +117,10 @@ def _build(kernel: str = "small_matmul") -> tuple:
     path = None
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
-        with open(source_path, "rb") as f:
-            source = f.read()
+        source = b""
+        for name in (source_name, HEADER):  # the header the source includes is part of its version
+            with open(os.path.join(_HERE, name), "rb") as f:
+                source += f.read()
         flags = build_flags(kernel)
         tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
         path = os.path.join(folder, f"{kernel}-{tag}.so")

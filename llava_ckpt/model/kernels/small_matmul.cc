@@ -8,6 +8,8 @@
 // Threads split the output columns; each output is summed in the same order whatever the thread count.
 #include <immintrin.h>
 
+#include "aot_matmul.h"
+
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -156,21 +158,12 @@ extern "C" int small_matmul(const float *x, const void *w, float *y, int64_t m_r
   }
 }
 
-// MindSpore's AOT custom-op entry: inputs x [M, K] float32 and w [N, K] (float32, float16 or bfloat16);
-// output y [M, N] float32. Non-zero: refused.
+// MindSpore's AOT custom-op entry (aot_matmul.h checks its arguments). Non-zero: refused.
 extern "C" int SmallMatmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                            void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
-  if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 2;
-  int weight_type = std::strcmp(dtypes[1], "float32") == 0    ? 0
-                    : std::strcmp(dtypes[1], "float16") == 0  ? 1
-                    : std::strcmp(dtypes[1], "bfloat16") == 0 ? 2
-                                                              : -1;
-  if (weight_type < 0) return 2;
-  int64_t m_rows = shapes[0][0], k_in = shapes[0][1], n_out = shapes[1][0];
-  if (shapes[1][1] != k_in || shapes[2][0] != m_rows || shapes[2][1] != n_out) return 3;
-  return small_matmul(static_cast<const float *>(params[0]), params[1], static_cast<float *>(params[2]), m_rows,
-                      n_out, k_in, weight_type);
+  MatmulArgs a;
+  int refused = matmul_args(nparam, params, ndims, shapes, dtypes, &a);
+  return refused ? refused : small_matmul(a.x, a.w, a.y, a.m_rows, a.n_out, a.k_in, a.weight_type);
 }
