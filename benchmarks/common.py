@@ -61,6 +61,12 @@ def drop_caches() -> bool:
         return False
 
 
+def clean_up(outputs, generated: str | None = None) -> None:
+    """Remove a benchmark's outputs, and the input it generated unless that is to be kept (None)."""
+    for path in tuple(outputs) + ((generated,) if generated else ()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def need_free(folder: str, gib: float) -> None:
     free = shutil.disk_usage(folder).free / 2**30
     if free < gib:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
-from common import (LLAVA, ROOT, add_common_args, cold_run, copy_and_sync, dir_bytes, drop_caches, median,
+from common import (LLAVA, ROOT, clean_up, add_common_args, cold_run, copy_and_sync, dir_bytes, drop_caches, median,
                     prepare_input, read_floor)
 
 sys.path.insert(0, ROOT)
@@ -43,10 +42,7 @@ def main() -> None:
             print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | cold read {floor[-1]:.2f} s | convert {t:.2f} s, "
                   f"peak RSS {peak:.0f} MiB", flush=True)
     finally:
-        for p in (out, copy):
-            shutil.rmtree(p, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+        clean_up((out, copy), None if args.keep else src)
     ratio = median(ours) / median(base)
     print(f"\npreset {args.preset} {args.extra}: convert median {median(ours):.2f} s, cp -r + sync median "
           f"{median(base):.2f} s, ratio {ratio:.2f} (target <= 1.3); "

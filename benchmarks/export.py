@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from common import (LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median,
+from common import (LLAVA, ROOT, clean_up, add_common_args, copy_and_sync, dir_bytes, drop_caches, median,
                     need_free, prepare_input, read_floor, run)
 
 sys.path.insert(0, ROOT)
@@ -58,10 +58,7 @@ def main() -> None:
             print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | cold read {floor[-1]:.2f} s | export {t:.2f} s, "
                   f"peak RSS {peak:.0f} MiB", flush=True)
     finally:
-        for p in (out, copy, ms):
-            shutil.rmtree(p, ignore_errors=True)
-        if not args.keep and not args.src:
-            shutil.rmtree(src, ignore_errors=True)
+        clean_up((out, copy, ms), None if args.keep or args.src else src)
     ratio = median(ours) / median(base)
     print(f"\nexport of a {args.preset if not args.src else os.path.basename(src)} convert output {args.extra}: "
           f"export median {median(ours):.2f} s, cp -r + sync median {median(base):.2f} s, ratio {ratio:.2f} "

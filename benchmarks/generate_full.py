@@ -117,7 +117,8 @@ def run_child(kind: str, folder: str, requests: list, batch: int, new_tokens: in
         s = stats[-1]
         return {"prefill_s": s["prefill_s"], "tokens_per_s": s["decode_tokens"] / s["decode_s"],
                 "length": None, "tokens": [o["token_ids"] for o in result["outputs"]],
-                "prompt_text": [o["prompt_text"] for o in result["outputs"]], "prefill_matmul": result["prefill_matmul"]}
+                "prompt_text": [o["prompt_text"] for o in result["outputs"]],
+                "prefill_matmul": result["prefill_matmul"]}
     import torch
     from transformers import LlavaForConditionalGeneration
     from generate import theirs
@@ -161,8 +162,8 @@ def main(args, requests=None) -> None:
             figures[kind, batch] = f = child(kind, folder, requests, batch, n)
             extra = ""
             if kind == "ours-bf16":
-                extra = (f"; {f['prefill_matmul']}; tokens {'identical' if f['tokens'] == figures['ours', batch]['tokens'] else 'differ'}"
-                         " to float32's")
+                same = f["tokens"] == figures["ours", batch]["tokens"]
+                extra = f"; {f['prefill_matmul']}; tokens {'identical' if same else 'differ'} to float32's"
             if kind == "ours":
                 reached = prefill_flops(cfg, batch, 608) / f["prefill_s"]
                 extra = (f", prefill at {reached / 1e9:.0f} GFLOP/s = {reached / flops:.0%} of the MatMul figure; "

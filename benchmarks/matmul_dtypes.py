@@ -4,8 +4,8 @@ One linear layer of the 7B's prefill (x [S, K] @ w [N, K].T, S = 594 positions: 
 the text model's three shapes, timed in this process: MindSpore's CPU MatMul in float32, float16 and bfloat16
 (where it has a kernel), our bf16_matmul custom op on the float16 weight (model/kernels: what
 `generate --prefill-matmul bfloat16` runs), and torch's F.linear in float32 and bfloat16 (oneDNN; AVX-512 BF16
-where /proc/cpuinfo lists avx512_bf16). MindSpore runs its ops blocking, as the reference model does. The named baseline is torch bfloat16, what transformers in bfloat16 runs;
-each figure is printed with its ratio to it.
+where /proc/cpuinfo lists avx512_bf16). MindSpore runs its ops blocking, as the reference model does. The named
+baseline is torch bfloat16, what transformers in bfloat16 runs; each figure is printed with its ratio to it.
 
     .venv/bin/python benchmarks/matmul_dtypes.py [--positions 594] [--runs 5]
 """
@@ -81,8 +81,10 @@ def main() -> int:
                 print(f"  {name:20s} no kernel: {t}")
                 continue
             totals[name] = totals.get(name, 0.0) + t
-            print(f"  {name:20s} {t * 1e3:8.1f} ms  {flop / t / 1e9:6.0f} GFLOP/s  {t / base:5.2f}x the baseline's time")
-    print("\nall three shapes: " + ", ".join(f"{name} {t / totals['torch bfloat16']:.2f}x" for name, t in totals.items()))
+            print(f"  {name:20s} {t * 1e3:8.1f} ms  {flop / t / 1e9:6.0f} GFLOP/s  "
+                  f"{t / base:5.2f}x the baseline's time")
+    ratios = ", ".join(f"{name} {t / totals['torch bfloat16']:.2f}x" for name, t in totals.items())
+    print(f"\nall three shapes: {ratios}")
     return 0
 
 

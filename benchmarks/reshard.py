@@ -15,7 +15,7 @@ import argparse
 import os
 import shutil
 
-from common import (LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, need_free,
+from common import (LLAVA, ROOT, clean_up, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, need_free,
                     prepare_input, run, run_sampled)
 
 
@@ -53,10 +53,7 @@ def main() -> None:
                   f"{ours[-1]:.2f} s ({written / 1e9:.2f} GB written), ratio {ours[-1] / base[-1]:.2f}, "
                   f"peak anonymous memory {anon[-1]:.0f} MiB", flush=True)
     finally:
-        for p in (out, copy):
-            shutil.rmtree(p, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+        clean_up((out, copy), None if args.keep else src)
     print()
     print(f"preset {args.preset} tp{args.from_tp} -> tp{args.tp}: shard median {median(ours):.2f} s vs cp -r + sync "
           f"median {median(base):.2f} s, ratio {median(ours) / median(base):.2f}; peak anonymous memory max "

@@ -11,7 +11,8 @@ import argparse
 import os
 import shutil
 
-from common import LLAVA, ROOT, add_common_args, copy_and_sync, dir_bytes, drop_caches, median, prepare_input, run
+from common import (LLAVA, ROOT, add_common_args, clean_up, copy_and_sync, dir_bytes, drop_caches, median,
+                    prepare_input, run)
 
 
 def main() -> None:
@@ -38,10 +39,7 @@ def main() -> None:
                 print(f"run {i + 1}: cp -r + sync {base[-1]:.2f} s | convert --tp {tp} {t:.2f} s "
                       f"({written / 1e9:.2f} GB written), peak RSS {peak:.0f} MiB", flush=True)
     finally:
-        for p in (out, copy):
-            shutil.rmtree(p, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+        clean_up((out, copy), None if args.keep else src)
     print()
     for tp, (times, rss) in results.items():
         print(f"preset {args.preset} --tp {tp} {args.extra}: median {median(times):.2f} s vs cp -r + sync median "

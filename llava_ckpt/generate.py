@@ -222,13 +222,12 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         ids, mask = pad_left([p["ids"] for p in chunk], pad_id, limit)
+        arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": stack_images([p["pixels"] for p in chunk])}
+        if chunk[0]["size"] is not None:  # LLaVA-NeXT: how many of each row's patches are real
+            arrays["image_sizes"] = np.array([p["size"] for p in chunk], dtype=np.int64)
         jobs.append({"handler": f"{__name__}:batch_job", "max_new_tokens": max_new_tokens, "eos": list(eos), "pad_id": pad_id,
                      "do_sample": bool(do_sample), "temperature": float(temperature), "top_p": float(top_p),
-                     "seed": None if seed is None else [int(seed), len(jobs)],
-                     "arrays": dict({"input_ids": ids, "attention_mask": mask,
-                                     "pixel_values": stack_images([p["pixels"] for p in chunk])},
-                                    **({"image_sizes": np.array([p["size"] for p in chunk], dtype=np.int64)}
-                                       if chunk[0]["size"] is not None else {})),
+                     "seed": None if seed is None else [int(seed), len(jobs)], "arrays": arrays,
                      "start": start, "count": len(chunk)})
     from .model.memory import check_fits  # the largest batch against this host's memory, before any model loads
     memory = check_fits(cfg, info["layout"], tp, [(j["count"], j["arrays"]["input_ids"].shape[1]) for j in jobs],

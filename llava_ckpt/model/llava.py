@@ -63,7 +63,9 @@ class LlavaVlm(nn.Cell):
         return ops.gather(flat, index, 0)
 
     def place(self, ids, packed):
-        """Token embeddings with `packed` [K, H] written, in order, at the image tokens."""
+        """Token embeddings with the image features `packed` ([K, H], or LLaVA-1.5's adapter output [N, T, H]:
+        the same rows in order) written, in order, at the image tokens."""
+        packed = packed.reshape(-1, packed.shape[-1])
         is_image = ids == self.image_token
         text = self.language_model.model.tok_embeddings(ops.where(is_image, ops.zeros_like(ids), ids))
         index = ops.cumsum(is_image.astype(ms.int32).reshape(-1), 0) - 1

@@ -59,8 +59,6 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype, image_sizes=None)
     if name == "image_packing":
         return theirs(hf.pack(t_in, image_sizes)), mine(ms.pack(m_in, image_sizes))
     if name == "language_model.model.tok_embeddings":
-        if not ms.anyres:  # its input is the adapter's output, which the merge takes in order
-            m_in = ms.pack(m_in)
         return theirs(hf.merge(input_ids, t_in)), mine(ms.merge(input_ids, m_in))
     if name.startswith("language_model.model.layers."):
         from ..model.llama import causal_bias

@@ -1,9 +1,9 @@
 """The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
-CLIPEncoderLayer, LlavaMultiModalProjector or LLaVA-NeXT's with its pack_image_features, the text model's decoder layer, RMSNorm, rotary embedding and
-causal mask (Llama's, or Mistral's for bakLlava: TEXT_CLASSES), DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each
-filled with its own weights read lazily from the source safetensors (pread, per tensor) and freed after
-it ran. Nothing here re-implements transformers' math; only the order of calls (LlavaModel.forward's)
-is spelled out.
+CLIPEncoderLayer, LlavaMultiModalProjector or LLaVA-NeXT's with its pack_image_features, the text model's
+decoder layer, RMSNorm, rotary embedding and causal mask (Llama's, or Mistral's for bakLlava: TEXT_CLASSES),
+DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each filled with its own
+weights read lazily from the source safetensors (pread, per tensor) and freed after it ran. Nothing here
+re-implements transformers' math; only the order of calls (LlavaModel.forward's) is spelled out.
 
 Weights are float32 (rounded through `round_to` first: the dtypes the converted checkpoint or the reference
 model's compute narrows them to, so both sides compute on the same numbers), read with pread into the
@@ -179,7 +179,7 @@ class HfSide:
         embeds = self._embed(ids)
         features = image.reshape(-1, image.shape[-1]).to(embeds.dtype)
         mask = model.get_placeholder_mask(SimpleNamespace(config=self.config), ids, inputs_embeds=embeds,
-                                               image_features=features)
+                                          image_features=features)
         return embeds.masked_scatter(mask, features)
 
     def begin(self, x, past: int):

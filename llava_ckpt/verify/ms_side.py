@@ -188,24 +188,19 @@ class MsSide:
 
     # ---- language model
 
-    def pack(self, image, image_sizes=None):
-        """LlavaVlm.pack: the adapter's features [N, T, H] in the order the image tokens take them (LLaVA-NeXT:
-        its anyres packing with image_newline, model/anyres.py): [K, H]."""
+    def pack(self, image, image_sizes):
+        """LLaVA-NeXT: LlavaVlm.pack, the adapter's features [N, T, H] in its anyres packing with image_newline
+        (model/anyres.py): [K, H]. (LLaVA-1.5's merge takes the adapter's output as it is.)"""
         from ..model.anyres import image_index
         from ..model.llava import LlavaVlm
         self._begin()
-        index = self.Tensor(image_index(self.cfg, self.images(image, image_sizes), image_sizes))
-        newline = None
-        if self.anyres:
-            newline = self.Tensor.from_numpy(self._weight("image_newline", (self.cfg["text_config"]["hidden_size"],)))
-        return LlavaVlm.pack(SimpleNamespace(anyres=self.anyres, image_newline=newline), image, index)
-
-    def images(self, image, image_sizes) -> int:
-        """How many images the adapter's features [N, T, H] are of (LLaVA-NeXT: one per image size)."""
-        return int(image.shape[0]) if not self.anyres else len(np.asarray(image_sizes))
+        index = self.Tensor(image_index(self.cfg, len(np.asarray(image_sizes)), image_sizes))
+        newline = self.Tensor.from_numpy(self._weight("image_newline", (self.cfg["text_config"]["hidden_size"],)))
+        return LlavaVlm.pack(SimpleNamespace(anyres=True, image_newline=newline), image, index)
 
     def merge(self, input_ids, packed):
-        """LlavaVlm.place: the token embeddings with the packed image features written at the image tokens."""
+        """LlavaVlm.place: the token embeddings with the image features (the adapter's output, or LLaVA-NeXT's
+        packing of it) written at the image tokens."""
         from ..model.llava import LlavaVlm
         self._begin()
         table = self._load(self._embedding_cell(), f"{TEXT}tok_embeddings.")

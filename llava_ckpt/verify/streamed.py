@@ -170,8 +170,8 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
         on_module(f"vision_encoder.transformer.resblocks.{i}", x)
     x = clock.run("mindspore", ms.adapter, x)
     on_module("adapter", x)
-    x = clock.run("mindspore", ms.pack, x, image_sizes)
     if ms.anyres:
+        x = clock.run("mindspore", ms.pack, x, image_sizes)
         on_module("image_packing", x)
     x = clock.run("mindspore", ms.merge, input_ids, x)
     if len(extra_tokens):

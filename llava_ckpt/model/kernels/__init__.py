@@ -38,7 +38,6 @@ from ...io.files import write_atomic
 SMALL_ROWS = (2, 8)
 ENV_SWITCH = "LLAVA_CKPT_SMALL_MATMUL"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCE = os.path.join(_HERE, "small_matmul.cc")
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
 _BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
 HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every kernel
@@ -106,14 +105,14 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(kernel: str = "small_matmul") -> tuple:
+def _build(kernel: str) -> tuple:
     """(library path, "") or (None, reason): compiled once per source version into the cache folder."""
-    folder = cache_dir()
-    key = folder if kernel == "small_matmul" else (folder, kernel)
+    key = (cache_dir(), kernel)
     if key in _built:
         return _built[key]
+    folder = key[0]
     source_name, _, set_threads_name = KERNELS[kernel]
-    reason = _cpu_supports() if kernel == "small_matmul" else _bf16_supports()
+    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports}[kernel]()
     path = None
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
@@ -138,7 +137,7 @@ def _build(kernel: str = "small_matmul") -> tuple:
     return _built[key]
 
 
-def _compile(path: str, flags: list, source: str = _SOURCE) -> str | None:
+def _compile(path: str, flags: list, source: str) -> str | None:
     """Build the library at `path` (atomically); the reason on failure, None on success."""
     cxx = _compiler()
     if cxx is None:
@@ -167,22 +166,28 @@ def small_matmul_status(dtype: str = "float32", device: str | None = None) -> st
     instead. `device`: the target asked for (default: MindSpore's current one)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"MindSpore MatMul ({ENV_SWITCH}=0)"
+    return _status("small_matmul", dtype, device, "the kernel is float32")
+
+
+def _status(kernel: str, dtype: str, device: str | None, float32_only: str) -> str:
+    """'<kernel> kernel (<library>)' where it runs for `dtype` on `device` (default: MindSpore's current
+    target), else 'MindSpore MatMul (<why not>)'."""
     if device is None:
         import mindspore as ms
         device = ms.get_context("device_target")
     if device != "CPU":
         return f"MindSpore MatMul (device {device})"
     if dtype != "float32":
-        return f"MindSpore MatMul (the kernel is float32, compute dtype is {dtype})"
-    path, reason = _build()
-    return f"small_matmul kernel ({path})" if path else f"MindSpore MatMul ({reason})"
+        return f"MindSpore MatMul ({float32_only}, compute dtype is {dtype})"
+    path, reason = _build(kernel)
+    return f"{kernel} kernel ({path})" if path else f"MindSpore MatMul ({reason})"
 
 
 def small_matmul_op(dtype: str):
     """The custom op computing x [M, K] @ w [N, K].T (any M; used for SMALL_ROWS), or None where it cannot run."""
     if not small_matmul_status(dtype).startswith("small_matmul kernel"):
         return None
-    return _custom(_build()[0], "small_matmul")
+    return _custom(_build("small_matmul")[0], "small_matmul")
 
 
 def _custom(path: str, kernel: str):
@@ -208,15 +213,7 @@ def set_threads(n: int) -> None:
 def bf16_matmul_status(dtype: str = "float32", device: str | None = None) -> str:
     """What a bfloat16 prefill's matmuls run on: the kernel's library, or why MindSpore's float32 MatMul runs
     instead."""
-    if device is None:
-        import mindspore as ms
-        device = ms.get_context("device_target")
-    if device != "CPU":
-        return f"MindSpore MatMul (device {device})"
-    if dtype != "float32":
-        return f"MindSpore MatMul (bf16_matmul takes float32 activations, compute dtype is {dtype})"
-    path, reason = _build("bf16_matmul")
-    return f"bf16_matmul kernel ({path})" if path else f"MindSpore MatMul ({reason})"
+    return _status("bf16_matmul", dtype, device, "bf16_matmul takes float32 activations")
 
 
 def check_prefill_mode(mode: str) -> None:
