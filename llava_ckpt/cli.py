@@ -85,8 +85,8 @@ def _progress(as_json: bool) -> bool:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llava-ckpt")
 def main():
-    """Convert, shard, verify, run (generate) and export back Hugging Face LLaVA checkpoints (LLaVA-1.5, bakLlava;
-    LLaVA-NeXT's weights) for MindSpore / MindFormers."""
+    """Convert, shard, verify, run (generate) and export back Hugging Face LLaVA checkpoints (LLaVA-1.5, bakLlava,
+    LLaVA-NeXT) for MindSpore / MindFormers."""
 
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
