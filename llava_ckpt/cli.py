@@ -82,7 +82,31 @@ def _progress(as_json: bool) -> bool:
     return not as_json and sys.stderr.isatty()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """click's own usage errors (an unknown option, a missing argument, a value outside an option's choices) as one
+    `error:` line and exit 2, like every other bad input, instead of click's usage block."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            _usage_error(exc)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            _usage_error(exc)
+
+
+def _usage_error(exc: click.UsageError):
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        raise exc  # no arguments at all: click prints the help, as it should
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    _fail(exc.format_message() + where)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llava-ckpt")
 def main():
     """Convert, shard, verify, run (generate) and export back Hugging Face LLaVA checkpoints (LLaVA-1.5, bakLlava,
@@ -180,8 +204,10 @@ def export(ms_src, hf_out, config, dtype, max_shard_size, mapping, overwrite, as
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file (default: bundled).")
 @click.option("--prompt", default=None, help="Question about the image (default: a caption request).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Compute dtype of the reference model (float32 for the tightest comparison).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype: float32 for the tightest comparison; float16 the reference model's activations; "
+                   "bfloat16 every Linear's product on both sides (float32 sums; the fast walk: needs AVX-512 "
+                   "BF16), with its own tolerance.")
 @click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
               help="MindSpore device target of the reference model.")
 @click.option("--msrun/--no-msrun", default=None,

@@ -92,7 +92,8 @@ HOMES = {
                            "special_ids"],
     "llava_ckpt.runtime.msrun": ["run_jobs", "kill_run", "rank_threads"],
     "llava_ckpt.model.kernels": ["cpu_flags", "prefill_matmul", "prefill_matmul_op", "bf16_matmul_status",
-                                 "small_matmul_status", "small_matmul_op", "check_prefill_mode"],
+                                 "small_matmul_status", "small_matmul_op", "check_prefill_mode",
+                                 "round_to_bfloat16"],
 }
 
 

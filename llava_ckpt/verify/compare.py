@@ -19,6 +19,14 @@ TOLERANCES = {
     # tests/verify/test_verify_run.py: relative logit errors 0.18-1.1, cosine <= 0.98; the subtlest (vision
     # q and k swapped) shows 0.09 at its own module, 3x the module tolerance.
     "float16": {"logits_rtol": 3e-2, "cosine_min": 0.999, "module_rtol": 3e-2},
+    # bfloat16 products (verify --dtype bfloat16: every Linear's inputs rounded to 8 bits on both sides, float32
+    # sums; transformers' GEMM also rounds its output to bfloat16, the reference kernel does not). Measured: tiny
+    # fixture 7.5e-3 relative (logits and the largest module), cosine 0.99996; the full-size 7B 9.7e-3, cosine
+    # 0.99994, 8/8 greedy tokens. 3e-2 / 0.999 still fails the injected mapping errors of
+    # tests/verify/test_verify_bfloat16.py at their own module: 0.32 (w1/w3), 0.63 (plain qkv fused), and the
+    # subtlest, vision q and k swapped, 0.092 (3x the tolerance). What it gives up: smaller model differences
+    # pass, e.g. exact GELU for CLIP's QuickGELU (1.2e-2 at its module), which the float32 walk names.
+    "bfloat16": {"logits_rtol": 3e-2, "cosine_min": 0.999, "module_rtol": 3e-2},
 }
 
 

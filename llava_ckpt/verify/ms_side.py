@@ -1,7 +1,7 @@
 """The MindSpore side, one module at a time: the bundled reference model's own cells (VisionEncoder's
 embedding and ln_pre, ResBlock, Adapter, LlavaVlm.embed's merge, DecoderLayer.prefill, the norm and
 lm_head of LanguageModel), each built with the model's classes, filled with that module's converted
-weights only (read with pread from the converted files into the verify's arena, weights.py, which the
+weights only (read from the converted files into the verify's arena, weights.py, which the
 next step reuses) and emptied after it ran.
 
 Cells are built per step and hold only what that step loads (a parameter built but never loaded may be
@@ -27,10 +27,12 @@ class MsSide:
     """The reference model's steps for one process (`rank`/`world` None: whole tensors) or for one
     tensor-parallel rank under msrun (`rank`, `world`: this rank's slices from its own rank file, in the
     parallel cells of model/parallel.py built by `layout`'s split kinds, communicating with the other ranks
-    inside each step)."""
+    inside each step). `matmul` "bfloat16": the Linear cells are built in kernels.prefill_matmul("bfloat16"), so
+    their many-row products run bf16_matmul (the caller checks that it runs here)."""
 
     def __init__(self, cfg: dict, tensors, dtype: str = "float32", device_target: str = "CPU",
-                 arena: Arena | None = None, rank: int | None = None, world: int = 1, layout: dict | None = None):
+                 arena: Arena | None = None, rank: int | None = None, world: int = 1, layout: dict | None = None,
+                 matmul: str = "float32"):
         from mindspore import Tensor, ops
         from ..model.layers import NP_DTYPES
         from ..model.llava import LlavaVlm
@@ -44,6 +46,9 @@ class MsSide:
         self.reader = FileReader()
         self.infos = getattr(tensors, "infos", None)  # a single file: read straight into the arena
         self.cfg, self.tensors, self.dtype = cfg, tensors, dtype
+        from ..model.kernels import check_prefill_mode, prefill_matmul
+        check_prefill_mode(matmul)
+        self.matmul, self._mode = matmul, prefill_matmul
         self.rank, self.world, self.layout = rank, int(world), layout
         if rank is not None and layout is None:
             raise fail("a tensor-parallel rank needs the checkpoint's split layout")
@@ -91,6 +96,13 @@ class MsSide:
             p.set_data(self.Tensor.from_numpy(self._weight(name, tuple(p.shape))))
         return cell
 
+    def _prefetch(self, prefix: str) -> None:
+        """Start reading the stored tensors under `prefix` (the next step's) into the page cache (a single
+        file's; the other layouts read as they go)."""
+        for name, info in (self.infos or {}).items():
+            if name.startswith(prefix):
+                self.reader.prefetch(info)
+
     def _weight(self, name: str, shape: tuple) -> np.ndarray:
         stored = self.infos[name] if self.infos is not None else self.tensors[name]  # header only, or the data
         if tuple(stored.shape) != shape:
@@ -111,6 +123,10 @@ class MsSide:
 
     # ---- the cells a step builds: the plain ones, or this rank's parallel ones
 
+    def _cells(self):
+        """Where a step builds its cells: in the matmul mode asked for."""
+        return self._mode(self.matmul)
+
     def _embedding_cell(self):
         from ..model.llama import Embedding
         return self._rank(Embedding(self.tc["vocab_size"], self.tc["hidden_size"], self.dtype),
@@ -118,16 +134,19 @@ class MsSide:
 
     def _head_cell(self):
         from ..model.layers import Linear
-        return self._rank(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
-                          "language_model.lm_head.weight")
+        with self._cells():
+            return self._rank(Linear(self.tc["vocab_size"], self.tc["hidden_size"], False, self.dtype),
+                              "language_model.lm_head.weight")
 
     def _decoder_cell(self, i: int):
         from ..model.llama import DecoderLayer
-        return self._parallel(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
+        with self._cells():
+            return self._parallel(DecoderLayer(self.tc, self.fused, self.dtype), f"{TEXT}layers.{i}.")
 
     def _adapter_cell(self):
         from ..model.llava import Adapter
-        return self._parallel(Adapter(self.cfg, self.dtype), "adapter.")
+        with self._cells():
+            return self._parallel(Adapter(self.cfg, self.dtype), "adapter.")
 
     def _rank(self, cell, weight: str):
         """A lone Embedding / Linear as this rank holds it (itself in one process)."""
@@ -173,7 +192,9 @@ class MsSide:
     def vision_block(self, i: int, x):
         from ..model.vision import ResBlock
         self._begin()
-        block = self._load(ResBlock(self.cfg["vision_config"], self.dtype), f"vision_encoder.transformer.resblocks.{i}.")
+        with self._cells():
+            block = ResBlock(self.cfg["vision_config"], self.dtype)
+        block = self._load(block, f"vision_encoder.transformer.resblocks.{i}.")
         y = block(x)
         self._release(block)
         return y
@@ -246,6 +267,7 @@ class MsSide:
         """DecoderLayer.prefill of layer i: (output, k, v)."""
         self._begin()
         layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
+        self._prefetch(f"{TEXT}layers.{i + 1}.")  # read while this one runs
         out = layer.prefill(x, cos, sin, bias)
         self._release(layer)
         return out

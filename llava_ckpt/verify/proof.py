@@ -88,6 +88,11 @@ class _Expect:
         self.first = None     # flat index (in the HF tensor) of the first differing element
         self.largest = 0.0
         self._buf = np.empty(0, np.uint8)
+        # the source as a map of its file's pages where it is one run: compared without a copy out of the page
+        # cache (a pread of every source byte was 13% of a 7B proof's samples, measured with perf)
+        self._source = reader.mapped(item.source)
+        if self._source is not None:
+            self._source = self._source.reshape(-1).view(np.ndarray)  # slices without memmap objects per chunk
 
     def begin(self, name, shape, code, nbytes):
         self.pos = 0
@@ -102,9 +107,13 @@ class _Expect:
     def write(self, flat: np.ndarray):
         got = np.frombuffer(flat, dtype=self.got_np)
         n = got.size
-        size = self.src_np.itemsize
-        raw = self.reader.read_bytes(self.item.source, self.pos * size, (self.pos + n) * size)
-        want = cast(np.frombuffer(raw, dtype=self.src_np), self.item.out.code)
+        if self._source is not None:
+            source = self._source[self.pos:self.pos + n]
+        else:
+            size = self.src_np.itemsize
+            raw = self.reader.read_bytes(self.item.source, self.pos * size, (self.pos + n) * size)
+            source = np.frombuffer(raw, dtype=self.src_np)
+        want = cast(source, self.item.out.code)
         a, b = got.view(self.view), want.view(self.view)
         if not np.array_equal(a, b):
             wrong = np.flatnonzero(a != b)
@@ -117,7 +126,7 @@ class _Expect:
         self.pos += n
 
     def end(self):
-        pass
+        self._source = None  # the map goes with its last view
 
 
 def _difference(item: ProofItem, expect: _Expect, maps: dict) -> dict:

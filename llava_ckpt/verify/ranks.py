@@ -14,14 +14,16 @@ from ..errors import fail
 
 def run_ranks(rank_dirs: list, cfg: dict, layout: dict, input_ids, pixel_values, dtype: str = "float32",
               jit: bool = True, device: str = "CPU", timeout: float = 300.0, retries: int = 1, trace: bool = False,
-              max_new_tokens: int = 0, eos=(), streamed: bool = False, image_sizes=None) -> dict:
+              max_new_tokens: int = 0, eos=(), streamed: bool = False, image_sizes=None,
+              matmul: str = "float32") -> dict:
     """One prompt batch on the ranks under msrun: {"logits" (rank 0's full-vocab prompt logits [B, S, V]
     float32), "trace" (list of arrays in model.trace_names(cfg) order, if trace), "tokens" (greedy new tokens of
     a batch-1 prompt, stopping after an eos token, if max_new_tokens > 0), "world", "seconds", "attempts"}.
 
     `cfg` is the normalized LLaVA config, `layout` the split layout (engine.records.split_layout of the output's
     manifest). jit=True compiles each rank's forward (graph mode, AllReduce/AllGather inside the graph);
-    jit=False runs PyNative; `streamed` walks layer by layer, eagerly (`jit` does not apply)."""
+    jit=False runs PyNative; `streamed` walks layer by layer, eagerly (`jit` does not apply). `matmul`: the
+    ranks' prefill products (model.kernels.prefill_matmul's modes)."""
     from ..runtime.msrun import run_jobs
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -33,7 +35,7 @@ def run_ranks(rank_dirs: list, cfg: dict, layout: dict, input_ids, pixel_values,
            "arrays": {"input_ids": ids.astype(np.int32), "pixel_values": np.asarray(pixel_values, np.float32)}}
     if image_sizes is not None:  # LLaVA-NeXT's
         job["arrays"]["image_sizes"] = np.asarray(image_sizes, dtype=np.int64)
-    context = {"cfg": cfg, "layout": layout}
+    context = {"cfg": cfg, "layout": layout, "prefill_matmul": matmul}
     run = run_jobs(rank_dirs, context, [job], dtype=dtype, jit=jit, device=device, timeout=timeout, retries=retries)
     r = run["results"][0]
     out = {"logits": r["logits"], "world": run["world"], "seconds": run["seconds"], "attempts": run["attempts"]}
@@ -71,7 +73,7 @@ def streamed_forward(ctx, job: dict, arrays: dict):
     cfg = ctx.context["cfg"]
     tensors = load_tensors(ctx.rank_dir)
     ms = MsSide(cfg, tensors, dtype=ctx.dtype, device_target=ctx.device, rank=ctx.rank, world=ctx.world,
-                layout=ctx.context["layout"])
+                layout=ctx.context["layout"], matmul=ctx.context.get("prefill_matmul", "float32"))
     new_tokens = int(job.get("max_new_tokens", 0))
     try:
         got = rank_walk(ms, cfg, arrays["input_ids"], arrays["pixel_values"], new_tokens,

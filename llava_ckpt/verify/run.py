@@ -5,6 +5,10 @@ Same numbers on both sides: when the converted weights are stored narrower than 
 --dtype bfloat16/float16) or the reference model computes in float16, transformers' weights are rounded
 through that dtype before it runs. The comparison then measures the conversion and the model, not the
 precision the user chose, and the float32 tolerance can stay at rounding level.
+
+bfloat16 compute is the fast walk: every Linear's product in bfloat16 with float32 sums on both sides (the
+reference model's bf16_matmul kernel, transformers' nn.Linear through torch's bfloat16 GEMM, hf_side.py), the rest
+in float32. It has its own tolerance (compare.TOLERANCES) and the result says which products ran ("matmul").
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from .record import start_hashing, stop_hashing, write_verification
 
 # How much narrower than float32: stored dtypes above 0 are applied to transformers' weights.
 _NARROW = {"bfloat16": 2, "float16": 1, "float32": 0}
+# compute dtype -> (the reference model's cells' dtype, the matrix products' mode: model.kernels.PREFILL_MODES)
+COMPUTE = {"float32": ("float32", "float32"), "float16": ("float16", "float32"), "bfloat16": ("float32", "bfloat16")}
 
 
 def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | None = None,
@@ -28,9 +34,10 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
 
     First the weight proof (proof.py): every converted tensor, on every rank, read back through its op's
     inverse and compared bit for bit with its source cast to its stored dtype. `weights_only` stops there (no
-    model is built or run). Then the numeric walk: `dtype` is the reference model's compute dtype (float32 or
-    float16). `msrun`: run a tp output's rank files as real tensor-parallel ranks (default: yes for a tp output;
-    False keeps only the reassembled single-process check); the ranks walk their rank files layer by layer as
+    model is built or run). Then the numeric walk: `dtype` is the compute dtype (float32; float16: the
+    reference model's activations; bfloat16: every Linear's product on both sides, this module's docstring).
+    `msrun`: run a tp output's rank files as real tensor-parallel ranks (default: yes for a tp output; False
+    keeps only the reassembled single-process check); the ranks walk their rank files layer by layer as
     this process does (one layer's slices in memory per rank); `timeout` bounds one msrun attempt (seconds).
     Raises CheckpointError for bad input (missing folders, names that do not match the model); a mismatch is
     not an error, it is `passed: False` with its kind ("conversion error": tensors differ from their source;
@@ -38,6 +45,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
     """
     if dtype not in TOLERANCES:
         raise fail(f"verify dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}")
+    cells, matmul = COMPUTE[dtype]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise fail(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -70,6 +78,8 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         return write_verification(result, hashing, {"device": None})
     image_path = image or DEFAULT_IMAGE
     picture = load_image(image_path)
+    if matmul == "bfloat16":
+        _check_bf16_matmul(device_target)
     floor = prompt_floor(hf_src, prompt or DEFAULT_PROMPT, image_token_count(cfg))
     if floor is not None:
         check_length(floor, max_new_tokens, cfg, "the prompt", exact=False)
@@ -90,7 +100,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         from .ms_side import MsSide
         from .weights import Arena
         arena = Arena()  # one step's weights, either side's: the two never run a step at the same time
-        ms = MsSide(cfg, tensors, dtype=dtype, device_target=device_target, arena=arena)  # names checked only
+        ms = MsSide(cfg, tensors, dtype=cells, device_target=device_target, arena=arena, matmul=matmul)  # names only
         planned = plan_proof(hf_src, converted["checkpoint"], cfg)
         hashing = start_hashing(hf_src, ms_dir, inputs["image"])  # every file the record names, meanwhile
         try:
@@ -98,13 +108,13 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
             ranks = None
             if use_msrun:  # N real ranks, each loading only its own rank file; this process holds no model now
                 from .ranks import run_ranks
-                ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=dtype,
-                                  device=device_target, timeout=timeout, trace=True, max_new_tokens=max_new_tokens,
-                                  eos=eos, streamed=True, image_sizes=sizes)
+                ranks = run_ranks(converted["rank_dirs"], cfg, converted["layout"], ids, pixels, dtype=cells,
+                                  matmul=matmul, device=device_target, timeout=timeout, trace=True,
+                                  max_new_tokens=max_new_tokens, eos=eos, streamed=True, image_sizes=sizes)
             from .hf_side import HfSide
             from .streamed import walk
             tol = TOLERANCES[dtype]
-            hf = HfSide(hf_src, cfg, narrow, arena)
+            hf = HfSide(hf_src, cfg, narrow, arena, matmul=matmul)
             try:
                 got = walk(hf, ms, cfg, ids, pixels, max_new_tokens, eos, tol["module_rtol"],
                            rank_trace=ranks["trace"] if ranks else None,
@@ -112,6 +122,7 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
                 replicas = sorted(getattr(tensors, "replica_mismatch", ()))
                 result = _result(got, ranks, cfg, inputs, tol, tp, ms.fused, dtype, stored, narrow, replicas,
                                  hf_src, ms_dir, weights)
+                result["matmul"] = _matmul_note(matmul, device_target)
                 if result["kind"] == "numeric drift":
                     result["drift"] = _drift(result, got, (hf, ms), hf_src, cfg, tensors, storage, arena,
                                              device_target, ids, pixels, dtype, tol["module_rtol"], sizes)
@@ -125,6 +136,25 @@ def verify(hf_src: str, ms_dir: str, image: str | None = None, prompt: str | Non
         if hasattr(tensors, "close"):
             tensors.close()
     return write_verification(result, hashing, {"device": device_target, "max_new_tokens": max_new_tokens})
+
+
+def _check_bf16_matmul(device: str) -> None:
+    """bfloat16 compute needs the bf16_matmul kernel on this machine (AVX-512 BF16): refused, with why, before
+    anything runs, rather than comparing float32 products with transformers' bfloat16 ones."""
+    from ..model.kernels import bf16_matmul_status
+    status = bf16_matmul_status("float32", device)
+    if not status.startswith("bf16_matmul kernel"):
+        raise fail(f"verify --dtype bfloat16 needs the bf16_matmul kernel, which cannot run here: "
+                   f"{status.split('(', 1)[-1].rstrip(')')}; use --dtype float32")
+
+
+def _matmul_note(matmul: str, device: str) -> str:
+    """What the Linears' products ran on, both sides."""
+    if matmul == "float32":
+        return "float32 on both sides"
+    from ..model.kernels import bf16_matmul_status
+    return ("bfloat16 products, float32 sums: the reference model's " + bf16_matmul_status("float32", device)
+            + "; transformers' nn.Linear through torch's bfloat16 GEMM (its output rounded to bfloat16)")
 
 
 def _check_same_model(cfg: dict, ms_dir: str, hf_src: str, tensors) -> None:

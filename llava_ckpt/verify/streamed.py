@@ -16,7 +16,9 @@ both checkpoints (28 GB in float16) do not fit the page cache together, transfor
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
 import sys
 import time
@@ -44,14 +46,26 @@ class _Clock:
         if self.log:
             import psutil
             what = getattr(fn, "__name__", "step") + "".join(f" {a}" for a in args if isinstance(a, int))
-            print(f"[verify] {side:12s} {what:28s} {took:7.2f} s  rss {psutil.Process().memory_info().rss >> 20} MiB",
-                  file=sys.stderr, flush=True)
+            since = time.time() - psutil.Process().create_time()
+            print(f"[verify] {side:12s} {what:28s} {took:7.2f} s  rss {psutil.Process().memory_info().rss >> 20} MiB"
+                  f"  at {since:6.1f} s", file=sys.stderr, flush=True)
         return out
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+TRIM_FREE = 256 << 20  # free heap bytes above which a step's end hands them back
+
+
 def _trim_heap() -> None:
-    """Hand the heap's free pages back to the OS after each step: the weights of one step are freed, but
-    glibc keeps fragmented heap pages, and without this the peak crept up ~20 MB per layer (measured)."""
+    """Hand the heap's free pages back to the OS after a step, when more than TRIM_FREE lie free in it: the
+    weights of one step are freed, but glibc keeps fragmented heap pages, and without any trimming the peak crept
+    up ~20 MB per layer (measured). Trimming after every step cost more than the step's matmuls on the
+    reference side (the next step faults the pages back in: 1.75 s against 1.24 s for a 7B decoder layer,
+    measured), so it waits until there is that much to give back."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -60,11 +74,26 @@ def _trim_heap() -> None:
         except (OSError, AttributeError):  # not glibc: nothing to trim
             _LIBC = False
             return
+        if hasattr(_LIBC, "mallinfo2"):
+            _LIBC.mallinfo2.restype = _MallInfo2
     if _LIBC:
-        _LIBC.malloc_trim(0)
+        if not hasattr(_LIBC, "mallinfo2") or _LIBC.mallinfo2().fordblks > TRIM_FREE:
+            _LIBC.malloc_trim(0)
 
 
 _LIBC = None
+
+
+@contextlib.contextmanager
+def _gc_frozen():
+    """The objects alive when a walk starts (torch's, transformers', MindSpore's: hundreds of thousands) kept out
+    of the collections the walk's steps set off: each step builds cells and modules, and every full collection
+    scanned all of them (3% of a 7B reference walk's samples in gc_collect_main, measured with perf)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 HEAD = "language_model.lm_head"  # the last module of the report: the prompt's logits
@@ -83,6 +112,13 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     intermediates in `names` order, and `rank_logits`, if given) and greedy tokens of both sides. Also returns
     transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs.
     image_sizes: LLaVA-NeXT's, as its processor gives them."""
+    with _gc_frozen():
+        return _walk(hf, ms, cfg, input_ids, pixel_values, max_new_tokens, eos, rtol, rank_trace, names, rank_logits,
+                     image_sizes)
+
+
+def _walk(hf, ms, cfg, input_ids, pixel_values, max_new_tokens, eos, rtol, rank_trace, names, rank_logits,
+          image_sizes) -> dict:
     from ..model.llava import trace_names
     from ..model.vision import layers_run
     names = names or trace_names(cfg)
@@ -200,6 +236,11 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
     kept needs them), then free-running greedy decoding with the parallel KV-cache step (DecoderLayer.step,
     the cache split by heads), walking the layers per token. Every rank runs it in step with the others
     (their collectives pair up); rank 0's result is the one kept."""
+    with _gc_frozen():
+        return _rank_walk(ms, cfg, input_ids, pixel_values, max_new_tokens, eos, trace, image_sizes)
+
+
+def _rank_walk(ms, cfg, input_ids, pixel_values, max_new_tokens, eos, trace, image_sizes) -> dict:
     clock = _Clock()
     outputs = []
 

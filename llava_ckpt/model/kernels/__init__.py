@@ -234,6 +234,27 @@ def prefill_matmul(mode: str):
         _prefill[0] = before
 
 
+_ROUND_TYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def round_to_bfloat16(src, out) -> bool:
+    """`src` (float32, float16 or bfloat16 numpy array, C-contiguous) rounded to bfloat16 (to nearest even, as
+    bf16_matmul rounds its operands) into `out` (2-byte, as many elements), on the kernel's threads. False where
+    the kernel is not built here: the caller casts another way (the same rounding, slower)."""
+    import numpy as np
+    path, _ = _build("bf16_matmul")
+    kind = _ROUND_TYPES.get(str(src.dtype))
+    if path is None or kind is None:
+        return False
+    if not (src.flags.c_contiguous and out.flags.c_contiguous and out.dtype.itemsize == 2 and out.size == src.size):
+        raise ValueError("round_to_bfloat16 needs C-contiguous arrays of the same size, out 2-byte")
+    fn = ctypes.CDLL(path).bf16_round
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
+    if fn(src.ctypes.data, kind, np.int64(src.size), out.ctypes.data) != 0:
+        raise ValueError(f"bf16_round refused dtype {src.dtype}")
+    return True
+
+
 def prefill_matmul_op(dtype: str):
     """The bf16_matmul custom op for the Linear cells being built now, or None (float32 products: the default
     mode, a compute dtype other than float32, or no kernel here)."""

@@ -195,6 +195,25 @@ extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_ro
   return 0;
 }
 
+// n values of `type` (0 float32, 1 float16, 2 bfloat16) at src -> bfloat16 at dst, rounded to nearest even as the
+// matmul rounds its operands (what verify's transformers side holds its Linear weights in), split over the threads.
+// torch's float16 -> bfloat16 copy took 2.5x its float16 -> float32 one here (measured: 22-28 ms against 8-10 for
+// a 4096 x 11008 matrix), and verify casts every decoder layer once per greedy token.
+extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
+  if (type < 0 || type > 2 || n < 0) return 4;
+  int64_t parts = g_threads;
+  int64_t per = ((n + parts - 1) / parts + 63) / 64 * 64;  // whole cache lines of dst per thread
+  const char *s = static_cast<const char *>(src);
+  std::vector<std::thread> others;
+  for (int64_t i = 1; i < parts && i * per < n; i++) {
+    int64_t start = i * per, count = n - start < per ? n - start : per;
+    others.emplace_back(row_to_bf16, s + start * type_size(type), type, count, dst + start);
+  }
+  row_to_bf16(src, type, n < per ? n : per, dst);
+  for (auto &t : others) t.join();
+  return 0;
+}
+
 // MindSpore's AOT custom-op entry (aot_matmul.h checks its arguments). Non-zero: refused.
 extern "C" int Bf16Matmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                           void *extra) {
