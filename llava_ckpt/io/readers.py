@@ -228,15 +228,16 @@ class FileReader:
                 break
         return view
 
-    def prefetch(self, info: TensorInfo) -> None:
-        """Ask the kernel to start reading the tensor's bytes into the page cache now (POSIX_FADV_WILLNEED,
+    def prefetch(self, infos) -> None:
+        """Ask the kernel to start reading these tensors' bytes into the page cache now (POSIX_FADV_WILLNEED,
         returns at once), so a later read_bytes finds them there: a layer-by-layer walk reads the next layer
         while it computes this one."""
         if not hasattr(os, "posix_fadvise"):
             return
-        fd = self._fd(info.path)
-        for offset, length in info.pieces:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        for info in infos:
+            fd = self._fd(info.path)
+            for offset, length in info.pieces:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) along dim 0 as a fresh numpy array in the stored dtype."""

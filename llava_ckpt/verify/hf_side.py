@@ -73,8 +73,8 @@ class HfSide:
         self.where = {to_canonical(n, layout): info for n, info in tensors.items()}
         self.round_to = [getattr(torch, d) for d in round_to]
         self.compute = np.dtype(compute)  # the weights' dtype: float32, or float64 for a rerun (drift.py)
-        if matmul not in ("float32", "bfloat16"):
-            raise fail(f"matrix products in float32 or bfloat16, not {matmul!r}")
+        from ..model.kernels import check_prefill_mode
+        check_prefill_mode(matmul)
         self.matmul = matmul  # "bfloat16": nn.Linear weights in bfloat16, F.linear through bf16_linear
         self.arena = Arena() if arena is None else arena
         self.reader = FileReader()
@@ -120,12 +120,6 @@ class HfSide:
             if not (i == 0 and d == getattr(self.torch, dtype_name(info.dtype))):  # values stored in d are d's already
                 t.copy_(t.to(d))
         return t
-
-    def _prefetch(self, prefix: str) -> None:
-        """Start reading the tensors under `prefix` (the next step's) into the page cache."""
-        for name, info in self.where.items():
-            if name.startswith(prefix):
-                self.reader.prefetch(info)
 
     def _module(self, make, prefix: str, meta: bool = True):
         """transformers' module from `make()`, its state filled from `prefix` + its own state_dict keys."""
@@ -245,7 +239,8 @@ class HfSide:
 
     def decoder_layer(self, i: int, x, ctx: dict):
         layer = self._module(lambda: self.classes.layer(self.text, i), f"{TEXT}layers.{i}.")
-        self._prefetch(f"{TEXT}layers.{(i + 1) % self.text.num_hidden_layers}.")  # read while this one runs
+        after = f"{TEXT}layers.{(i + 1) % self.text.num_hidden_layers}."  # read while this one runs
+        self.reader.prefetch(info for name, info in self.where.items() if name.startswith(after))
         with self._computing():
             return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"],
                          cache=self.cache, use_cache=True, position_embeddings=ctx["position_embeddings"])

@@ -96,13 +96,6 @@ class MsSide:
             p.set_data(self.Tensor.from_numpy(self._weight(name, tuple(p.shape))))
         return cell
 
-    def _prefetch(self, prefix: str) -> None:
-        """Start reading the stored tensors under `prefix` (the next step's) into the page cache (a single
-        file's; the other layouts read as they go)."""
-        for name, info in (self.infos or {}).items():
-            if name.startswith(prefix):
-                self.reader.prefetch(info)
-
     def _weight(self, name: str, shape: tuple) -> np.ndarray:
         stored = self.infos[name] if self.infos is not None else self.tensors[name]  # header only, or the data
         if tuple(stored.shape) != shape:
@@ -267,7 +260,8 @@ class MsSide:
         """DecoderLayer.prefill of layer i: (output, k, v)."""
         self._begin()
         layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
-        self._prefetch(f"{TEXT}layers.{i + 1}.")  # read while this one runs
+        after = f"{TEXT}layers.{i + 1}."  # read while this one runs (a single file's; others read as they go)
+        self.reader.prefetch(info for name, info in (self.infos or {}).items() if name.startswith(after))
         out = layer.prefill(x, cos, sin, bias)
         self._release(layer)
         return out

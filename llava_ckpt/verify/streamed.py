@@ -88,7 +88,8 @@ _LIBC = None
 def _gc_frozen():
     """The objects alive when a walk starts (torch's, transformers', MindSpore's: hundreds of thousands) kept out
     of the collections the walk's steps set off: each step builds cells and modules, and every full collection
-    scanned all of them (3% of a 7B reference walk's samples in gc_collect_main, measured with perf)."""
+    scanned all of them (3% of a 7B reference walk's samples in gc_collect_main, measured with perf). A decorator
+    of the walks too."""
     gc.freeze()
     try:
         yield
@@ -106,19 +107,13 @@ def module_names(cfg: dict) -> list:
     return trace_names(cfg) + [HEAD]
 
 
+@_gc_frozen()
 def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), rtol: float = 1e-3,
          rank_trace: list | None = None, names: list | None = None, rank_logits=None, image_sizes=None) -> dict:
     """Prefill logits of both sides, per-module comparisons (also against `rank_trace`, the msrun ranks'
     intermediates in `names` order, and `rank_logits`, if given) and greedy tokens of both sides. Also returns
     transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs.
     image_sizes: LLaVA-NeXT's, as its processor gives them."""
-    with _gc_frozen():
-        return _walk(hf, ms, cfg, input_ids, pixel_values, max_new_tokens, eos, rtol, rank_trace, names, rank_logits,
-                     image_sizes)
-
-
-def _walk(hf, ms, cfg, input_ids, pixel_values, max_new_tokens, eos, rtol, rank_trace, names, rank_logits,
-          image_sizes) -> dict:
     from ..model.llava import trace_names
     from ..model.vision import layers_run
     names = names or trace_names(cfg)
@@ -229,6 +224,7 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
     return logits, ks, vs
 
 
+@_gc_frozen()
 def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(), trace: bool = True,
               image_sizes=None) -> dict:
     """One tensor-parallel rank's part of verify under msrun, streamed like the walk (`ms` a MsSide for
@@ -236,11 +232,6 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
     kept needs them), then free-running greedy decoding with the parallel KV-cache step (DecoderLayer.step,
     the cache split by heads), walking the layers per token. Every rank runs it in step with the others
     (their collectives pair up); rank 0's result is the one kept."""
-    with _gc_frozen():
-        return _rank_walk(ms, cfg, input_ids, pixel_values, max_new_tokens, eos, trace, image_sizes)
-
-
-def _rank_walk(ms, cfg, input_ids, pixel_values, max_new_tokens, eos, trace, image_sizes) -> dict:
     clock = _Clock()
     outputs = []
 

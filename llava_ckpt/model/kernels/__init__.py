@@ -52,6 +52,7 @@ _AVX512_FLAGS = ["-mavx512f"]
 
 _built: dict = {}  # cache folder -> (library path or None, reason)
 _ops: dict = {}    # library path -> the custom op
+_entries: dict = {}  # library path -> bf16_round, resolved once (verify casts every step's weights through it)
 _threads: list = [None]  # the count asked for by set_threads (None: the cores this process may use)
 
 
@@ -248,8 +249,10 @@ def round_to_bfloat16(src, out) -> bool:
         return False
     if not (src.flags.c_contiguous and out.flags.c_contiguous and out.dtype.itemsize == 2 and out.size == src.size):
         raise ValueError("round_to_bfloat16 needs C-contiguous arrays of the same size, out 2-byte")
-    fn = ctypes.CDLL(path).bf16_round
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
+    fn = _entries.get(path)
+    if fn is None:
+        fn = _entries[path] = ctypes.CDLL(path).bf16_round
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
     if fn(src.ctypes.data, kind, np.int64(src.size), out.ctypes.data) != 0:
         raise ValueError(f"bf16_round refused dtype {src.dtype}")
     return True

@@ -1,4 +1,4 @@
-// The argument checks of a matmul kernel's MindSpore AOT custom-op entry, one copy for every kernel here:
+// A matmul kernel's MindSpore AOT custom-op entry and its argument checks, one copy for every kernel here:
 // inputs x [M, K] float32 and w [N, K] (float32, float16 or bfloat16), output y [M, N] float32.
 #pragma once
 
@@ -29,3 +29,15 @@ inline int matmul_args(int nparam, void **params, const int *ndims, int64_t **sh
                     n_out, k_in, weight_type};
   return 0;
 }
+
+// The extern "C" entry `name` MindSpore's AOT loader calls: the arguments checked, then
+// `kernel(x, w, y, m_rows, n_out, k_in, weight_type)`. Non-zero: refused.
+#define AOT_MATMUL_ENTRY(name, kernel)                                                                       \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
+                      void *extra) {                                                                         \
+    (void)stream;                                                                                            \
+    (void)extra;                                                                                             \
+    MatmulArgs a;                                                                                            \
+    int refused = matmul_args(nparam, params, ndims, shapes, dtypes, &a);                                    \
+    return refused ? refused : kernel(a.x, a.w, a.y, a.m_rows, a.n_out, a.k_in, a.weight_type);             \
+  }

@@ -214,12 +214,5 @@ extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
   return 0;
 }
 
-// MindSpore's AOT custom-op entry (aot_matmul.h checks its arguments). Non-zero: refused.
-extern "C" int Bf16Matmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                          void *extra) {
-  (void)stream;
-  (void)extra;
-  MatmulArgs a;
-  int refused = matmul_args(nparam, params, ndims, shapes, dtypes, &a);
-  return refused ? refused : bf16_matmul(a.x, a.w, a.y, a.m_rows, a.n_out, a.k_in, a.weight_type);
-}
+// MindSpore's AOT custom-op entry (aot_matmul.h).
+AOT_MATMUL_ENTRY(Bf16Matmul, bf16_matmul)

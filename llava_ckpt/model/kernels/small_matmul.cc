@@ -158,12 +158,5 @@ extern "C" int small_matmul(const float *x, const void *w, float *y, int64_t m_r
   }
 }
 
-// MindSpore's AOT custom-op entry (aot_matmul.h checks its arguments). Non-zero: refused.
-extern "C" int SmallMatmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                           void *extra) {
-  (void)stream;
-  (void)extra;
-  MatmulArgs a;
-  int refused = matmul_args(nparam, params, ndims, shapes, dtypes, &a);
-  return refused ? refused : small_matmul(a.x, a.w, a.y, a.m_rows, a.n_out, a.k_in, a.weight_type);
-}
+// MindSpore's AOT custom-op entry (aot_matmul.h).
+AOT_MATMUL_ENTRY(SmallMatmul, small_matmul)
