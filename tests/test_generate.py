@@ -20,6 +20,7 @@ from llava_ckpt.cli import main
 from llava_ckpt.convert import convert
 from llava_ckpt.generate import generate
 from llava_ckpt.model import kernels
+from cpu import bf16_lacks
 
 N = 6
 QUESTIONS = ["What is this?", "Describe everything you can see in this picture, left to right, in detail.", "Hi"]
@@ -96,6 +97,23 @@ def test_greedy_batch_matches_transformers(tiny, tmp_path, requests, expected, f
     assert r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["decode_tokens"] == 3 * (N - 1)
     if kernels._cpu_supports() is None:  # batches of 2-8 rows decode with the small_matmul kernel here
         assert r["matmul"].startswith("small_matmul kernel ("), r["matmul"]
+
+
+@pytest.mark.skipif(bool(bf16_lacks()), reason=bf16_lacks() or "runs")
+def test_bfloat16_prefill_runs_the_kernels_from_a_working_folder(tp1, requests, expected, tmp_path, monkeypatch):
+    """--prefill-matmul bfloat16 through the CLI, relative paths: the prompts' products on bf16_matmul and their
+    float32 norms, heads, attention and activations on the fused ops, named in --json; on the tiny model the
+    greedy tokens stay transformers' float32 ones (bfloat16's rounding is far from its top-1 margins)."""
+    os.symlink(tp1, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "model", "--max-new-tokens", str(N), "--json", "--prefill-matmul", "bfloat16"]
+    for r in requests:
+        args += ["--image", os.path.relpath(r["image"]), "--prompt", r["prompt"]]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert "bf16_matmul kernel" in out["prefill_matmul"] and "prefill_ops kernel" in out["prefill_matmul"]
+    assert [o["token_ids"] for o in out["outputs"]] == [e["tokens"] for e in expected]
 
 
 def test_sampling_with_a_seed_repeats(tp1, requests, expected):

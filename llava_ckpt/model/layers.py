@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer
 
-from .kernels import SMALL_ROWS, prefill_matmul_op, small_matmul_op
+from .kernels import SMALL_ROWS, prefill_matmul_op, prefill_ops, small_matmul_op
 
 # float64 is for verify's rerun of a diverging module: with the rounding of float32 / float16 kernels out of
 # the way, a difference that stays is a difference of the model, not of its kernels' precision.
@@ -32,11 +32,18 @@ def param(shape, dtype) -> Parameter:
 def stored_dtype_params(model) -> set:
     """Names of the parameters that may keep the checkpoint's 16-bit dtype (those a cell's KEEPS_STORED
     lists): every other parameter is small and is cast to the compute dtype."""
-    names = set()
+    return set(stored_dtype_owners(model))
+
+
+def stored_dtype_owners(model) -> dict:
+    """{name: (cell, attribute)} of stored_dtype_params, for load_weights to put a 16-bit parameter in place of
+    the declared one (Parameter.set_dtype on a not-yet-allocated parameter fills and casts a zero tensor first:
+    ~60 ms a 7B matrix, 20 s of generate's load)."""
+    owners = {}
     for _, cell in model.cells_and_names():
         for attr in getattr(cell, "KEEPS_STORED", ()):
-            names.add(getattr(cell, attr).name)
-    return names
+            owners[getattr(cell, attr).name] = (cell, attr)
+    return owners
 
 
 class Linear(nn.Cell):
@@ -55,6 +62,7 @@ class Linear(nn.Cell):
         self.small_matmul = small_matmul_op(dtype)
         self.small_rows = SMALL_ROWS
         self.prefill_matmul = prefill_matmul_op(dtype)  # bf16_matmul when built in that mode, else None
+        self.prefill_matmul_bias = prefill_matmul_op(dtype, bias=True) if bias else None
 
     def project(self, x2d):
         """x2d [T, in] @ weight.T; T and the dtypes are static in a compiled graph, so the choice is made at
@@ -73,21 +81,30 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         shape = x.shape
-        y = self.project(x.reshape(-1, shape[-1]))
+        x2d = x.reshape(-1, shape[-1])
+        if self.prefill_matmul_bias is not None and x2d.shape[0] > self.small_rows[1]:
+            return self.prefill_matmul_bias(x2d, self.weight, self.bias).reshape(shape[:-1] + (-1,))
+        y = self.project(x2d)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(shape[:-1] + (-1,))
 
 
 class RMSNorm(nn.Cell):
-    """LLaMA RMSNorm: statistics in float32, result cast back before the weight (as transformers does)."""
+    """LLaMA RMSNorm: statistics in float32, result cast back before the weight (as transformers does); one
+    fused op in the bfloat16 prefill mode (kernels.prefill_ops)."""
 
     def __init__(self, dim, eps, dtype):
         super().__init__()
         self.weight = param((dim,), dtype)
         self.eps = float(eps)
+        self.fused_ops = prefill_ops(dtype)
+        self.eps_tensor = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x):
+        if self.fused_ops is not None and x.dtype == ms.float32:
+            shape = x.shape
+            return self.fused_ops.rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps_tensor).reshape(shape)
         h = as_dtype(x, ms.float32)
         var = (h * h).mean(-1, keep_dims=True)
         h = h * ops.rsqrt(var + self.eps)
@@ -95,15 +112,22 @@ class RMSNorm(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """CLIP LayerNorm with MindFormers' gamma/beta names, computed in float32."""
+    """CLIP LayerNorm with MindFormers' gamma/beta names, computed in float32; one fused op in the bfloat16
+    prefill mode (kernels.prefill_ops)."""
 
     def __init__(self, dim, eps, dtype):
         super().__init__()
         self.gamma = param((dim,), dtype)
         self.beta = param((dim,), dtype)
         self.eps = float(eps)
+        self.fused_ops = prefill_ops(dtype)
+        self.eps_tensor = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x):
+        if self.fused_ops is not None and x.dtype == ms.float32:
+            shape = x.shape
+            return self.fused_ops.layer_norm(x.reshape(-1, shape[-1]), self.gamma, self.beta,
+                                         self.eps_tensor).reshape(shape)
         h = at_least_f32(x)
         mean = h.mean(-1, keep_dims=True)
         d = h - mean

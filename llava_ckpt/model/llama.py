@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import MS_DTYPES, Linear, RMSNorm, as_dtype, at_least_f32, param, rope_tables, softmax_f32
+from .layers import MS_DTYPES, Linear, RMSNorm, as_dtype, at_least_f32, param, prefill_ops, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -36,6 +36,31 @@ def rope_theta(tc: dict) -> float:
     """transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs write rope_theta."""
     params = tc.get("rope_parameters") or {}
     return float(params.get("rope_theta", tc.get("rope_theta", 10000.0)))
+
+
+def head_columns(heads: int, kv_heads: int, head_dim: int, fused: bool) -> np.ndarray:
+    """Each head's first column in the projection it comes from (q heads, then k, then v), for the fused
+    heads split (kernels.PrefillOps.split_heads): in w_qkv's output (fused, the qkv_concat grouping above) or in
+    wq's, wk's and wv's own."""
+    rep = heads // kv_heads
+    if fused:
+        q = [((h // rep) * (rep + 2) + h % rep) * head_dim for h in range(heads)]
+        k = [(g * (rep + 2) + rep) * head_dim for g in range(kv_heads)]
+        v = [(g * (rep + 2) + rep + 1) * head_dim for g in range(kv_heads)]
+    else:
+        q = [h * head_dim for h in range(heads)]
+        k = v = [g * head_dim for g in range(kv_heads)]
+    return np.array(q + k + v, dtype=np.int64)
+
+
+def seen_bias(bias):
+    """An attention bias as the fused attention takes it: [Bb, S, T] (Bb 1 or B), or None when its shape is
+    not one of [S, T], [Bb, 1, S, T] (then MindSpore's ops attend)."""
+    if bias.ndim == 2:
+        return bias.reshape((1,) + bias.shape)
+    if bias.ndim == 4 and bias.shape[1] == 1:
+        return bias.reshape(bias.shape[0], bias.shape[2], bias.shape[3])
+    return None
 
 
 def rotate_half(x):
@@ -61,6 +86,11 @@ class Attention(nn.Cell):
         self.wo = Linear(h, self.heads * self.head_dim, bias, dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused heads split and attention
+        if self.fused_ops is not None:
+            self.split = self.fused_ops.split_heads(self.heads, self.kv_heads, self.head_dim, rope=True)
+            self.columns = ms.Tensor(head_columns(self.heads, self.kv_heads, self.head_dim, fused))
+            self.scale_tensor = ms.Tensor(np.array([self.scale], dtype=np.float32))
 
     def qkv(self, x, cos, sin):
         """q [B, heads, S, d], k and v [B, kv_heads, S, d], RoPE applied to q and k.
@@ -68,6 +98,13 @@ class Attention(nn.Cell):
         cos/sin: [S, d] (one position list for the batch) or [B, S, d] (per-row positions: left padding)."""
         b, s, _ = x.shape
         d = self.head_dim
+        if self.fused_ops is not None and x.dtype == ms.float32:
+            if cos.ndim == 2:
+                cos, sin = cos.reshape((1,) + cos.shape), sin.reshape((1,) + sin.shape)
+            if self.fused:
+                y = self.w_qkv(x)
+                return self.split(y, y, y, self.columns, cos, sin)
+            return self.split(self.wq(x), self.wk(x), self.wv(x), self.columns, cos, sin)
         if self.fused:
             y = self.w_qkv(x).reshape(b, s, self.kv_heads, self.rep + 2, d)
             q = y[:, :, :, :self.rep].reshape(b, s, self.heads, d)
@@ -110,6 +147,9 @@ class Attention(nn.Cell):
     def attend(self, q, k, v, bias):
         """bias: attention_bias of a mask broadcastable to [B, heads, S, T]."""
         b, _, s, _ = q.shape
+        seen = seen_bias(bias) if self.fused_ops is not None else None
+        if seen is not None and q.dtype == ms.float32:
+            return self.wo(self.fused_ops.attention(q, k, v, seen, self.scale_tensor))
         scores = self.scores(self.grouped(q), k).reshape(b, self.heads, s, -1)
         probs = self.masked_probs(scores, bias, q.dtype).reshape(b, self.kv_heads, self.rep * s, -1)
         return self.output(self.bmm(probs, v), b, s)
@@ -141,8 +181,16 @@ class FeedForward(nn.Cell):
             self.w1 = Linear(f, h, bias, dtype)
             self.w3 = Linear(f, h, bias, dtype)
         self.w2 = Linear(h, f, bias, dtype)
+        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused SiLU(gate) * up
 
     def construct(self, x):
+        if self.fused_ops is not None and x.dtype == ms.float32:
+            shape = x.shape
+            if self.fused:
+                act = self.fused_ops.silu_mul_pairs(self.w_gate_hidden(x).reshape(-1, 2 * self.ffn))
+            else:
+                act = self.fused_ops.silu_mul(self.w1(x).reshape(-1, self.ffn), self.w3(x).reshape(-1, self.ffn))
+            return self.w2(act.reshape(shape[:-1] + (self.ffn,)))
         if self.fused:
             y = self.w_gate_hidden(x)
             y = y.reshape(y.shape[:-1] + (self.ffn, 2))

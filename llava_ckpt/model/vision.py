@@ -5,9 +5,11 @@ ln_post are in checkpoints but never used by LLaVA, so the loader accepts and ig
 """
 from __future__ import annotations
 
+import numpy as np
+import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, LayerNorm, param, quick_gelu, softmax_f32
+from .layers import Linear, LayerNorm, param, prefill_ops, quick_gelu, softmax_f32
 
 
 def layers_run(cfg: dict) -> int:
@@ -28,9 +30,22 @@ class VisionAttention(nn.Cell):
         self.out_proj = Linear(h, h, True, dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused heads split and attention
+        if self.fused_ops is not None:
+            d, heads = self.head_dim, self.heads
+            self.split = self.fused_ops.split_heads(heads, heads, d, rope=False)
+            columns = [i * d for i in range(heads)]  # in_proj's rows [q; k; v]: q heads, then k, then v
+            self.columns = ms.Tensor(np.array(columns + [h + c for c in columns] + [2 * h + c for c in columns],
+                                              dtype=np.int64))
+            self.scale_tensor = ms.Tensor(np.array([self.scale], dtype=np.float32))
 
     def construct(self, x):
         b, n, h = x.shape
+        if self.fused_ops is not None and x.dtype == ms.float32:
+            y = self.in_proj(x)
+            q, k, v = self.split(y, y, y, self.columns)
+            no_mask = ops.zeros((1, n, n), ms.float32)
+            return self.out_proj(self.fused_ops.attention(q, k, v, no_mask, self.scale_tensor))
         qkv = self.in_proj(x).reshape(b, n, 3, self.heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         probs = softmax_f32(self.bmm_t(q, k) * self.scale, x.dtype)
@@ -43,9 +58,13 @@ class VisionMLP(nn.Cell):
         super().__init__()
         self.c_fc = Linear(vc["intermediate_size"], vc["hidden_size"], True, dtype)
         self.c_proj = Linear(vc["hidden_size"], vc["intermediate_size"], True, dtype)
+        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused QuickGELU
 
     def construct(self, x):
-        return self.c_proj(quick_gelu(self.c_fc(x)))
+        y = self.c_fc(x)
+        if self.fused_ops is not None and y.dtype == ms.float32:
+            return self.c_proj(self.fused_ops.quick_gelu(y.reshape(-1)).reshape(y.shape))
+        return self.c_proj(quick_gelu(y))
 
 
 class ResBlock(nn.Cell):

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import fail
 from ..io.readers import FileReader
+from ..model.kernels import SMALL_ROWS
 from .weights import Arena, cast_into, read_into_arena
 
 TEXT = "language_model.model."
@@ -88,13 +89,34 @@ class MsSide:
         self.synchronize()
         self.arena.reset()
 
-    def _load(self, cell, prefix: str):
+    def _load(self, cell, prefix: str, step: bool = False):
         """Fill every parameter of `cell` from `prefix` + its path in the cell, cast to the compute dtype, in
-        the arena (call _begin first)."""
+        the arena (call _begin first). A Linear's 16-bit weight is instead a map of its file, as generate holds
+        it, in the bfloat16 mode and for a decode `step` under float32 compute: bf16_matmul rounds it to
+        bfloat16 as it packs it, and a step's small_matmul widens it in registers (the same sums as from a
+        float32 copy), so the cast into the arena is left out (~40 ms a 7B decoder layer, on every layer of
+        every greedy token)."""
+        from ..model.layers import Linear, stored_dtype_owners
+        from ..model.loading import put_stored
+        owners = {}
+        if (self.matmul == "bfloat16" or step) and self.dtype == "float32" and self.infos is not None:
+            # Linears only (a bfloat16 Gather has no CPU kernel)
+            owners = {n: o for n, o in stored_dtype_owners(cell).items() if isinstance(o[0], Linear)}
         for path, p in cell.parameters_and_names():
             name = prefix + path
-            p.set_data(self.Tensor.from_numpy(self._weight(name, tuple(p.shape))))
+            mapped = self._mapped(name, tuple(p.shape)) if p.name in owners else None
+            if mapped is not None:
+                put_stored(*owners[p.name], mapped)
+            else:
+                p.set_data(self.Tensor.from_numpy(self._weight(name, tuple(p.shape))))
         return cell
+
+    def _mapped(self, name: str, shape: tuple):
+        """The 16-bit stored tensor `name` as a map of its file, or None (another dtype, not one run of bytes)."""
+        stored = self.infos[name]
+        if tuple(stored.shape) != shape or stored.dtype not in ("F16", "BF16"):
+            return None
+        return self.reader.mapped(stored)
 
     def _weight(self, name: str, shape: tuple) -> np.ndarray:
         stored = self.infos[name] if self.infos is not None else self.tensors[name]  # header only, or the data
@@ -112,7 +134,7 @@ class MsSide:
         one-element placeholder instead; the empty cells go with the next ordinary collection."""
         for cell in cells:
             for p in cell.get_parameters():
-                p.set_data(self.Tensor(np.zeros((1,), self.target)), slice_shape=True)
+                p.set_data(self.ops.zeros((1,), p.dtype), slice_shape=True)  # a map held: its own dtype
 
     # ---- the cells a step builds: the plain ones, or this rank's parallel ones
 
@@ -270,7 +292,8 @@ class MsSide:
         """DecoderLayer.step of layer i (one new position attending over the KV cache and itself): (output,
         the new position's k, v) for the caller to write into the cache (model.llama.KVCache)."""
         self._begin()
-        layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.")
+        rows = x.shape[0] * x.shape[1]
+        layer = self._load(self._decoder_cell(i), f"{TEXT}layers.{i}.", step=rows <= SMALL_ROWS[1])
         out = layer.step(x, cos, sin, bias, k_cache, v_cache)
         self.synchronize()  # done reading the cache before the caller writes the new slot into it
         self._release(layer)

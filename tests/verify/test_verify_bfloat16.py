@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cpu import bf16_lacks, flags
+from maps import is_file_page
 from llava_ckpt.cli import main
 from llava_ckpt.convert import convert
 from llava_ckpt.engine.config import load_config
@@ -93,6 +94,39 @@ def _hf_tensors(src: str, prefix: str) -> dict:
 
 
 @needs_bf16
+def test_the_reference_side_computes_from_the_files_own_16_bit_matrices(tiny, fp16_dir):
+    """In the bfloat16 walk a Linear's float16 weight is a map of the converted file (no cast into the arena:
+    bf16_matmul packs it as it is), and in the float32 walk's decode steps (small_matmul widens it in registers);
+    norms are cast to float32; released, nothing of the file stays held."""
+    from llava_ckpt.model.layers import Linear
+    cfg = load_config(tiny)
+    tensors = load_tensors(fp16_dir)
+    try:
+        side = MsSide(cfg, tensors, matmul="bfloat16")
+        side._begin()
+        layer = side._load(side._decoder_cell(0), "language_model.model.layers.0.")
+        linears = [c for _, c in layer.cells_and_names() if isinstance(c, Linear)]
+        assert len(linears) == 7
+        for c in linears:
+            assert str(c.weight.dtype) == "Float16"
+            assert is_file_page(c.weight.data_ptr(), os.path.join(fp16_dir, "llava.safetensors"))
+        assert str(layer.attention_norm.weight.dtype) == "Float32"
+        side._release(layer)
+        assert all(p.shape == (1,) for p in layer.get_parameters())
+        plain = MsSide(cfg, tensors)
+        plain._begin()
+        layer = plain._load(plain._decoder_cell(0), "language_model.model.layers.0.")
+        assert all(str(p.dtype) == "Float32" for p in layer.get_parameters())  # the float32 prefill casts them all
+        plain._release(layer)
+        plain._begin()
+        layer = plain._load(plain._decoder_cell(0), "language_model.model.layers.0.", step=True)  # its decode steps
+        assert all(str(c.weight.dtype) == "Float16" for _, c in layer.cells_and_names() if isinstance(c, Linear))
+        plain._release(layer)
+    finally:
+        tensors.close()
+
+
+@needs_bf16
 def test_the_reference_side_builds_its_linears_on_bf16_matmul(tiny, fp16_dir):
     cfg = load_config(tiny)
     tensors = load_tensors(fp16_dir)
@@ -149,7 +183,12 @@ def test_a_model_difference_in_bfloat16_is_named_so(tiny, fp16_dir, monkeypatch)
     for QuickGELU, which the float32 walk names, is within the bfloat16 tolerance: compare.TOLERANCES.)"""
     import llava_ckpt.model.vision as vision
     from mindspore import ops
-    monkeypatch.setattr(vision, "quick_gelu", lambda x: x * ops.sigmoid(x))
+    silu = lambda x: x * ops.sigmoid(x)  # noqa: E731
+    monkeypatch.setattr(vision, "quick_gelu", silu)  # MindSpore's ops: the float64 rerun
+    with kernels.prefill_matmul("bfloat16"):
+        fused = kernels.prefill_ops("float32")  # the fused ops the bfloat16 walk's cells share
+    assert fused is not None
+    monkeypatch.setattr(fused, "quick_gelu", silu)
     r = verify(tiny, fp16_dir, max_new_tokens=2, dtype="bfloat16")
     assert not r["passed"] and r["kind"] == "numeric drift", format_report(r)
     d = r["drift"]

@@ -19,6 +19,12 @@ CPU MatMul has no bfloat16 kernel and its float16 one runs at float32's speed (b
 this is the only 16-bit prefill there is. It changes the numbers, so it is a mode a caller asks for
 (`prefill_matmul("bfloat16")` around building a model), never the default; built only where /proc/cpuinfo lists
 avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatMul runs then).
+
+`prefill_ops` (prefill_ops.cc): the float32 work of that bfloat16 prefill around its matmuls, fused (RMSNorm,
+heads split with RoPE, attention, SiLU * up): MindSpore's CPU ops cost as much as the bfloat16 matmuls there.
+Every value stays float32 (only the order of a sum's terms differs), yet it comes with the bfloat16 mode only
+(`prefill_ops()` is None outside it), so the float32 mode is the one whose tokens were checked against
+transformers'.
 """
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ _BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
 HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every kernel
 # the kernels: source file, the AOT entry point, the threads setter
 KERNELS = {"small_matmul": ("small_matmul.cc", "SmallMatmul", "small_matmul_set_threads"),
-           "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads")}
+           "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads"),
+           "prefill_ops": ("prefill_ops.cc", None, "prefill_ops_set_threads")}  # entries: PrefillOps
 PREFILL_MODES = ("float32", "bfloat16")
 _prefill = ["float32"]  # the prefill matmul mode Linear cells built now take (prefill_matmul)
 # Added where /proc/cpuinfo lists it: 16-lane loads and FMAs halve the instructions per weight, which at
@@ -86,6 +93,8 @@ def build_flags(kernel: str = "small_matmul") -> list:
     leaves it out, to measure or to test the AVX2 code); bf16_matmul's add AVX-512 BF16."""
     if kernel == "bf16_matmul":
         return _FLAGS + _BF16_FLAGS
+    if kernel == "prefill_ops":
+        return _FLAGS + _AVX512_FLAGS
     wide = "avx512f" in cpu_flags() and os.environ.get("LLAVA_CKPT_AVX512", "1") != "0"
     return _FLAGS + (_AVX512_FLAGS if wide else [])
 
@@ -97,6 +106,12 @@ def _bf16_supports() -> str | None:
         return reason
     missing = [f for f in ("avx512f", "avx512_bf16", "avx512bw", "avx512vl") if f not in cpu_flags()]
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
+
+
+def _avx512_supports() -> str | None:
+    """None if this CPU runs prefill_ops (AVX-512 F), else why not."""
+    reason = _cpu_supports()
+    return reason or (None if "avx512f" in cpu_flags() else "this CPU lacks avx512f")
 
 
 def _compiler() -> str | None:
@@ -113,7 +128,7 @@ def _build(kernel: str) -> tuple:
         return _built[key]
     folder = key[0]
     source_name, _, set_threads_name = KERNELS[kernel]
-    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports}[kernel]()
+    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports, "prefill_ops": _avx512_supports}[kernel]()
     path = None
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
@@ -258,9 +273,76 @@ def round_to_bfloat16(src, out) -> bool:
     return True
 
 
-def prefill_matmul_op(dtype: str):
+def prefill_matmul_op(dtype: str, bias: bool = False):
     """The bf16_matmul custom op for the Linear cells being built now, or None (float32 products: the default
-    mode, a compute dtype other than float32, or no kernel here)."""
+    mode, a compute dtype other than float32, or no kernel here). bias: the entry taking (x, w, bias [N])."""
     if _prefill[0] != "bfloat16" or not bf16_matmul_status(dtype).startswith("bf16_matmul kernel"):
         return None
-    return _custom(_build("bf16_matmul")[0], "bf16_matmul")
+    path = _build("bf16_matmul")[0]
+    if not bias:
+        return _custom(path, "bf16_matmul")
+    key = path + ":bias"
+    if key not in _ops:
+        from mindspore import ops
+        _ops[key] = ops.Custom(f"{path}:Bf16MatmulBias", out_shape=lambda x, w, b: (x[0], w[0]),
+                               out_dtype=lambda x, w, b: x, func_type="aot")
+    return _ops[key]
+
+
+def prefill_ops_status(dtype: str = "float32", device: str | None = None) -> str:
+    """What a bfloat16 prefill's norms, heads, attention and SiLU run on: the kernel's library, or why
+    MindSpore's ops run instead."""
+    return _status("prefill_ops", dtype, device, "the fused ops are float32").replace("MindSpore MatMul",
+                                                                                          "MindSpore ops")
+
+
+class PrefillOps:
+    """prefill_ops.cc's entries as MindSpore AOT custom ops (float32 in and out):
+    rms_norm(x [R, H], w [H], eps [1]) -> [R, H]; layer_norm(x [R, H], gamma, beta [H], eps [1]) -> [R, H];
+    quick_gelu(x [N]) -> [N];
+    split_heads(heads, kv, d, rope)(q_src [B, S, Wq], k_src, v_src, columns [heads + 2 kv] int64[, cos, sin
+    [Bc, S, d]]) -> q [B, heads, S, d], k, v [B, kv, S, d] (columns: each head's first column in its source);
+    attention(q, k, v [B, kv, T, d], bias [Bb, S, T], scale [1]) -> [B, S, heads * d];
+    silu_mul(gate, up [R, F]) -> [R, F]; silu_mul_pairs(pairs [R, 2F] interleaved (gate, up)) -> [R, F]."""
+
+    def __init__(self, path: str):
+        from mindspore import ops
+        self.path, self._split = path, {}
+        f32 = self._f32
+        self.rms_norm = ops.Custom(f"{path}:RmsNorm", out_shape=lambda x, w, e: x, out_dtype=f32, func_type="aot")
+        self.layer_norm = ops.Custom(f"{path}:LayerNorm", out_shape=lambda x, g, b, e: x, out_dtype=f32,
+                                     func_type="aot")
+        self.quick_gelu = ops.Custom(f"{path}:QuickGelu", out_shape=lambda x: x, out_dtype=f32, func_type="aot")
+        self.attention = ops.Custom(f"{path}:Attention", out_shape=lambda q, k, v, b, s: [q[0], q[2], q[1] * q[3]],
+                                    out_dtype=f32, func_type="aot")
+        self.silu_mul = ops.Custom(f"{path}:SiluMul", out_shape=lambda g, u: g, out_dtype=f32, func_type="aot")
+        self.silu_mul_pairs = ops.Custom(f"{path}:SiluMulPairs", out_shape=lambda y: [y[0], y[1] // 2],
+                                         out_dtype=f32, func_type="aot")
+
+    @staticmethod
+    def _f32(*_):
+        import mindspore as ms
+        return ms.float32
+
+    def split_heads(self, heads: int, kv: int, d: int, rope: bool):
+        key = (heads, kv, d, rope)
+        if key not in self._split:
+            import mindspore as ms
+            from mindspore import ops
+
+            def shapes(src, *_):
+                return [[src[0], heads, src[1], d], [src[0], kv, src[1], d], [src[0], kv, src[1], d]]
+            self._split[key] = ops.Custom(f"{self.path}:{'SplitHeadsRope' if rope else 'SplitHeads'}",
+                                          out_shape=shapes, out_dtype=lambda *_: [ms.float32] * 3, func_type="aot")
+        return self._split[key]
+
+
+def prefill_ops(dtype: str):
+    """The fused ops for the cells being built now (PrefillOps), or None: outside the bfloat16 prefill mode,
+    a compute dtype other than float32, or no kernel here (MindSpore's ops run then)."""
+    if _prefill[0] != "bfloat16" or not prefill_ops_status(dtype).startswith("prefill_ops kernel"):
+        return None
+    path = _build("prefill_ops")[0]
+    if path not in _ops:
+        _ops[path] = PrefillOps(path)
+    return _ops[path]

@@ -1,0 +1,473 @@
+// The float32 work of a prefill around its matmuls, fused: RMSNorm, CLIP's LayerNorm and QuickGELU, the split
+// of a projection into heads (with RoPE for the decoder's q and k), attention (scores, mask, softmax, values in
+// one pass per block of queries), and SiLU(gate) * up. Every value and every sum is float32, the order of operations transformers' eager code
+// uses; only the order of a sum's terms differs from MindSpore's ops.
+//
+// Why it exists: at the 7B's prompt length (594 positions) MindSpore 2.10's CPU ops spent ~0.47 s a decoder
+// layer on this work (the rotate-half concats, the [heads, S, S] scores cast and masked as separate tensors, the
+// strided gate/up slices), 3/4 of the layer's bfloat16 matmuls' time; fused it is ~75 ms (attention 39 of it),
+// and a CLIP layer's ~0.15 s of it (LayerNorm 24-35 ms each, the bias adds 13 ms each) ~40 ms (measured).
+//
+// Attention skips, per block of 8 queries, the keys every row of the block has masked (bias <= MASKED / 2)
+// when each row sees some key: exp() of such a score is exactly 0 in float32, so the result is the same as
+// computing them. A row that sees no key is computed over every key (uniform, as softmax of equal scores is).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if !defined(__AVX512F__)
+#error "prefill_ops needs AVX-512 F (build with -mavx512f)"
+#endif
+
+namespace {
+
+int g_threads = 1;
+constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest: what attention adds where masked
+constexpr int kQueries = 8;                           // queries per attention block
+constexpr int64_t kKeys = 48;                         // keys per step of the scores (8 x 3 vectors: 24 sums)
+
+// f(item) for item in [0, n), handed out one at a time over the threads (attention's items differ in cost).
+template <class F>
+void for_items(int64_t n, F f) {
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+  };
+  int64_t parts = std::min<int64_t>(g_threads, n);
+  std::vector<std::thread> others;
+  for (int64_t i = 1; i < parts; i++) others.emplace_back(work);
+  work();
+  for (auto &t : others) t.join();
+}
+
+inline __mmask16 tail(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// exp(x) for 16 floats: 2^n * p(r), r = x - n ln2 (Cephes' expf polynomial, ~1 ulp); 0 below -104.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.72f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ---- RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)), per row of `width`.
+void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t width) {
+  for_items(rows, [&](int64_t r) {
+    const float *xr = x + r * width;
+    float *yr = y + r * width;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < width; i += 16) {
+      __m512 v = _mm512_maskz_loadu_ps(tail(width - i), xr + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(width) + eps);
+    __m512 s = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < width; i += 16) {
+      __mmask16 m = tail(width - i);
+      __m512 h = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), s);
+      _mm512_mask_storeu_ps(yr + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), h));
+    }
+  });
+}
+
+// ---- LayerNorm: d = x - mean(x); y = d * rsqrt(mean(d^2) + eps) * gamma + beta, per row of `width`.
+void layer_norm(const float *x, const float *gamma, const float *beta, float eps, float *y, int64_t rows,
+                int64_t width) {
+  for_items(rows, [&](int64_t r) {
+    const float *xr = x + r * width;
+    float *yr = y + r * width;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < width; i += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(tail(width - i), xr + i));
+    __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(width));
+    acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < width; i += 16) {
+      __mmask16 m = tail(width - i);
+      __m512 dv = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + i), mean);
+      acc = _mm512_fmadd_ps(dv, dv, acc);
+    }
+    __m512 s = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(width) + eps));
+    for (int64_t i = 0; i < width; i += 16) {
+      __mmask16 m = tail(width - i);
+      __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + i), mean), s);
+      h = _mm512_add_ps(_mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, gamma + i)), _mm512_maskz_loadu_ps(m, beta + i));
+      _mm512_mask_storeu_ps(yr + i, m, h);
+    }
+  });
+}
+
+// ---- QuickGELU (CLIP's): y = x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)).
+void quick_gelu(const float *x, float *y, int64_t n) {
+  const int64_t chunk = 1 << 16;
+  for_items((n + chunk - 1) / chunk, [&](int64_t c) {
+    for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); i += 16) {
+      __mmask16 m = tail(n - i);
+      __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+      __m512 e = exp16(_mm512_mul_ps(v, _mm512_set1_ps(-1.702f)));
+      _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    }
+  });
+}
+
+// ---- Heads: dst [B, heads, S, d] from columns[h] .. + d of each row of src [B * S, width]; with RoPE
+// (cos, sin [Bc, S, d], Bc 1 or B) dst = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+void heads(const float *src, int64_t width, const int64_t *columns, int64_t n_heads, const float *cos,
+           const float *sin, int64_t cos_batch, float *dst, int64_t batch, int64_t seq, int64_t d) {
+  int64_t half = d / 2;
+  for_items(batch * n_heads, [&](int64_t item) {
+    int64_t b = item / n_heads, h = item % n_heads;
+    for (int64_t s = 0; s < seq; s++) {
+      const float *x = src + (b * seq + s) * width + columns[h];
+      float *out = dst + ((b * n_heads + h) * seq + s) * d;
+      if (cos == nullptr) {
+        std::memcpy(out, x, static_cast<size_t>(d) * 4);
+        continue;
+      }
+      const float *c = cos + ((cos_batch > 1 ? b : 0) * seq + s) * d;
+      const float *n = sin + ((cos_batch > 1 ? b : 0) * seq + s) * d;
+      for (int64_t i = 0; i < half; i += 16) {  // [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
+        __mmask16 m = tail(half - i);
+        __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
+        __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + i)),
+                                  _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, n + i)));
+        __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + half + i)),
+                                  _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, n + half + i)));
+        _mm512_mask_storeu_ps(out + i, m, lo);
+        _mm512_mask_storeu_ps(out + half + i, m, hi);
+      }
+    }
+  });
+}
+
+// ---- Attention: out [B, S, heads * d] = softmax(q k^T * scale + bias) v, per head; q [B, heads, S, d],
+// k and v [B, kv, T, d] (head h uses kv head h / (heads / kv)), bias [Bb, S, T] (Bb 1 or B).
+struct Attn {
+  const float *q, *k, *v, *bias;
+  float scale;
+  float *out;
+  int64_t batch, n_heads, n_kv, seq, keys, d, bias_batch;
+};
+
+// Per (bias row-batch, query): [first, last) of the keys it sees; first = last = -1 when it sees none.
+void seen_ranges(const Attn &a, std::vector<int64_t> &lo, std::vector<int64_t> &hi) {
+  int64_t n = a.bias_batch * a.seq;
+  lo.assign(n, -1);
+  hi.assign(n, -1);
+  for (int64_t r = 0; r < n; r++) {
+    const float *row = a.bias + r * a.keys;
+    for (int64_t j = 0; j < a.keys; j++) {
+      if (row[j] > kMasked * 0.5f) {
+        if (lo[r] < 0) lo[r] = j;
+        hi[r] = j + 1;
+      }
+    }
+  }
+}
+
+// out rows i0 .. i0+rows of head h = probabilities [rows][tp] (keys j0 .. j1) . v [keys][d]: R rows x V vectors
+// of d per pass (24 accumulators), each v row loaded once per pass.
+template <int V>
+void pv_pass(const Attn &a, const float *p, int64_t tp, const float *v, int64_t b, int64_t h, int64_t i0, int rows,
+             int64_t j0, int64_t j1, int64_t c0) {
+  constexpr int R = 24 / V;
+  int64_t d = a.d;
+  __mmask16 mk[V];
+  for (int c = 0; c < V; c++) mk[c] = c0 + 16 * c < d ? tail(d - c0 - 16 * c) : 0;
+  for (int m0 = 0; m0 < rows; m0 += R) {
+    int mr = std::min(R, rows - m0);
+    __m512 acc[R][V];
+    for (int m = 0; m < R; m++)
+      for (int c = 0; c < V; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j++) {
+      __m512 vv[V];
+      for (int c = 0; c < V; c++) vv[c] = _mm512_maskz_loadu_ps(mk[c], v + j * d + c0 + 16 * c);
+      for (int m = 0; m < R; m++) {
+        if (m >= mr) break;
+        __m512 pv = _mm512_set1_ps(p[(m0 + m) * tp + j]);
+        for (int c = 0; c < V; c++) acc[m][c] = _mm512_fmadd_ps(pv, vv[c], acc[m][c]);
+      }
+    }
+    for (int m = 0; m < mr; m++) {
+      float *o = a.out + ((b * a.seq + i0 + m0 + m) * a.n_heads + h) * d + c0;
+      for (int c = 0; c < V; c++) _mm512_mask_storeu_ps(o + 16 * c, mk[c], acc[m][c]);
+    }
+  }
+}
+
+void pv(const Attn &a, const float *p, int64_t tp, const float *v, int64_t b, int64_t h, int64_t i0, int rows,
+        int64_t j0, int64_t j1) {
+  int64_t vecs = (a.d + 15) / 16;
+  if (vecs == 8) return pv_pass<8>(a, p, tp, v, b, h, i0, rows, j0, j1, 0);  // d = 128 (LLaMA)
+  if (vecs == 4) return pv_pass<4>(a, p, tp, v, b, h, i0, rows, j0, j1, 0);  // d = 64 (CLIP)
+  for (int64_t c0 = 0; c0 < a.d; c0 += 64) pv_pass<4>(a, p, tp, v, b, h, i0, rows, j0, j1, c0);
+}
+
+void attend_group(const Attn &a, int64_t b, int64_t g, const std::vector<int64_t> &lo,
+                  const std::vector<int64_t> &hi) {
+  int64_t d = a.d, t = a.keys, tp = (t + kKeys - 1) / kKeys * kKeys + kKeys, rep = a.n_heads / a.n_kv;
+  std::vector<float> kt(static_cast<size_t>(d * tp), 0.0f);  // k transposed: [d][keys], keys padded
+  const float *k = a.k + (b * a.n_kv + g) * t * d;
+  const float *v = a.v + (b * a.n_kv + g) * t * d;
+  for (int64_t j0 = 0; j0 < t; j0 += 16)  // 16 keys at a time: each kt row written 16 floats at once
+    for (int64_t i = 0; i < d; i++)
+      for (int64_t j = j0; j < std::min(t, j0 + 16); j++) kt[i * tp + j] = k[j * d + i];
+  std::vector<float> p(static_cast<size_t>(kQueries * tp));
+  const int64_t bb = a.bias_batch > 1 ? b : 0;
+  for (int64_t r = 0; r < rep; r++) {
+    int64_t h = g * rep + r;
+    const float *qh = a.q + (b * a.n_heads + h) * a.seq * d;
+    for (int64_t i0 = 0; i0 < a.seq; i0 += kQueries) {
+      int rows = static_cast<int>(std::min<int64_t>(kQueries, a.seq - i0));
+      int64_t j0 = t, j1 = 0;  // keys any row of the block sees
+      bool blind = false;
+      for (int m = 0; m < rows; m++) {
+        int64_t row = bb * a.seq + i0 + m;
+        if (lo[row] < 0) blind = true;
+        else j0 = std::min(j0, lo[row]), j1 = std::max(j1, hi[row]);
+      }
+      if (blind) j0 = 0, j1 = t;
+      int64_t js = j0 / 16 * 16;  // scores in whole steps of kKeys from a 16-aligned key (kt is padded for it)
+      for (int64_t j = js; j < j1; j += kKeys) {
+        __m512 acc[kQueries][3];
+        for (int m = 0; m < kQueries; m++) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i++) {
+          const float *kr = kt.data() + i * tp + j;
+          __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16), k2 = _mm512_loadu_ps(kr + 32);
+          for (int m = 0; m < kQueries; m++) {
+            if (m >= rows) break;
+            __m512 qv = _mm512_set1_ps(qh[(i0 + m) * d + i]);
+            acc[m][0] = _mm512_fmadd_ps(qv, k0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(qv, k1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(qv, k2, acc[m][2]);
+          }
+        }
+        for (int m = 0; m < rows; m++)
+          for (int c = 0; c < 3; c++) _mm512_storeu_ps(p.data() + m * tp + j + 16 * c, acc[m][c]);
+      }
+      // softmax over [j0, j1) of (score * scale + bias), in place
+      __m512 scale = _mm512_set1_ps(a.scale);
+      for (int m = 0; m < rows; m++) {
+        float *pr = p.data() + m * tp;
+        const float *br = a.bias + (bb * a.seq + i0 + m) * t;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = j0; j < j1; j += 16) {
+          __mmask16 mk = tail(j1 - j);
+          __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, pr + j), scale),
+                                   _mm512_maskz_loadu_ps(mk, br + j));
+          _mm512_mask_storeu_ps(pr + j, mk, s);
+          mx = _mm512_mask_max_ps(mx, mk, mx, s);
+        }
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = j0; j < j1; j += 16) {
+          __mmask16 mk = tail(j1 - j);
+          __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, pr + j), top));
+          e = _mm512_maskz_mov_ps(mk, e);
+          _mm512_mask_storeu_ps(pr + j, mk, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t j = j0; j < j1; j += 16) {
+          __mmask16 mk = tail(j1 - j);
+          _mm512_mask_storeu_ps(pr + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, pr + j), inv));
+        }
+      }
+      pv(a, p.data(), tp, v, b, h, i0, rows, j0, j1);
+    }
+  }
+}
+void attention(const Attn &a) {
+  std::vector<int64_t> lo, hi;
+  seen_ranges(a, lo, hi);
+  for_items(a.batch * a.n_kv, [&](int64_t item) { attend_group(a, item / a.n_kv, item % a.n_kv, lo, hi); });
+}
+
+// ---- SiLU(gate) * up = gate / (1 + exp(-gate)) * up; pairs: one [rows, F, 2] input of (gate, up) pairs.
+void silu_mul(const float *gate, const float *up, bool pairs, float *y, int64_t rows, int64_t width) {
+  for_items(rows, [&](int64_t r) {
+    float *yr = y + r * width;
+    for (int64_t i = 0; i < width; i += 16) {
+      __mmask16 m = tail(width - i);
+      __m512 g, u;
+      if (pairs) {  // 2n floats (gate, up, gate, up, ...) -> n gates, n ups
+        const float *src = gate + (r * width + i) * 2;
+        int64_t n2 = 2 * std::min<int64_t>(16, width - i);
+        __m512 lo = _mm512_maskz_loadu_ps(tail(n2), src);
+        __m512 hi = n2 > 16 ? _mm512_maskz_loadu_ps(tail(n2 - 16), src + 16) : _mm512_setzero_ps();
+        __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        g = _mm512_permutex2var_ps(lo, even, hi);
+        u = _mm512_permutex2var_ps(lo, odd, hi);
+      } else {
+        g = _mm512_maskz_loadu_ps(m, gate + r * width + i);
+        u = _mm512_maskz_loadu_ps(m, up + r * width + i);
+      }
+      __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      _mm512_mask_storeu_ps(yr + i, m, _mm512_mul_ps(s, u));
+    }
+  });
+}
+
+bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
+
+}  // namespace
+
+extern "C" void prefill_ops_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+
+// MindSpore AOT entries: params are the inputs then the outputs. Non-zero: refused (1 ranks, 2 dtypes, 3 shapes).
+
+// x [R, H], w [H], eps [1] -> y [R, H]
+extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                       void *) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[3] != 2) return 1;
+  for (int i = 0; i < 4; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  int64_t rows = shapes[0][0], width = shapes[0][1];
+  if (shapes[1][0] != width || shapes[3][0] != rows || shapes[3][1] != width) return 3;
+  rms_norm(static_cast<float *>(params[0]), static_cast<float *>(params[1]), *static_cast<float *>(params[2]),
+           static_cast<float *>(params[3]), rows, width);
+  return 0;
+}
+
+// x [R, H], gamma, beta [H], eps [1] -> y [R, H]
+extern "C" int LayerNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[4] != 2) return 1;
+  for (int i = 0; i < 5; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  int64_t rows = shapes[0][0], width = shapes[0][1];
+  if (shapes[1][0] != width || shapes[2][0] != width || shapes[4][0] != rows || shapes[4][1] != width) return 3;
+  layer_norm(static_cast<float *>(params[0]), static_cast<float *>(params[1]), static_cast<float *>(params[2]),
+             *static_cast<float *>(params[3]), static_cast<float *>(params[4]), rows, width);
+  return 0;
+}
+
+// x [N] -> y [N]
+extern "C" int QuickGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (nparam != 2 || ndims[0] != 1 || ndims[1] != 1) return 1;
+  if (!is_f32(dtypes[0]) || !is_f32(dtypes[1])) return 2;
+  if (shapes[1][0] != shapes[0][0]) return 3;
+  quick_gelu(static_cast<float *>(params[0]), static_cast<float *>(params[1]), shapes[0][0]);
+  return 0;
+}
+
+// q_src [B, S, Wq], k_src [B, S, Wk], v_src [B, S, Wv], columns [heads + 2 kv] int64 (each head's first column in
+// its source: q heads, then k, then v), cos, sin [Bc, S, d] (Bc 1 or B) -> q [B, heads, S, d], k and v
+// [B, kv, S, d], RoPE on q and k. The SplitHeads entry takes no cos / sin.
+int split_heads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool rope) {
+  int n_in = rope ? 6 : 4;
+  if (nparam != n_in + 3) return 1;
+  for (int i = 0; i < nparam; i++) {
+    if (i == 3) {
+      if (std::strcmp(dtypes[i], "int64") != 0 || ndims[i] != 1) return 2;
+    } else if (!is_f32(dtypes[i])) {
+      return 2;
+    }
+  }
+  for (int i = 0; i < 3; i++)
+    if (ndims[i] != 3 || ndims[n_in + i] != 4) return 1;
+  int64_t batch = shapes[0][0], seq = shapes[0][1], n_heads = shapes[n_in][1], d = shapes[n_in][3];
+  int64_t n_kv = shapes[n_in + 1][1];
+  if (shapes[3][0] != n_heads + 2 * n_kv) return 3;
+  const int64_t *columns = static_cast<const int64_t *>(params[3]);
+  int64_t counts[3] = {n_heads, n_kv, n_kv}, offset[3] = {0, n_heads, n_heads + n_kv};
+  for (int i = 0; i < 3; i++) {
+    if (shapes[i][0] != batch || shapes[i][1] != seq) return 3;
+    const int64_t *o = shapes[n_in + i];
+    if (o[0] != batch || o[1] != counts[i] || o[2] != seq || o[3] != d) return 3;
+    for (int64_t h = 0; h < counts[i]; h++) {
+      int64_t c = columns[offset[i] + h];
+      if (c < 0 || c + d > shapes[i][2]) return 3;
+    }
+  }
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t cos_batch = 1;
+  if (rope) {
+    if (ndims[4] != 3 || ndims[5] != 3) return 1;
+    cos_batch = shapes[4][0];
+    for (int i = 4; i < 6; i++)
+      if ((shapes[i][0] != 1 && shapes[i][0] != batch) || shapes[i][1] != seq || shapes[i][2] != d ||
+          shapes[i][0] != cos_batch)
+        return 3;
+    if (d % 2) return 3;
+    cos = static_cast<const float *>(params[4]);
+    sin = static_cast<const float *>(params[5]);
+  }
+  for (int i = 0; i < 3; i++)
+    heads(static_cast<const float *>(params[i]), shapes[i][2], columns + offset[i], counts[i], i < 2 ? cos : nullptr,
+          i < 2 ? sin : nullptr, cos_batch, static_cast<float *>(params[n_in + i]), batch, seq, d);
+  return 0;
+}
+
+extern "C" int SplitHeadsRope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  return split_heads(nparam, params, ndims, shapes, dtypes, true);
+}
+
+extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                          void *) {
+  return split_heads(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// q [B, heads, S, d], k and v [B, kv, T, d], bias [Bb, S, T] (Bb 1 or B), scale [1] -> out [B, S, heads * d]
+extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (nparam != 6 || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[3] != 3 || ndims[4] != 1 ||
+      ndims[5] != 3)
+    return 1;
+  for (int i = 0; i < 6; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  Attn a{static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+         *static_cast<const float *>(params[4]), static_cast<float *>(params[5]),
+         shapes[0][0], shapes[0][1], shapes[1][1], shapes[0][2], shapes[1][2], shapes[0][3], shapes[3][0]};
+  for (int i = 1; i < 3; i++)
+    if (shapes[i][0] != a.batch || shapes[i][1] != a.n_kv || shapes[i][2] != a.keys || shapes[i][3] != a.d) return 3;
+  if (a.n_kv < 1 || a.n_heads % a.n_kv || (a.bias_batch != 1 && a.bias_batch != a.batch) ||
+      shapes[3][1] != a.seq || shapes[3][2] != a.keys || shapes[5][0] != a.batch || shapes[5][1] != a.seq ||
+      shapes[5][2] != a.n_heads * a.d)
+    return 3;
+  attention(a);
+  return 0;
+}
+
+// gate and up [R, F] -> y [R, F]; SiluMulPairs: pairs [R, 2F] of interleaved (gate, up) -> y [R, F]
+extern "C" int SiluMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  for (int i = 0; i < 3; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  for (int i = 1; i < 3; i++)
+    if (shapes[i][0] != shapes[0][0] || shapes[i][1] != shapes[0][1]) return 3;
+  silu_mul(static_cast<float *>(params[0]), static_cast<float *>(params[1]), false, static_cast<float *>(params[2]),
+           shapes[0][0], shapes[0][1]);
+  return 0;
+}
+
+extern "C" int SiluMulPairs(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  if (nparam != 2 || ndims[0] != 2 || ndims[1] != 2) return 1;
+  for (int i = 0; i < 2; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  if (shapes[1][0] != shapes[0][0] || shapes[0][1] != 2 * shapes[1][1]) return 3;
+  silu_mul(static_cast<float *>(params[0]), nullptr, true, static_cast<float *>(params[1]), shapes[1][0],
+           shapes[1][1]);
+  return 0;
+}
