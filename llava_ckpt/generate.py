@@ -300,11 +300,11 @@ def _prefill_status(mode: str, dtype: str, device: str) -> str:
     """What the prompts' matrix products ran on."""
     if mode == "float32":
         return "float32 (MindSpore MatMul)"
-    from .model.kernels import bf16_matmul_status, prefill_ops_status
+    from .model.kernels import bf16_matmul_status, fused_ops_status
     status = bf16_matmul_status(dtype, device)
     if not status.startswith("bf16_matmul"):
         return f"float32, no bfloat16 here: {status}"
-    return f"bfloat16: {status}; norms, heads, attention, activations: {prefill_ops_status(dtype, device)}"
+    return f"bfloat16: {status}; norms, heads, attention, activations: {fused_ops_status(dtype, device)}"
 
 
 def _matmul_status(dtype: str, device: str) -> str:

@@ -3,7 +3,8 @@ grouped-query attention) through every command on the bakllava-tiny preset: conv
 not), shard (tp must divide the KV heads), export bit-exact, verify layer by layer against transformers' own
 Mistral classes, generate token for token what transformers' generate gives, the MindFormers predict config;
 a table that is not the checkpoint's is a named error. LLaVA-NeXT (llava-next-mistral-tiny): every command too,
-verify walking the anyres packing as its own module, generate batching images of other sizes."""
+verify walking the anyres packing as its own module, generate batching images of other sizes, and tp 2 as
+real ranks under msrun (the same tiny Mistral as bakllava-tiny: one msrun test covers both members)."""
 import json
 import os
 import subprocess
@@ -130,16 +131,6 @@ def test_past_the_sliding_window_is_refused_before_any_model(tmp_path, picture):
         assert "context of 24 positions (sliding_window; the reference model has no sliding attention)" in run.stderr
 
 
-@pytest.mark.slow
-def test_tp2_ranks_under_msrun_give_transformers_tokens(bakllava, picture, tmp_path):
-    """Each rank holds one of the two KV heads: the parallel cells and the cache split by KV heads."""
-    out = tmp_path / "tp2"
-    convert(bakllava, str(out), fuse_qkv=True, tp=2, progress=False)
-    got = generate(str(out), [{"image": picture, "prompt": "What is this?"}], max_new_tokens=N)
-    assert got["tp"] == 2
-    assert got["outputs"][0]["token_ids"] == _transformers_tokens(bakllava, picture, "What is this?")
-
-
 @pytest.fixture(scope="module")
 def llava_next(tmp_path_factory):
     return make_fixture(str(tmp_path_factory.mktemp("next") / "hf"), preset="llava-next-mistral-tiny")
@@ -233,7 +224,9 @@ def test_llava_next_generate_batches_images_of_other_sizes_as_transformers_does(
 
 @pytest.mark.slow
 def test_llava_next_tp2_ranks_under_msrun_verify_and_generate(llava_next, wide, tmp_path):
-    """tp 2 as real ranks: verify's ranks walk the packing too, generate's ranks answer as transformers does."""
+    """tp 2 as real ranks: verify's ranks walk the packing too, generate's ranks answer as transformers does.
+    Each rank holds one of the two KV heads of the tiny Mistral (bakLlava's language model too): the parallel
+    cells and the cache split by KV heads."""
     out = tmp_path / "tp2"
     convert(llava_next, str(out), fuse_qkv=True, tp=2, progress=False)
     result = verify(llava_next, str(out), image=wide, max_new_tokens=N)

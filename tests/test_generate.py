@@ -112,7 +112,7 @@ def test_bfloat16_prefill_runs_the_kernels_from_a_working_folder(tp1, requests, 
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert "bf16_matmul kernel" in out["prefill_matmul"] and "prefill_ops kernel" in out["prefill_matmul"]
+    assert "bf16_matmul kernel" in out["prefill_matmul"] and "fused_ops kernel" in out["prefill_matmul"]
     assert [o["token_ids"] for o in out["outputs"]] == [e["tokens"] for e in expected]
 
 

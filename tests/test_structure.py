@@ -93,7 +93,7 @@ HOMES = {
     "llava_ckpt.runtime.msrun": ["run_jobs", "kill_run", "rank_threads"],
     "llava_ckpt.model.kernels": ["cpu_flags", "prefill_matmul", "prefill_matmul_op", "bf16_matmul_status",
                                  "small_matmul_status", "small_matmul_op", "check_prefill_mode",
-                                 "round_to_bfloat16", "prefill_ops", "prefill_ops_status", "PrefillOps"],
+                                 "round_to_bfloat16", "fused_ops", "fused_ops_status", "FusedOps"],
     "llava_ckpt.model.llama": ["head_columns", "seen_bias", "attention_bias", "causal_bias"],
     "llava_ckpt.model.layers": ["stored_dtype_params", "stored_dtype_owners"],
 }

@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer
 
-from .kernels import SMALL_ROWS, prefill_matmul_op, prefill_ops, small_matmul_op
+from .kernels import SMALL_ROWS, fused_ops, prefill_matmul_op, small_matmul_op
 
 # float64 is for verify's rerun of a diverging module: with the rounding of float32 / float16 kernels out of
 # the way, a difference that stays is a difference of the model, not of its kernels' precision.
@@ -92,13 +92,13 @@ class Linear(nn.Cell):
 
 class RMSNorm(nn.Cell):
     """LLaMA RMSNorm: statistics in float32, result cast back before the weight (as transformers does); one
-    fused op in the bfloat16 prefill mode (kernels.prefill_ops)."""
+    fused op where it runs (kernels.fused_ops)."""
 
     def __init__(self, dim, eps, dtype):
         super().__init__()
         self.weight = param((dim,), dtype)
         self.eps = float(eps)
-        self.fused_ops = prefill_ops(dtype)
+        self.fused_ops = fused_ops(dtype)
         self.eps_tensor = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x):
@@ -112,15 +112,15 @@ class RMSNorm(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """CLIP LayerNorm with MindFormers' gamma/beta names, computed in float32; one fused op in the bfloat16
-    prefill mode (kernels.prefill_ops)."""
+    """CLIP LayerNorm with MindFormers' gamma/beta names, computed in float32; one fused op where it
+    runs (kernels.fused_ops)."""
 
     def __init__(self, dim, eps, dtype):
         super().__init__()
         self.gamma = param((dim,), dtype)
         self.beta = param((dim,), dtype)
         self.eps = float(eps)
-        self.fused_ops = prefill_ops(dtype)
+        self.fused_ops = fused_ops(dtype)
         self.eps_tensor = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x):

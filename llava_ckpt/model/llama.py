@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import MS_DTYPES, Linear, RMSNorm, as_dtype, at_least_f32, param, prefill_ops, rope_tables, softmax_f32
+from .layers import MS_DTYPES, Linear, RMSNorm, as_dtype, at_least_f32, param, fused_ops, rope_tables, softmax_f32
 
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds for masked positions
 
@@ -40,7 +40,7 @@ def rope_theta(tc: dict) -> float:
 
 def head_columns(heads: int, kv_heads: int, head_dim: int, fused: bool) -> np.ndarray:
     """Each head's first column in the projection it comes from (q heads, then k, then v), for the fused
-    heads split (kernels.PrefillOps.split_heads): in w_qkv's output (fused, the qkv_concat grouping above) or in
+    heads split (kernels.FusedOps.split_heads): in w_qkv's output (fused, the qkv_concat grouping above) or in
     wq's, wk's and wv's own."""
     rep = heads // kv_heads
     if fused:
@@ -86,7 +86,7 @@ class Attention(nn.Cell):
         self.wo = Linear(h, self.heads * self.head_dim, bias, dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused heads split and attention
+        self.fused_ops = fused_ops(dtype)  # fused heads split and attention (kernels.fused_ops), or None
         if self.fused_ops is not None:
             self.split = self.fused_ops.split_heads(self.heads, self.kv_heads, self.head_dim, rope=True)
             self.columns = ms.Tensor(head_columns(self.heads, self.kv_heads, self.head_dim, fused))
@@ -181,7 +181,7 @@ class FeedForward(nn.Cell):
             self.w1 = Linear(f, h, bias, dtype)
             self.w3 = Linear(f, h, bias, dtype)
         self.w2 = Linear(h, f, bias, dtype)
-        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused SiLU(gate) * up
+        self.fused_ops = fused_ops(dtype)  # fused SiLU(gate) * up (kernels.fused_ops), or None
 
     def construct(self, x):
         if self.fused_ops is not None and x.dtype == ms.float32:

@@ -9,7 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Linear, LayerNorm, param, prefill_ops, quick_gelu, softmax_f32
+from .layers import Linear, LayerNorm, param, fused_ops, quick_gelu, softmax_f32
 
 
 def layers_run(cfg: dict) -> int:
@@ -30,7 +30,7 @@ class VisionAttention(nn.Cell):
         self.out_proj = Linear(h, h, True, dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused heads split and attention
+        self.fused_ops = fused_ops(dtype)  # fused heads split and attention (kernels.fused_ops), or None
         if self.fused_ops is not None:
             d, heads = self.head_dim, self.heads
             self.split = self.fused_ops.split_heads(heads, heads, d, rope=False)
@@ -58,7 +58,7 @@ class VisionMLP(nn.Cell):
         super().__init__()
         self.c_fc = Linear(vc["intermediate_size"], vc["hidden_size"], True, dtype)
         self.c_proj = Linear(vc["hidden_size"], vc["intermediate_size"], True, dtype)
-        self.fused_ops = prefill_ops(dtype)  # the bfloat16 prefill mode's fused QuickGELU
+        self.fused_ops = fused_ops(dtype)  # fused QuickGELU (kernels.fused_ops), or None
 
     def construct(self, x):
         y = self.c_fc(x)

@@ -152,9 +152,9 @@ def _matmul_note(matmul: str, device: str) -> str:
     """What the Linears' products ran on, both sides."""
     if matmul == "float32":
         return "float32 on both sides"
-    from ..model.kernels import bf16_matmul_status, prefill_ops_status
+    from ..model.kernels import bf16_matmul_status, fused_ops_status
     return ("bfloat16 products, float32 sums: the reference model's " + bf16_matmul_status("float32", device)
-            + " (its float32 norms, heads, attention, activations: " + prefill_ops_status("float32", device)
+            + " (its float32 norms, heads, attention, activations: " + fused_ops_status("float32", device)
             + "); transformers' nn.Linear through torch's bfloat16 GEMM (its output rounded to bfloat16)")
 
 

@@ -1,59 +1,8 @@
-"""Tensor-parallel outputs run as real ranks under msrun (each rank loads only its own rank_<r>/ file) give
-the single-process reference model's logits; a damaged rank file does not."""
+"""The msrun launcher's lifecycle: a killed run takes its ranks (in their own sessions) with it, and the
+timeout counts from rank 0's progress. That ranks give transformers' logits, tokens and module outputs is
+proven where msrun is used: tests/verify/test_verify_msrun.py (unfused, and a damaged rank file named),
+tests/test_family.py (fused, LLaVA-NeXT's packing, Mistral's KV heads split) and tests/test_generate.py."""
 import os
-
-import numpy as np
-import pytest
-
-from llava_ckpt.engine.config import image_token_count, load_config
-from llava_ckpt.convert import convert
-from llava_ckpt.io import load_tensors
-from llava_ckpt.model import Runner, build_and_load, trace_names
-from llava_ckpt.verify.converted import open_converted
-from llava_ckpt.verify.ranks import run_ranks
-
-
-def _inputs(cfg):
-    rng = np.random.default_rng(1)
-    vocab = cfg["text_config"]["vocab_size"]
-    text = [t for t in rng.integers(2, vocab, 40) if t != cfg["image_token_index"]]
-    ids = np.array([[1] + text[:5] + [cfg["image_token_index"]] * image_token_count(cfg) + text[5:17]], dtype=np.int64)
-    vc = cfg["vision_config"]
-    pixels = rng.standard_normal((1, vc["num_channels"], vc["image_size"], vc["image_size"])).astype(np.float32)
-    return ids, pixels
-
-
-@pytest.mark.slow
-def test_ranks_under_msrun_match_one_process(tiny, tmp_path):
-    cfg = load_config(tiny)
-    ids, pixels = _inputs(cfg)
-    one = str(tmp_path / "tp1")
-    convert(tiny, one, fuse_qkv=False, progress=False)
-    model, _ = build_and_load(cfg, load_tensors(one))
-    runner = Runner(model, jit=False)
-    traced = runner.forward(ids, pixels, trace=True)
-    ref = traced["logits"]
-    scale = float(np.abs(ref).max())
-    assert scale > 0
-    want_tokens = runner.generate(ids, pixels, 3, first=traced)["tokens"]
-
-    out = str(tmp_path / "tp2-fused")  # the fused layout on the ranks; verify's msrun test runs the unfused one
-    convert(tiny, out, fmt="safetensors", fuse_qkv=True, tp=2, progress=False)
-    ranks = open_converted(out)
-    got = run_ranks(ranks["rank_dirs"], cfg, ranks["layout"], ids, pixels, trace=True, max_new_tokens=3,
-                    device="CPU", timeout=240)
-    assert got["world"] == 2
-    assert got["logits"].shape == ref.shape
-    err = float(np.abs(got["logits"] - ref).max())
-    assert err <= 1e-4 * scale, (err, scale)
-    assert got["tokens"] == want_tokens  # greedy decoding on the ranks: the verify helper's use
-    names = trace_names(cfg)
-    assert len(got["trace"]) == len(traced["trace"]) == len(names)
-    for name, mine, theirs in zip(names, got["trace"], traced["trace"]):
-        assert mine.shape == theirs.shape, name
-        assert np.abs(mine - theirs).max() <= 1e-4 * max(float(np.abs(theirs).max()), 1e-6), name
-    # verify's path through the ranks (default msrun) and a mapping mistake on the ranks are covered by
-    # tests/verify/test_verify_msrun.py: one launch here keeps the suite short
 
 
 def test_kill_run_reaches_ranks_in_their_own_session(tmp_path):

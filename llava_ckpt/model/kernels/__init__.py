@@ -20,11 +20,13 @@ this is the only 16-bit prefill there is. It changes the numbers, so it is a mod
 (`prefill_matmul("bfloat16")` around building a model), never the default; built only where /proc/cpuinfo lists
 avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatMul runs then).
 
-`prefill_ops` (prefill_ops.cc): the float32 work of that bfloat16 prefill around its matmuls, fused (RMSNorm,
-heads split with RoPE, attention, SiLU * up): MindSpore's CPU ops cost as much as the bfloat16 matmuls there.
-Every value stays float32 (only the order of a sum's terms differs), yet it comes with the bfloat16 mode only
-(`prefill_ops()` is None outside it), so the float32 mode is the one whose tokens were checked against
-transformers'.
+`fused_ops` (fused_ops.cc): a float32 model's work around its matmuls, one op each (RMSNorm, CLIP's LayerNorm
+and QuickGELU, heads split with RoPE, a prompt's attention, SiLU * up): at a 7B prompt MindSpore's CPU ops for it
+cost 3/4 of the bfloat16 matmuls' time, and at decode time a fifth of a step. Every value and sum stays float32,
+in transformers' order of operations (only the order of a sum's terms differs), so every float32 model takes
+them, in both prefill modes. Built where /proc/cpuinfo lists avx512f; elsewhere, under another compute dtype
+(float64: verify's drift rerun) or with LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()`
+says why.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every ke
 # the kernels: source file, the AOT entry point, the threads setter
 KERNELS = {"small_matmul": ("small_matmul.cc", "SmallMatmul", "small_matmul_set_threads"),
            "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads"),
-           "prefill_ops": ("prefill_ops.cc", None, "prefill_ops_set_threads")}  # entries: PrefillOps
+           "fused_ops": ("fused_ops.cc", None, "fused_ops_set_threads")}  # entries: FusedOps
 PREFILL_MODES = ("float32", "bfloat16")
 _prefill = ["float32"]  # the prefill matmul mode Linear cells built now take (prefill_matmul)
 # Added where /proc/cpuinfo lists it: 16-lane loads and FMAs halve the instructions per weight, which at
@@ -93,7 +95,7 @@ def build_flags(kernel: str = "small_matmul") -> list:
     leaves it out, to measure or to test the AVX2 code); bf16_matmul's add AVX-512 BF16."""
     if kernel == "bf16_matmul":
         return _FLAGS + _BF16_FLAGS
-    if kernel == "prefill_ops":
+    if kernel == "fused_ops":
         return _FLAGS + _AVX512_FLAGS
     wide = "avx512f" in cpu_flags() and os.environ.get("LLAVA_CKPT_AVX512", "1") != "0"
     return _FLAGS + (_AVX512_FLAGS if wide else [])
@@ -109,7 +111,7 @@ def _bf16_supports() -> str | None:
 
 
 def _avx512_supports() -> str | None:
-    """None if this CPU runs prefill_ops (AVX-512 F), else why not."""
+    """None if this CPU runs fused_ops (AVX-512 F), else why not."""
     reason = _cpu_supports()
     return reason or (None if "avx512f" in cpu_flags() else "this CPU lacks avx512f")
 
@@ -128,7 +130,7 @@ def _build(kernel: str) -> tuple:
         return _built[key]
     folder = key[0]
     source_name, _, set_threads_name = KERNELS[kernel]
-    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports, "prefill_ops": _avx512_supports}[kernel]()
+    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports, "fused_ops": _avx512_supports}[kernel]()
     path = None
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
@@ -289,15 +291,20 @@ def prefill_matmul_op(dtype: str, bias: bool = False):
     return _ops[key]
 
 
-def prefill_ops_status(dtype: str = "float32", device: str | None = None) -> str:
-    """What a bfloat16 prefill's norms, heads, attention and SiLU run on: the kernel's library, or why
+FUSED_SWITCH = "LLAVA_CKPT_FUSED_OPS"
+
+
+def fused_ops_status(dtype: str = "float32", device: str | None = None) -> str:
+    """What a float32 model's norms, heads, attention and activations run on: the kernel's library, or why
     MindSpore's ops run instead."""
-    return _status("prefill_ops", dtype, device, "the fused ops are float32").replace("MindSpore MatMul",
+    if os.environ.get(FUSED_SWITCH, "1") == "0":
+        return f"MindSpore ops ({FUSED_SWITCH}=0)"
+    return _status("fused_ops", dtype, device, "the fused ops are float32").replace("MindSpore MatMul",
                                                                                           "MindSpore ops")
 
 
-class PrefillOps:
-    """prefill_ops.cc's entries as MindSpore AOT custom ops (float32 in and out):
+class FusedOps:
+    """fused_ops.cc's entries as MindSpore AOT custom ops (float32 in and out):
     rms_norm(x [R, H], w [H], eps [1]) -> [R, H]; layer_norm(x [R, H], gamma, beta [H], eps [1]) -> [R, H];
     quick_gelu(x [N]) -> [N];
     split_heads(heads, kv, d, rope)(q_src [B, S, Wq], k_src, v_src, columns [heads + 2 kv] int64[, cos, sin
@@ -337,12 +344,12 @@ class PrefillOps:
         return self._split[key]
 
 
-def prefill_ops(dtype: str):
-    """The fused ops for the cells being built now (PrefillOps), or None: outside the bfloat16 prefill mode,
-    a compute dtype other than float32, or no kernel here (MindSpore's ops run then)."""
-    if _prefill[0] != "bfloat16" or not prefill_ops_status(dtype).startswith("prefill_ops kernel"):
+def fused_ops(dtype: str):
+    """The fused ops for a cell of compute dtype `dtype` (FusedOps), or None: a compute dtype other than
+    float32, no kernel here, or switched off (MindSpore's ops run then)."""
+    if not fused_ops_status(dtype).startswith("fused_ops kernel"):
         return None
-    path = _build("prefill_ops")[0]
+    path = _build("fused_ops")[0]
     if path not in _ops:
-        _ops[path] = PrefillOps(path)
+        _ops[path] = FusedOps(path)
     return _ops[path]

@@ -1,12 +1,13 @@
-// The float32 work of a prefill around its matmuls, fused: RMSNorm, CLIP's LayerNorm and QuickGELU, the split
-// of a projection into heads (with RoPE for the decoder's q and k), attention (scores, mask, softmax, values in
-// one pass per block of queries), and SiLU(gate) * up. Every value and every sum is float32, the order of operations transformers' eager code
-// uses; only the order of a sum's terms differs from MindSpore's ops.
+// A float32 model's work around its matmuls, fused: RMSNorm, CLIP's LayerNorm and QuickGELU, the split of a
+// projection into heads (with RoPE for the decoder's q and k), attention (scores, mask, softmax, values in one
+// pass per block of queries), and SiLU(gate) * up. Every value and every sum is float32, in the order of
+// operations transformers' eager code uses; only the order of a sum's terms differs from MindSpore's ops.
 //
-// Why it exists: at the 7B's prompt length (594 positions) MindSpore 2.10's CPU ops spent ~0.47 s a decoder
+// Why it exists: at the 7B's prompt length (594 positions) MindSpore 2.10.0's CPU ops spent ~0.47 s a decoder
 // layer on this work (the rotate-half concats, the [heads, S, S] scores cast and masked as separate tensors, the
-// strided gate/up slices), 3/4 of the layer's bfloat16 matmuls' time; fused it is ~75 ms (attention 39 of it),
-// and a CLIP layer's ~0.15 s of it (LayerNorm 24-35 ms each, the bias adds 13 ms each) ~40 ms (measured).
+// strided gate/up slices), 3/4 of the layer's bfloat16 matmuls' time. Fused it was ~75 ms with every op threaded
+// (attention 39 of it; about 0.1 s with the light ops serial, see for_items), and a CLIP layer's ~0.15 s of it
+// (LayerNorm 24-35 ms each, the bias adds 13 ms each) ~40 ms (measured on an AVX-512 EPYC, 2 cores).
 //
 // Attention skips, per block of 8 queries, the keys every row of the block has masked (bias <= MASKED / 2)
 // when each row sees some key: exp() of such a score is exactly 0 in float32, so the result is the same as
@@ -22,7 +23,7 @@
 #include <vector>
 
 #if !defined(__AVX512F__)
-#error "prefill_ops needs AVX-512 F (build with -mavx512f)"
+#error "fused_ops needs AVX-512 F (build with -mavx512f)"
 #endif
 
 namespace {
@@ -32,9 +33,19 @@ constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest: what at
 constexpr int kQueries = 8;                           // queries per attention block
 constexpr int64_t kKeys = 48;                         // keys per step of the scores (8 x 3 vectors: 24 sums)
 
-// f(item) for item in [0, n), handed out one at a time over the threads (attention's items differ in cost).
+// f(item) for item in [0, n), in order, on the calling thread. Only attention, the one op long enough to gain
+// much from threads, uses them (for_items_threaded). Why: with every op threaded the full test suite once saw a
+// tiny model's logits differ by ~6e-6 between two identical forwards (about 1 forward in 27 on that AVX-512
+// machine). No item reads another's output and no cause was found; with the light ops serial it gave no
+// difference in 48 forwards. They cost ~30 ms more per 7B decoder layer (about 1 s of a 30 s prefill).
 template <class F>
 void for_items(int64_t n, F f) {
+  for (int64_t i = 0; i < n; i++) f(i);
+}
+
+// f(item) for item in [0, n), handed out one at a time over the threads (attention's items differ in cost).
+template <class F>
+void for_items_threaded(int64_t n, F f) {
   std::atomic<int64_t> next{0};
   auto work = [&]() {
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
@@ -295,7 +306,7 @@ void attend_group(const Attn &a, int64_t b, int64_t g, const std::vector<int64_t
 void attention(const Attn &a) {
   std::vector<int64_t> lo, hi;
   seen_ranges(a, lo, hi);
-  for_items(a.batch * a.n_kv, [&](int64_t item) { attend_group(a, item / a.n_kv, item % a.n_kv, lo, hi); });
+  for_items_threaded(a.batch * a.n_kv, [&](int64_t item) { attend_group(a, item / a.n_kv, item % a.n_kv, lo, hi); });
 }
 
 // ---- SiLU(gate) * up = gate / (1 + exp(-gate)) * up; pairs: one [rows, F, 2] input of (gate, up) pairs.
@@ -329,7 +340,7 @@ bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
 
 }  // namespace
 
-extern "C" void prefill_ops_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+extern "C" void fused_ops_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 
 // MindSpore AOT entries: params are the inputs then the outputs. Non-zero: refused (1 ranks, 2 dtypes, 3 shapes).
 

@@ -1,7 +1,7 @@
-"""The bfloat16 prefill mode's fused float32 ops (model/kernels/prefill_ops.cc) and bf16_matmul's bias entry:
-each equals its formula computed in float64 by numpy, at widths and lengths around the kernels' 16-lane and
-8-query edges, masks with padded and unseen rows, grouped k/v heads; the model's cells built in that mode take
-them and give what the same cells give through MindSpore's ops; outside it they are not used."""
+"""The fused float32 ops (model/kernels/fused_ops.cc) and bf16_matmul's bias entry: each equals its formula
+computed in float64 by numpy, at widths and lengths around the kernels' 16-lane and 8-query edges, masks with
+padded and unseen rows, grouped k/v heads; a float32 model's cells take them (in both prefill modes) and give what
+the same cells give through MindSpore's ops; float64 cells and LLAVA_CKPT_FUSED_OPS=0 keep MindSpore's ops."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -24,9 +24,8 @@ def cpu():
 
 
 def fused():
-    with kernels.prefill_matmul("bfloat16"):
-        got = kernels.prefill_ops("float32")
-    assert got is not None, kernels.prefill_ops_status()
+    got = kernels.fused_ops("float32")
+    assert got is not None, kernels.fused_ops_status()
     return got
 
 
@@ -210,12 +209,22 @@ def test_a_clip_block_in_the_bfloat16_mode_is_the_same_block_through_mindspore_o
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_outside_the_bfloat16_mode_no_cell_takes_them(dtype):
-    with kernels.prefill_matmul("float32"):
-        cells = [RMSNorm(8, 1e-6, dtype), LayerNorm(8, 1e-5, dtype), DecoderLayer(TC, True, dtype)]
-    assert kernels.prefill_ops(dtype) is None
-    assert all(getattr(c, "fused_ops", None) is None for cell in cells for _, c in cell.cells_and_names())
-    with kernels.prefill_matmul("bfloat16"):
-        assert kernels.prefill_ops("float64") is None  # a float64 rerun keeps MindSpore's ops
-        assert RMSNorm(8, 1e-6, "float64").fused_ops is None
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_every_float32_cell_takes_them_in_either_prefill_mode(mode):
+    with kernels.prefill_matmul(mode):
+        cells = [RMSNorm(8, 1e-6, "float32"), LayerNorm(8, 1e-5, "float32"), DecoderLayer(TC, True, "float32"),
+                 ResBlock({"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+                           "layer_norm_eps": 1e-5}, "float32")]
+    for cell in cells:
+        assert all(c.fused_ops is not None for _, c in cell.cells_and_names() if hasattr(c, "fused_ops"))
+
+
+def test_float64_and_the_switch_keep_mindspores_ops(monkeypatch):
+    """verify's drift rerun computes in float64 with MindSpore's ops; LLAVA_CKPT_FUSED_OPS=0 turns them off."""
+    assert kernels.fused_ops("float64") is None
+    assert RMSNorm(8, 1e-6, "float64").fused_ops is None
+    monkeypatch.setenv("LLAVA_CKPT_FUSED_OPS", "0")
+    assert kernels.fused_ops("float32") is None
+    assert kernels.fused_ops_status("float32") == "MindSpore ops (LLAVA_CKPT_FUSED_OPS=0)"
+    layer = DecoderLayer(TC, True, "float32")
+    assert all(getattr(c, "fused_ops", None) is None for _, c in layer.cells_and_names())
