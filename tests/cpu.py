@@ -1,7 +1,9 @@
 """What this machine's CPU can run, read from /proc/cpuinfo by the tests themselves (never from the code under
-test), for the tests of the AVX-512 BF16 paths to skip on machines without them."""
+test), for the tests of the kernels' paths to skip on machines without them."""
+import platform
 
-BF16_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512bw", "avx512vl")
+AVX2_FLAGS = ("avx2", "fma", "f16c")  # small_matmul and fused_ops (AVX-512 where there, else AVX2)
+BF16_FLAGS = AVX2_FLAGS + ("avx512f", "avx512_bf16", "avx512bw", "avx512vl")
 
 
 def flags() -> list:
@@ -18,4 +20,15 @@ def bf16_lacks() -> str:
     if not have:
         return "no /proc/cpuinfo"
     missing = [f for f in BF16_FLAGS if f not in have]
+    return f"the CPU lacks {' and '.join(missing)}" if missing else ""
+
+
+def avx2_lacks() -> str:
+    """'' where the CPU runs the AVX2 kernels (small_matmul, fused_ops), else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not x86-64 ({platform.machine()})"
+    have = flags()
+    if not have:
+        return "no /proc/cpuinfo"
+    missing = [f for f in AVX2_FLAGS if f not in have]
     return f"the CPU lacks {' and '.join(missing)}" if missing else ""

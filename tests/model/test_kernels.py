@@ -10,19 +10,9 @@ from mindspore import Tensor
 from llava_ckpt.model import kernels
 from llava_ckpt.model.layers import Linear
 
-def _cpu_lacks() -> str:
-    """Why this machine cannot run the AVX2 + FMA kernel, read here from the machine itself (not from the code
-    under test, whose own probe is what some of these tests check): '' when it can."""
-    import platform
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not x86-64 ({platform.machine()})"
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
-    return f"the CPU lacks {' and '.join(missing)}" if missing else ""
+from cpu import avx2_lacks
 
-
-pytestmark = pytest.mark.skipif(bool(_cpu_lacks()), reason=_cpu_lacks() or "runs")
+pytestmark = pytest.mark.skipif(bool(avx2_lacks()), reason=avx2_lacks() or "runs")
 
 
 def reference(x, w):

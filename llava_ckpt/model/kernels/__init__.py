@@ -24,9 +24,9 @@ avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatM
 and QuickGELU, heads split with RoPE, a prompt's attention, SiLU * up): at a 7B prompt MindSpore's CPU ops for it
 cost 3/4 of the bfloat16 matmuls' time, and at decode time a fifth of a step. Every value and sum stays float32,
 in transformers' order of operations (only the order of a sum's terms differs), so every float32 model takes
-them, in both prefill modes. Built where /proc/cpuinfo lists avx512f; elsewhere, under another compute dtype
-(float64: verify's drift rerun) or with LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()`
-says why.
+them, in both prefill modes. Built as small_matmul is (AVX-512 where /proc/cpuinfo lists avx512f, else AVX2, the
+same sums either way); where it cannot be, under another compute dtype (float64: verify's drift rerun) or with
+LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()` says why.
 """
 from __future__ import annotations
 
@@ -95,8 +95,6 @@ def build_flags(kernel: str = "small_matmul") -> list:
     leaves it out, to measure or to test the AVX2 code); bf16_matmul's add AVX-512 BF16."""
     if kernel == "bf16_matmul":
         return _FLAGS + _BF16_FLAGS
-    if kernel == "fused_ops":
-        return _FLAGS + _AVX512_FLAGS
     wide = "avx512f" in cpu_flags() and os.environ.get("LLAVA_CKPT_AVX512", "1") != "0"
     return _FLAGS + (_AVX512_FLAGS if wide else [])
 
@@ -108,12 +106,6 @@ def _bf16_supports() -> str | None:
         return reason
     missing = [f for f in ("avx512f", "avx512_bf16", "avx512bw", "avx512vl") if f not in cpu_flags()]
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
-
-
-def _avx512_supports() -> str | None:
-    """None if this CPU runs fused_ops (AVX-512 F), else why not."""
-    reason = _cpu_supports()
-    return reason or (None if "avx512f" in cpu_flags() else "this CPU lacks avx512f")
 
 
 def _compiler() -> str | None:
@@ -130,7 +122,7 @@ def _build(kernel: str) -> tuple:
         return _built[key]
     folder = key[0]
     source_name, _, set_threads_name = KERNELS[kernel]
-    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports, "fused_ops": _avx512_supports}[kernel]()
+    reason = {"small_matmul": _cpu_supports, "bf16_matmul": _bf16_supports, "fused_ops": _cpu_supports}[kernel]()
     path = None
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
