@@ -14,21 +14,22 @@ def flags() -> list:
         return []
 
 
-def bf16_lacks() -> str:
-    """'' where the CPU has every flag bf16_matmul needs, else which it lacks."""
-    have = flags()
-    if not have:
-        return "no /proc/cpuinfo"
-    missing = [f for f in BF16_FLAGS if f not in have]
-    return f"the CPU lacks {' and '.join(missing)}" if missing else ""
-
-
-def avx2_lacks() -> str:
-    """'' where the CPU runs the AVX2 kernels (small_matmul, fused_ops), else why not."""
+def lacks(required) -> str:
+    """'' where this x86-64 CPU lists every flag in `required`, else why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not x86-64 ({platform.machine()})"
     have = flags()
     if not have:
         return "no /proc/cpuinfo"
-    missing = [f for f in AVX2_FLAGS if f not in have]
+    missing = [f for f in required if f not in have]
     return f"the CPU lacks {' and '.join(missing)}" if missing else ""
+
+
+def bf16_lacks() -> str:
+    """'' where the CPU has every flag bf16_matmul needs, else which it lacks."""
+    return lacks(BF16_FLAGS)
+
+
+def avx2_lacks() -> str:
+    """'' where the CPU runs the AVX2 kernels (small_matmul, fused_ops), else why not."""
+    return lacks(AVX2_FLAGS)

@@ -24,8 +24,8 @@ avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatM
 and QuickGELU, heads split with RoPE, a prompt's attention, SiLU * up): at a 7B prompt MindSpore's CPU ops for it
 cost 3/4 of the bfloat16 matmuls' time, and at decode time a fifth of a step. Every value and sum stays float32,
 in transformers' order of operations (only the order of a sum's terms differs), so every float32 model takes
-them, in both prefill modes. Built as small_matmul is (AVX-512 where /proc/cpuinfo lists avx512f, else AVX2, the
-same sums either way); where it cannot be, under another compute dtype (float64: verify's drift rerun) or with
+them, in both prefill modes. Built as small_matmul is (AVX-512 where /proc/cpuinfo lists avx512f, else AVX2, meant
+to give the same numbers); where it cannot be, under another compute dtype (float64: verify's drift rerun) or with
 LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()` says why.
 """
 from __future__ import annotations
