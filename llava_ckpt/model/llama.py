@@ -158,9 +158,13 @@ class Attention(nn.Cell):
         """Attention of the new positions (q, k, v: [B, *, 1, d]) over the cache's T slots and themselves,
         without writing the cache. k_cache [B, kv, d, T] (KVCache's layout), v_cache [B, kv, T, d]; bias:
         attention_bias of [B, 1, 1, T + 1], the cache slots a row may see, then the new position (always seen).
-        One softmax over both parts, so it equals attention over the written cache."""
+        One softmax over both parts, so it equals attention over the written cache. fused_ops' AttentionCached
+        where it runs (float32): it reads the cache in place and skips the slots no row sees."""
         b, _, s, _ = q.shape
         t = k_cache.shape[3]
+        seen = seen_bias(bias) if self.fused_ops is not None else None
+        if seen is not None and q.dtype == ms.float32 and k_cache.dtype == ms.float32:
+            return self.wo(self.fused_ops.attention_cached(q, k, v, k_cache, v_cache, seen, self.scale_tensor))
         qg = self.grouped(q)
         cached = as_dtype(self.bmm(qg, k_cache) * self.scale, ms.float32)
         scores = ops.concat((cached, self.scores(qg, k)), -1).reshape(b, self.heads, s, t + s)

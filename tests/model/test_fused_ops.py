@@ -139,6 +139,33 @@ def test_attention_is_softmax_attention(heads, kv, d, mask):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("heads,kv,d", [(4, 4, 128), (4, 2, 24), (2, 1, 130)])
+@pytest.mark.parametrize("new", [1, 3])
+def test_attention_cached_is_attention_over_the_written_cache(heads, kv, d, new):
+    """A decode step's attention over the cache's slots (k stored [B, kv, d, T]) and the new positions equals
+    softmax attention over the cache with the new k / v written in; slots a row may not see (left padding,
+    slots not filled yet) hold garbage that must not count."""
+    b, t, filled = 3, 53, 40  # 53 slots: key steps of 48 with a tail; slots 40.. not filled yet
+    rng = np.random.default_rng(heads * 100 + d + new)
+    q = rng.standard_normal((b, heads, new, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, kv, new, d)).astype(np.float32) for _ in range(2))
+    k_slots, v_slots = (rng.standard_normal((b, kv, t, d)).astype(np.float32) for _ in range(2))
+    keep = np.zeros((b, new, t + new), bool)
+    keep[:, :, :filled] = True
+    keep[1, :, :7] = keep[2, :, :30] = False  # left padding of rows 1 and 2
+    keep[:, :, t:] = np.tril(np.ones((new, new), bool))  # the new positions, causal among themselves
+    for row in range(b):  # what a row may not see: huge, so counting it would show
+        k_slots[row, :, ~keep[row, 0, :t]] = 1e4
+        v_slots[row, :, ~keep[row, 0, :t]] = -1e4
+    bias = attention_bias(keep)
+    scale = d ** -0.5
+    k_cache = np.ascontiguousarray(k_slots.transpose(0, 1, 3, 2))
+    got = fused().attention_cached(f32(q), f32(k), f32(v), f32(k_cache), f32(v_slots), f32(bias),
+                                   f32([scale])).asnumpy()
+    want = attention_reference(q, np.concatenate([k_slots, k], 2), np.concatenate([v_slots, v], 2), bias, scale)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
 @needs_bf16
 @pytest.mark.parametrize("rows", [9, 40])
 def test_bf16_matmul_bias_entry_adds_the_bias_once(rows):

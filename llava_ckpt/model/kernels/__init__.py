@@ -20,13 +20,13 @@ this is the only 16-bit prefill there is. It changes the numbers, so it is a mod
 (`prefill_matmul("bfloat16")` around building a model), never the default; built only where /proc/cpuinfo lists
 avx512_bf16, and `bf16_matmul_status()` says why not elsewhere (the float32 MatMul runs then).
 
-`fused_ops` (fused_ops.cc): a float32 model's work around its matmuls, one op each (RMSNorm, CLIP's LayerNorm
-and QuickGELU, heads split with RoPE, a prompt's attention, SiLU * up): at a 7B prompt MindSpore's CPU ops for it
-cost 3/4 of the bfloat16 matmuls' time, and at decode time a fifth of a step. Every value and sum stays float32,
-in transformers' order of operations (only the order of a sum's terms differs), so every float32 model takes
-them, in both prefill modes. Built as small_matmul is (AVX-512 where /proc/cpuinfo lists avx512f, else AVX2, meant
-to give the same numbers); where it cannot be, under another compute dtype (float64: verify's drift rerun) or with
-LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()` says why.
+`fused_ops` (fused_ops.cc): a float32 model's work around its matmuls, one op each (RMSNorm, CLIP's LayerNorm and
+QuickGELU, heads split with RoPE, a prompt's attention and a decode step's over the KV cache, SiLU * up): at a 7B
+prompt MindSpore's CPU ops for it cost 3/4 of the bfloat16 matmuls' time, and at decode time 2/5 of a step. Every
+value and sum stays float32, in transformers' order of operations (only the order of a sum's terms differs), so
+every float32 model takes them, in both prefill modes. Built as small_matmul is (AVX-512 where /proc/cpuinfo lists
+avx512f, else AVX2, meant to give the same numbers); where it cannot be, under another compute dtype (float64:
+verify's drift rerun) or with LLAVA_CKPT_FUSED_OPS=0, MindSpore's ops run and `fused_ops_status()` says why.
 """
 from __future__ import annotations
 
@@ -302,6 +302,8 @@ class FusedOps:
     split_heads(heads, kv, d, rope)(q_src [B, S, Wq], k_src, v_src, columns [heads + 2 kv] int64[, cos, sin
     [Bc, S, d]]) -> q [B, heads, S, d], k, v [B, kv, S, d] (columns: each head's first column in its source);
     attention(q, k, v [B, kv, T, d], bias [Bb, S, T], scale [1]) -> [B, S, heads * d];
+    attention_cached(q, k, v [B, kv, S, d], k_cache [B, kv, d, T], v_cache [B, kv, T, d], bias [Bb, S, T + S],
+    scale [1]) -> [B, S, heads * d] (a decode step: the new positions over the cache's slots and themselves);
     silu_mul(gate, up [R, F]) -> [R, F]; silu_mul_pairs(pairs [R, 2F] interleaved (gate, up)) -> [R, F]."""
 
     def __init__(self, path: str):
@@ -314,6 +316,9 @@ class FusedOps:
         self.quick_gelu = ops.Custom(f"{path}:QuickGelu", out_shape=lambda x: x, out_dtype=f32, func_type="aot")
         self.attention = ops.Custom(f"{path}:Attention", out_shape=lambda q, k, v, b, s: [q[0], q[2], q[1] * q[3]],
                                     out_dtype=f32, func_type="aot")
+        self.attention_cached = ops.Custom(f"{path}:AttentionCached",
+                                           out_shape=lambda q, k, v, kc, vc, b, s: [q[0], q[2], q[1] * q[3]],
+                                           out_dtype=f32, func_type="aot")
         self.silu_mul = ops.Custom(f"{path}:SiluMul", out_shape=lambda g, u: g, out_dtype=f32, func_type="aot")
         self.silu_mul_pairs = ops.Custom(f"{path}:SiluMulPairs", out_shape=lambda y: [y[0], y[1] // 2],
                                          out_dtype=f32, func_type="aot")

@@ -1,6 +1,7 @@
 // A float32 model's work around its matmuls, fused: RMSNorm, CLIP's LayerNorm and QuickGELU, the split of a
 // projection into heads (with RoPE for the decoder's q and k), attention (scores, mask, softmax, values in one
-// pass per block of queries), and SiLU(gate) * up. Every value and every sum is float32, in the order of
+// pass per block of queries; a prompt's, or a decode step's over the KV cache's slots read where they lie), and
+// SiLU(gate) * up. Every value and every sum is float32, in the order of
 // operations transformers' eager code uses; only the order of a sum's terms differs from MindSpore's ops.
 //
 // Why it exists: at the 7B's prompt length (594 positions) MindSpore 2.10.0's CPU ops spent ~0.47 s a decoder
@@ -11,7 +12,8 @@
 //
 // Attention skips, per block of 8 queries, the keys every row of the block has masked (bias <= MASKED / 2)
 // when each row sees some key: exp() of such a score is exactly 0 in float32, so the result is the same as
-// computing them. A row that sees no key is computed over every key (uniform, as softmax of equal scores is).
+// computing them (a decode step's cache slots not filled yet, a left-padded row's padding). A row that sees no
+// key is computed over every key (uniform, as softmax of equal scores is).
 //
 // Built with AVX-512 F where the CPU has it, else AVX2 (the v_ helpers below: one body of code for both). On an
 // AVX2-only EPYC (2 cores) a 7B-width decode step's layer spent 11.7 ms outside its matmuls (15.3 ms) in
@@ -148,7 +150,7 @@ inline void deinterleave(F16 lo, F16 hi, F16 &g, F16 &u) {  // see the AVX-512 v
 int g_threads = 1;
 constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest: what attention adds where masked
 constexpr int kQueries = 8;                           // queries per attention block
-constexpr int64_t kKeys = 48;                         // keys per step of the scores (8 x 3 vectors: 24 sums)
+constexpr int64_t kKeys = 48;                         // the most keys per step of the scores (p's padding)
 
 // f(item) for item in [0, n), in order, on the calling thread. Only attention, the one op long enough to gain
 // much from threads, uses them (for_items_threaded). Why: with every op threaded the full test suite once saw a
@@ -284,11 +286,15 @@ void heads(const float *src, int64_t width, const int64_t *columns, int64_t n_he
 
 // ---- Attention: out [B, S, heads * d] = softmax(q k^T * scale + bias) v, per head; q [B, heads, S, d],
 // k and v [B, kv, T, d] (head h uses kv head h / (heads / kv)), bias [Bb, S, T] (Bb 1 or B).
+// Cached (a decode step): the keys are a cache's T slots, then the S new positions: k_cache [B, kv, d, Tc]
+// (each slot a column), v_cache [B, kv, Tc, d], k and v [B, kv, S, d]; keys = Tc + S, bias [Bb, S, Tc + S].
 struct Attn {
   const float *q, *k, *v, *bias;
   float scale;
   float *out;
   int64_t batch, n_heads, n_kv, seq, keys, d, bias_batch;
+  const float *k_cache = nullptr, *v_cache = nullptr;  // cached: keys 0 .. cached-1 are the cache's slots
+  int64_t cached = 0;
 };
 
 // Per (bias row-batch, query): [first, last) of the keys it sees; first = last = -1 when it sees none.
@@ -307,12 +313,98 @@ void seen_ranges(const Attn &a, std::vector<int64_t> &lo, std::vector<int64_t> &
   }
 }
 
-// out rows i0 .. i0+rows of head h = probabilities [rows][tp] (keys j0 .. j1) . v [keys][d]: R rows x V vectors
-// of d per pass (24 accumulators), each v row loaded once per pass.
-template <int V>
-void pv_pass(const Attn &a, const float *p, int64_t tp, const float *v, int64_t b, int64_t h, int64_t i0, int rows,
+inline Mask tail_from(int64_t left) { return left <= 0 ? static_cast<Mask>(0) : tail(left); }
+
+// Register blocking: AVX-512 has 32 registers of 16 floats, AVX2 16 of 8 (an F16 is two): sums held at once,
+// in F16s, so that the sums, the loads and a broadcast stay in registers (more spilled, measured on AVX2).
+#if defined(__AVX512F__)
+constexpr int kSums = 24, kScoreRows = 8;
+#else
+constexpr int kSums = 4, kScoreRows = 4;
+#endif
+constexpr int kScoreVecs = kSums / kScoreRows;  // 16-key vectors per step of the scores: 3, or 1
+
+// p[m][j] = q row m . key j for keys [js, j1), `rows` rows of q (stride d); key j's i-th value is kt[i * tp + j]
+// (a prompt's keys transposed, readable up to tp). Each sum runs over i in order, as cached_scores' do.
+void scores(const float *q, int rows, int64_t d, const float *kt, int64_t tp, int64_t js, int64_t j1, float *p) {
+  constexpr int R = kScoreRows, V = kScoreVecs;
+  for (int m0 = 0; m0 < rows; m0 += R) {
+    int mr = std::min(R, rows - m0);
+    for (int64_t j = js; j < j1; j += 16 * V) {
+      F16 acc[R][V];
+      for (int m = 0; m < R; m++)
+        for (int c = 0; c < V; c++) acc[m][c] = v_setzero_ps();
+      for (int64_t i = 0; i < d; i++) {
+        F16 kv[V];
+        for (int c = 0; c < V; c++) kv[c] = v_loadu_ps(kt + i * tp + j + 16 * c);
+        for (int m = 0; m < R; m++) {
+          if (m >= mr) break;
+          F16 qv = v_set1_ps(q[(m0 + m) * d + i]);
+          for (int c = 0; c < V; c++) acc[m][c] = v_fmadd_ps(qv, kv[c], acc[m][c]);
+        }
+      }
+      for (int m = 0; m < mr; m++)
+        for (int c = 0; c < V; c++) v_storeu_ps(p + (m0 + m) * tp + j + 16 * c, acc[m][c]);
+    }
+  }
+}
+
+// scores' sums for a cache's slots [js, j1) (k_cache [d][stride], each slot a column), streaming the cache row
+// by row (one pass over its memory in address order) and summing into p (L1-resident) as it goes.
+void cached_scores(const float *q, int rows, int64_t d, const float *kc, int64_t stride, int64_t js, int64_t j1,
+                   float *p, int64_t tp) {
+  for (int m = 0; m < rows; m++) std::fill(p + m * tp + js, p + m * tp + j1, 0.0f);
+  int64_t full = js + (j1 - js) / 16 * 16;
+  Mask last = tail_from(j1 - full);
+  for (int64_t i = 0; i < d; i++) {
+    const float *kr = kc + i * stride;
+    for (int m = 0; m < rows; m++) {
+      F16 qv = v_set1_ps(q[m * d + i]);
+      float *pr = p + m * tp;
+      for (int64_t j = js; j < full; j += 16)
+        v_storeu_ps(pr + j, v_fmadd_ps(qv, v_loadu_ps(kr + j), v_loadu_ps(pr + j)));
+      if (last) v_mask_storeu_ps(pr + full, last, v_fmadd_ps(qv, v_maskz_loadu_ps(last, kr + full),
+                                                            v_maskz_loadu_ps(last, pr + full)));
+    }
+  }
+}
+
+// softmax over [j0, j1) of (p * scale + bias), in place, for `rows` rows (p stride tp, bias stride `keys`).
+void softmax_rows(float *p, int64_t tp, const float *bias, int64_t keys, int rows, int64_t j0, int64_t j1,
+                  float scale_value) {
+  F16 scale = v_set1_ps(scale_value);
+  for (int m = 0; m < rows; m++) {
+    float *pr = p + m * tp;
+    const float *br = bias + m * keys;
+    F16 mx = v_set1_ps(-INFINITY);
+    for (int64_t j = j0; j < j1; j += 16) {
+      Mask mk = tail(j1 - j);
+      F16 s = v_add_ps(v_mul_ps(v_maskz_loadu_ps(mk, pr + j), scale), v_maskz_loadu_ps(mk, br + j));
+      v_mask_storeu_ps(pr + j, mk, s);
+      mx = v_mask_max_ps(mx, mk, mx, s);
+    }
+    F16 top = v_set1_ps(v_reduce_max_ps(mx));
+    F16 sum = v_setzero_ps();
+    for (int64_t j = j0; j < j1; j += 16) {
+      Mask mk = tail(j1 - j);
+      F16 e = v_maskz_mov_ps(mk, exp16(v_sub_ps(v_maskz_loadu_ps(mk, pr + j), top)));
+      v_mask_storeu_ps(pr + j, mk, e);
+      sum = v_add_ps(sum, e);
+    }
+    F16 inv = v_set1_ps(1.0f / v_reduce_add_ps(sum));
+    for (int64_t j = j0; j < j1; j += 16) {
+      Mask mk = tail(j1 - j);
+      v_mask_storeu_ps(pr + j, mk, v_mul_ps(v_maskz_loadu_ps(mk, pr + j), inv));
+    }
+  }
+}
+
+// out rows i0 .. i0+rows of head h = probabilities [rows][tp] (keys j0 .. j1) . v rows (vrow(j): key j's d
+// values): R rows x V vectors of d per pass (kSums sums), each v row loaded once per pass.
+template <int V, class VRow>
+void pv_pass(const Attn &a, const float *p, int64_t tp, VRow vrow, int64_t b, int64_t h, int64_t i0, int rows,
              int64_t j0, int64_t j1, int64_t c0) {
-  constexpr int R = 24 / V;
+  constexpr int R = kSums / V;
   int64_t d = a.d;
   Mask mk[V];
   for (int c = 0; c < V; c++) mk[c] = c0 + 16 * c < d ? tail(d - c0 - 16 * c) : 0;
@@ -322,8 +414,9 @@ void pv_pass(const Attn &a, const float *p, int64_t tp, const float *v, int64_t 
     for (int m = 0; m < R; m++)
       for (int c = 0; c < V; c++) acc[m][c] = v_setzero_ps();
     for (int64_t j = j0; j < j1; j++) {
+      const float *vj = vrow(j) + c0;
       F16 vv[V];
-      for (int c = 0; c < V; c++) vv[c] = v_maskz_loadu_ps(mk[c], v + j * d + c0 + 16 * c);
+      for (int c = 0; c < V; c++) vv[c] = v_maskz_loadu_ps(mk[c], vj + 16 * c);
       for (int m = 0; m < R; m++) {
         if (m >= mr) break;
         F16 pv = v_set1_ps(p[(m0 + m) * tp + j]);
@@ -337,23 +430,36 @@ void pv_pass(const Attn &a, const float *p, int64_t tp, const float *v, int64_t 
   }
 }
 
-void pv(const Attn &a, const float *p, int64_t tp, const float *v, int64_t b, int64_t h, int64_t i0, int rows,
+template <class VRow>
+void pv(const Attn &a, const float *p, int64_t tp, VRow vrow, int64_t b, int64_t h, int64_t i0, int rows,
         int64_t j0, int64_t j1) {
+#if defined(__AVX512F__)
   int64_t vecs = (a.d + 15) / 16;
-  if (vecs == 8) return pv_pass<8>(a, p, tp, v, b, h, i0, rows, j0, j1, 0);  // d = 128 (LLaMA)
-  if (vecs == 4) return pv_pass<4>(a, p, tp, v, b, h, i0, rows, j0, j1, 0);  // d = 64 (CLIP)
-  for (int64_t c0 = 0; c0 < a.d; c0 += 64) pv_pass<4>(a, p, tp, v, b, h, i0, rows, j0, j1, c0);
+  if (vecs == 8) return pv_pass<8>(a, p, tp, vrow, b, h, i0, rows, j0, j1, 0);  // d = 128 (LLaMA)
+  if (vecs == 4) return pv_pass<4>(a, p, tp, vrow, b, h, i0, rows, j0, j1, 0);  // d = 64 (CLIP)
+  for (int64_t c0 = 0; c0 < a.d; c0 += 64) pv_pass<4>(a, p, tp, vrow, b, h, i0, rows, j0, j1, c0);
+#else
+  for (int64_t c0 = 0; c0 < a.d; c0 += 32) pv_pass<2>(a, p, tp, vrow, b, h, i0, rows, j0, j1, c0);
+#endif
 }
 
+// One KV head's queries (its heads' rows, blocks of kQueries) over its keys.
 void attend_group(const Attn &a, int64_t b, int64_t g, const std::vector<int64_t> &lo,
                   const std::vector<int64_t> &hi) {
   int64_t d = a.d, t = a.keys, tp = (t + kKeys - 1) / kKeys * kKeys + kKeys, rep = a.n_heads / a.n_kv;
-  std::vector<float> kt(static_cast<size_t>(d * tp), 0.0f);  // k transposed: [d][keys], keys padded
-  const float *k = a.k + (b * a.n_kv + g) * t * d;
-  const float *v = a.v + (b * a.n_kv + g) * t * d;
-  for (int64_t j0 = 0; j0 < t; j0 += 16)  // 16 keys at a time: each kt row written 16 floats at once
-    for (int64_t i = 0; i < d; i++)
-      for (int64_t j = j0; j < std::min(t, j0 + 16); j++) kt[i * tp + j] = k[j * d + i];
+  int64_t tc = a.cached, fresh = t - tc;  // cache slots, then the keys of k / v
+  const float *k = a.k + (b * a.n_kv + g) * fresh * d;
+  const float *v = a.v + (b * a.n_kv + g) * fresh * d;
+  const float *kc = tc ? a.k_cache + (b * a.n_kv + g) * d * tc : nullptr;
+  const float *vc = tc ? a.v_cache + (b * a.n_kv + g) * tc * d : nullptr;
+  std::vector<float> kt;  // k / v's keys transposed: [d][keys], padded (a prompt's; a step's few are dotted)
+  if (!tc) {
+    kt.assign(static_cast<size_t>(d * tp), 0.0f);
+    for (int64_t j0 = 0; j0 < t; j0 += 16)  // 16 keys at a time: each kt row written 16 floats at once
+      for (int64_t i = 0; i < d; i++)
+        for (int64_t j = j0; j < std::min(t, j0 + 16); j++) kt[i * tp + j] = k[j * d + i];
+  }
+  auto vrow = [&](int64_t j) { return j < tc ? vc + j * d : v + (j - tc) * d; };
   std::vector<float> p(static_cast<size_t>(kQueries * tp));
   const int64_t bb = a.bias_batch > 1 ? b : 0;
   for (int64_t r = 0; r < rep; r++) {
@@ -369,56 +475,28 @@ void attend_group(const Attn &a, int64_t b, int64_t g, const std::vector<int64_t
         else j0 = std::min(j0, lo[row]), j1 = std::max(j1, hi[row]);
       }
       if (blind) j0 = 0, j1 = t;
-      int64_t js = j0 / 16 * 16;  // scores in whole steps of kKeys from a 16-aligned key (kt is padded for it)
-      for (int64_t j = js; j < j1; j += kKeys) {
-        F16 acc[kQueries][3];
-        for (int m = 0; m < kQueries; m++) acc[m][0] = acc[m][1] = acc[m][2] = v_setzero_ps();
-        for (int64_t i = 0; i < d; i++) {
-          const float *kr = kt.data() + i * tp + j;
-          F16 k0 = v_loadu_ps(kr), k1 = v_loadu_ps(kr + 16), k2 = v_loadu_ps(kr + 32);
-          for (int m = 0; m < kQueries; m++) {
-            if (m >= rows) break;
-            F16 qv = v_set1_ps(qh[(i0 + m) * d + i]);
-            acc[m][0] = v_fmadd_ps(qv, k0, acc[m][0]);
-            acc[m][1] = v_fmadd_ps(qv, k1, acc[m][1]);
-            acc[m][2] = v_fmadd_ps(qv, k2, acc[m][2]);
+      int64_t js = j0 / 16 * 16;  // scores in whole steps of kKeys from a 16-aligned key (p is padded for it)
+      const float *q = qh + i0 * d;
+      if (!tc) {
+        scores(q, rows, d, kt.data(), tp, js, j1, p.data());
+      } else {
+        if (js < tc) cached_scores(q, rows, d, kc, tc, js, std::min(j1, tc), p.data(), tp);
+        for (int64_t j = std::max(j0, tc); j < j1; j++)  // the new positions' keys, one dot each
+          for (int m = 0; m < rows; m++) {
+            F16 acc = v_setzero_ps();
+            for (int64_t i = 0; i < d; i += 16) {
+              Mask mk = tail(d - i);
+              acc = v_fmadd_ps(v_maskz_loadu_ps(mk, q + m * d + i), v_maskz_loadu_ps(mk, k + (j - tc) * d + i), acc);
+            }
+            p[m * tp + j] = v_reduce_add_ps(acc);
           }
-        }
-        for (int m = 0; m < rows; m++)
-          for (int c = 0; c < 3; c++) v_storeu_ps(p.data() + m * tp + j + 16 * c, acc[m][c]);
       }
-      // softmax over [j0, j1) of (score * scale + bias), in place
-      F16 scale = v_set1_ps(a.scale);
-      for (int m = 0; m < rows; m++) {
-        float *pr = p.data() + m * tp;
-        const float *br = a.bias + (bb * a.seq + i0 + m) * t;
-        F16 mx = v_set1_ps(-INFINITY);
-        for (int64_t j = j0; j < j1; j += 16) {
-          Mask mk = tail(j1 - j);
-          F16 s = v_add_ps(v_mul_ps(v_maskz_loadu_ps(mk, pr + j), scale),
-                                   v_maskz_loadu_ps(mk, br + j));
-          v_mask_storeu_ps(pr + j, mk, s);
-          mx = v_mask_max_ps(mx, mk, mx, s);
-        }
-        F16 top = v_set1_ps(v_reduce_max_ps(mx));
-        F16 sum = v_setzero_ps();
-        for (int64_t j = j0; j < j1; j += 16) {
-          Mask mk = tail(j1 - j);
-          F16 e = exp16(v_sub_ps(v_maskz_loadu_ps(mk, pr + j), top));
-          e = v_maskz_mov_ps(mk, e);
-          v_mask_storeu_ps(pr + j, mk, e);
-          sum = v_add_ps(sum, e);
-        }
-        F16 inv = v_set1_ps(1.0f / v_reduce_add_ps(sum));
-        for (int64_t j = j0; j < j1; j += 16) {
-          Mask mk = tail(j1 - j);
-          v_mask_storeu_ps(pr + j, mk, v_mul_ps(v_maskz_loadu_ps(mk, pr + j), inv));
-        }
-      }
-      pv(a, p.data(), tp, v, b, h, i0, rows, j0, j1);
+      softmax_rows(p.data(), tp, a.bias + (bb * a.seq + i0) * t, t, rows, j0, j1, a.scale);
+      pv(a, p.data(), tp, vrow, b, h, i0, rows, j0, j1);
     }
   }
 }
+
 void attention(const Attn &a) {
   std::vector<int64_t> lo, hi;
   seen_ranges(a, lo, hi);
@@ -568,6 +646,35 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
   if (a.n_kv < 1 || a.n_heads % a.n_kv || (a.bias_batch != 1 && a.bias_batch != a.batch) ||
       shapes[3][1] != a.seq || shapes[3][2] != a.keys || shapes[5][0] != a.batch || shapes[5][1] != a.seq ||
       shapes[5][2] != a.n_heads * a.d)
+    return 3;
+  attention(a);
+  return 0;
+}
+
+// q [B, heads, S, d], k and v [B, kv, S, d], k_cache [B, kv, d, T], v_cache [B, kv, T, d], bias [Bb, S, T + S]
+// (Bb 1 or B), scale [1] -> out [B, S, heads * d]: the S new positions over the cache's T slots and themselves.
+extern "C" int AttentionCached(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                               void *) {
+  if (nparam != 8) return 1;
+  for (int i = 0; i < 8; i++)
+    if (ndims[i] != (i == 5 || i == 7 ? 3 : i == 6 ? 1 : 4)) return 1;
+  for (int i = 0; i < 8; i++)
+    if (!is_f32(dtypes[i])) return 2;
+  const int64_t *q = shapes[0], *kc = shapes[3], *vc = shapes[4];
+  int64_t batch = q[0], n_kv = shapes[1][1], seq = q[2], d = q[3], tc = kc[3];
+  Attn a{static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<const float *>(params[2]), static_cast<const float *>(params[5]),
+         *static_cast<const float *>(params[6]), static_cast<float *>(params[7]),
+         batch, q[1], n_kv, seq, tc + seq, d, shapes[5][0]};
+  a.k_cache = static_cast<const float *>(params[3]);
+  a.v_cache = static_cast<const float *>(params[4]);
+  a.cached = tc;
+  for (int i = 1; i < 3; i++)
+    if (shapes[i][0] != batch || shapes[i][1] != n_kv || shapes[i][2] != seq || shapes[i][3] != d) return 3;
+  if (kc[0] != batch || kc[1] != n_kv || kc[2] != d || vc[0] != batch || vc[1] != n_kv || vc[2] != tc ||
+      vc[3] != d || n_kv < 1 || a.n_heads % n_kv || (a.bias_batch != 1 && a.bias_batch != batch) ||
+      shapes[5][1] != seq || shapes[5][2] != tc + seq || shapes[7][0] != batch || shapes[7][1] != seq ||
+      shapes[7][2] != a.n_heads * d)
     return 3;
   attention(a);
   return 0;
