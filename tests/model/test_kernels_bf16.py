@@ -41,7 +41,9 @@ def op():
 
 
 @pytest.mark.parametrize("rows", [1, 8, 23])
-@pytest.mark.parametrize("n_out,k_in", [(1, 1), (47, 3), (49, 257), (150, 1030), (20, 4099)])  # 4099: 3 blocks of K
+# 4099: 3 blocks of K; (48, 64) and (100, 2080): whole 48-column blocks of whole 16-pair groups, packed in
+# registers straight from w, beside edge blocks packed through the zeroed buffer
+@pytest.mark.parametrize("n_out,k_in", [(1, 1), (47, 3), (49, 257), (150, 1030), (20, 4099), (48, 64), (100, 2080)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_bf16_matmul_is_the_bfloat16_product(rows, n_out, k_in, dtype):
     rng = np.random.default_rng(rows * 7919 + n_out * 31 + k_in)
