@@ -166,6 +166,31 @@ def test_attention_cached_is_attention_over_the_written_cache(heads, kv, d, new)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
+def _cached_inputs(b=2, heads=4, kv=2, new=1, d=16, t=5):
+    z = np.zeros
+    return {"q": z((b, heads, new, d)), "k": z((b, kv, new, d)), "v": z((b, kv, new, d)), "k_cache": z((b, kv, d, t)),
+            "v_cache": z((b, kv, t, d)), "bias": z((1, new, t + new)), "scale": [1.0]}
+
+
+@pytest.mark.parametrize("name,shape", [("k", (2, 2, 1, 8)), ("v", (2, 1, 1, 16)), ("k_cache", (2, 2, 16, 4)),
+                                        ("v_cache", (2, 2, 4, 16)), ("bias", (3, 1, 6)), ("bias", (1, 1, 5)),
+                                        ("q", (2, 3, 1, 16))])
+def test_the_attention_entries_refuse_shapes_that_disagree(name, shape):
+    """The kernel reads past no edge: a shape that does not fit the others is refused (code 3), in the prompt's
+    entry as in the cached one."""
+    good = _cached_inputs()
+    assert fused().attention_cached(*(f32(a) for a in good.values())).asnumpy().shape == (2, 1, 64)
+    bad = dict(good, **{name: np.zeros(shape)})
+    with pytest.raises(RuntimeError, match="AttentionCached.* is 3"):
+        fused().attention_cached(*(f32(a) for a in bad.values())).asnumpy()
+    if name in ("k", "v", "bias", "q"):  # the prompt's entry: q, k, v over T = 1 key, bias [Bb, S, T]
+        prompt = {"q": good["q"], "k": good["k"], "v": good["v"], "bias": np.zeros((1, 1, 1)), "scale": [1.0]}
+        assert fused().attention(*(f32(a) for a in prompt.values())).asnumpy().shape == (2, 1, 64)
+        wrong = dict(prompt, **{name: np.zeros(shape if name != "bias" else (3, 1, 1))})
+        with pytest.raises(RuntimeError, match="Attention.* is 3"):
+            fused().attention(*(f32(a) for a in wrong.values())).asnumpy()
+
+
 @needs_bf16
 @pytest.mark.parametrize("rows", [9, 40])
 def test_bf16_matmul_bias_entry_adds_the_bias_once(rows):

@@ -71,6 +71,18 @@ void row_to_bf16(const void *src, int type, int64_t n, uint16_t *dst) {
 
 inline size_t type_size(int type) { return type == 0 ? 4 : 2; }
 
+// f(start, stop) over [0, n) cut into at most g_threads ranges of whole `grain`s (the first on the calling
+// thread): the one split of the matmul's columns, its packing of x and bf16_round's values.
+template <class F>
+void on_threads(int64_t n, int64_t grain, F f) {
+  int64_t per = ((n + g_threads - 1) / g_threads + grain - 1) / grain * grain;
+  if (per < grain) per = grain;
+  std::vector<std::thread> others;
+  for (int64_t start = per; start < n; start += per) others.emplace_back(f, start, start + per < n ? start + per : n);
+  f(0, per < n ? per : n);
+  for (auto &t : others) t.join();
+}
+
 // The tile y[m0 .. m0+M, n0 .. n0+cols) = x_pairs(rows) . panel over `pairs` pairs, + y's values (add) or + the
 // bias of its columns (bias, when not add).
 template <int M>
@@ -165,35 +177,27 @@ void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const fl
   std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols));
   std::vector<uint32_t> rows;  // the block's columns as bfloat16 rows, for blocks at w's edges
   const char *wb = static_cast<const char *>(w);
-  const int64_t row_bytes = k_in * static_cast<int64_t>(type_size(type));
+  const int64_t item = static_cast<int64_t>(type_size(type)), row_bytes = k_in * item;
   for (int64_t p0 = 0; p0 < a_stride; p0 += kPairs) {
     int64_t pairs = a_stride - p0 < kPairs ? a_stride - p0 : kPairs;
     int64_t k0 = 2 * p0, k1 = k0 + 2 * pairs < k_in ? k0 + 2 * pairs : k_in;
     for (int64_t nb = n0; nb < n1; nb += kCols) {
       int cols = static_cast<int>(n1 - nb < kCols ? n1 - nb : kCols);
-      if (cols == kCols && pairs % 16 == 0 && k1 - k0 == 2 * pairs) {
-        const char *block = wb + nb * row_bytes + k0 * static_cast<int64_t>(type_size(type));
-        for (int j0 = 0; j0 < kCols; j0 += 16) {
-          for (int64_t q = 0; q < pairs; q += 16) {
-            __m512i r[16];
-            const char *src = block + j0 * row_bytes + 2 * q * static_cast<int64_t>(type_size(type));
-            for (int i = 0; i < 16; i++) r[i] = pairs_of(src + i * row_bytes, type);
-            transpose16(r);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel.data() + (q + i) * kCols + j0, r[i]);
-          }
-        }
-      } else {
+      const char *block = wb + nb * row_bytes + k0 * item;  // column nb's first value of this block of K
+      const bool whole = cols == kCols && pairs % 16 == 0 && k1 - k0 == 2 * pairs;
+      if (!whole) {
         rows.assign(static_cast<size_t>(kCols * kPairs), 0);
         for (int j = 0; j < cols; j++)
-          row_to_bf16(wb + (nb + j) * row_bytes + k0 * static_cast<int64_t>(type_size(type)), type, k1 - k0,
-                      reinterpret_cast<uint16_t *>(rows.data() + j * kPairs));
-        for (int j0 = 0; j0 < kCols; j0 += 16) {
-          for (int64_t q = 0; q < pairs; q += 16) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(rows.data() + (j0 + i) * kPairs + q);
-            transpose16(r);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel.data() + (q + i) * kCols + j0, r[i]);
-          }
+          row_to_bf16(block + j * row_bytes, type, k1 - k0, reinterpret_cast<uint16_t *>(rows.data() + j * kPairs));
+      }
+      for (int j0 = 0; j0 < kCols; j0 += 16) {
+        for (int64_t q = 0; q < pairs; q += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; i++)
+            r[i] = whole ? pairs_of(block + (j0 + i) * row_bytes + 2 * q * item, type)
+                         : _mm512_loadu_si512(rows.data() + (j0 + i) * kPairs + q);
+          transpose16(r);
+          for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel.data() + (q + i) * kCols + j0, r[i]);
         }
       }
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRows) {
@@ -223,26 +227,11 @@ int matmul_bias(const float *x, const void *w, const float *bias, float *y, int6
       if (k_in % 2) row[k_in] = 0;
     }
   };
-  {
-    int64_t per_rows = (m_rows + g_threads - 1) / g_threads;
-    std::vector<std::thread> packers;
-    for (int64_t m0 = per_rows; m0 < m_rows; m0 += per_rows)
-      packers.emplace_back(pack_rows, m0, m0 + per_rows < m_rows ? m0 + per_rows : m_rows);
-    pack_rows(0, per_rows < m_rows ? per_rows : m_rows);
-    for (auto &t : packers) t.join();
-  }
+  on_threads(m_rows, 1, pack_rows);
   const uint32_t *pairs = reinterpret_cast<const uint32_t *>(a.get());
-  int64_t blocks = (n_out + kCols - 1) / kCols;
-  int64_t parts = g_threads < blocks ? g_threads : blocks;
-  if (parts < 1) parts = 1;
-  int64_t per = (blocks + parts - 1) / parts;
-  std::vector<std::thread> others;
-  for (int64_t i = 1; i < parts; i++) {
-    int64_t n0 = i * per * kCols, n1 = n0 + per * kCols < n_out ? n0 + per * kCols : n_out;
-    if (n0 < n1) others.emplace_back(part, pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, n0, n1);
-  }
-  part(pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, 0, per * kCols < n_out ? per * kCols : n_out);
-  for (auto &t : others) t.join();
+  on_threads(n_out, kCols, [&](int64_t n0, int64_t n1) {
+    part(pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, n0, n1);
+  });
   return 0;
 }
 
@@ -257,16 +246,10 @@ extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_ro
 // a 4096 x 11008 matrix), and verify casts every decoder layer once per greedy token.
 extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
   if (type < 0 || type > 2 || n < 0) return 4;
-  int64_t parts = g_threads;
-  int64_t per = ((n + parts - 1) / parts + 63) / 64 * 64;  // whole cache lines of dst per thread
   const char *s = static_cast<const char *>(src);
-  std::vector<std::thread> others;
-  for (int64_t i = 1; i < parts && i * per < n; i++) {
-    int64_t start = i * per, count = n - start < per ? n - start : per;
-    others.emplace_back(row_to_bf16, s + start * type_size(type), type, count, dst + start);
-  }
-  row_to_bf16(src, type, n < per ? n : per, dst);
-  for (auto &t : others) t.join();
+  on_threads(n, 64, [&](int64_t start, int64_t stop) {  // whole cache lines of dst per thread
+    row_to_bf16(s + start * type_size(type), type, stop - start, dst + start);
+  });
   return 0;
 }
 

@@ -273,10 +273,9 @@ void heads(const float *src, int64_t width, const int64_t *columns, int64_t n_he
       for (int64_t i = 0; i < half; i += 16) {  // [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]
         Mask m = tail(half - i);
         F16 x1 = v_maskz_loadu_ps(m, x + i), x2 = v_maskz_loadu_ps(m, x + half + i);
-        F16 lo = v_sub_ps(v_mul_ps(x1, v_maskz_loadu_ps(m, c + i)),
-                                  v_mul_ps(x2, v_maskz_loadu_ps(m, n + i)));
+        F16 lo = v_sub_ps(v_mul_ps(x1, v_maskz_loadu_ps(m, c + i)), v_mul_ps(x2, v_maskz_loadu_ps(m, n + i)));
         F16 hi = v_add_ps(v_mul_ps(x2, v_maskz_loadu_ps(m, c + half + i)),
-                                  v_mul_ps(x1, v_maskz_loadu_ps(m, n + half + i)));
+                          v_mul_ps(x1, v_maskz_loadu_ps(m, n + half + i)));
         v_mask_storeu_ps(out + i, m, lo);
         v_mask_storeu_ps(out + half + i, m, hi);
       }
@@ -629,6 +628,16 @@ extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shape
   return split_heads(nparam, params, ndims, shapes, dtypes, false);
 }
 
+// The shapes both attention entries check once `a` is read from them: k and v [B, kv, fresh, d], kv heads
+// dividing the heads, bias [1 or B, S, keys], out [B, S, heads * d].
+static bool shapes_agree(const Attn &a, int64_t fresh, const int64_t *k, const int64_t *v, const int64_t *bias,
+                         const int64_t *out) {
+  for (const int64_t *kv : {k, v})
+    if (kv[0] != a.batch || kv[1] != a.n_kv || kv[2] != fresh || kv[3] != a.d) return false;
+  return a.n_kv >= 1 && a.n_heads % a.n_kv == 0 && (a.bias_batch == 1 || a.bias_batch == a.batch) &&
+         bias[1] == a.seq && bias[2] == a.keys && out[0] == a.batch && out[1] == a.seq && out[2] == a.n_heads * a.d;
+}
+
 // q [B, heads, S, d], k and v [B, kv, T, d], bias [Bb, S, T] (Bb 1 or B), scale [1] -> out [B, S, heads * d]
 extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                          void *) {
@@ -641,12 +650,7 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
          static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
          *static_cast<const float *>(params[4]), static_cast<float *>(params[5]),
          shapes[0][0], shapes[0][1], shapes[1][1], shapes[0][2], shapes[1][2], shapes[0][3], shapes[3][0]};
-  for (int i = 1; i < 3; i++)
-    if (shapes[i][0] != a.batch || shapes[i][1] != a.n_kv || shapes[i][2] != a.keys || shapes[i][3] != a.d) return 3;
-  if (a.n_kv < 1 || a.n_heads % a.n_kv || (a.bias_batch != 1 && a.bias_batch != a.batch) ||
-      shapes[3][1] != a.seq || shapes[3][2] != a.keys || shapes[5][0] != a.batch || shapes[5][1] != a.seq ||
-      shapes[5][2] != a.n_heads * a.d)
-    return 3;
+  if (!shapes_agree(a, a.keys, shapes[1], shapes[2], shapes[3], shapes[5])) return 3;
   attention(a);
   return 0;
 }
@@ -669,12 +673,8 @@ extern "C" int AttentionCached(int nparam, void **params, int *ndims, int64_t **
   a.k_cache = static_cast<const float *>(params[3]);
   a.v_cache = static_cast<const float *>(params[4]);
   a.cached = tc;
-  for (int i = 1; i < 3; i++)
-    if (shapes[i][0] != batch || shapes[i][1] != n_kv || shapes[i][2] != seq || shapes[i][3] != d) return 3;
-  if (kc[0] != batch || kc[1] != n_kv || kc[2] != d || vc[0] != batch || vc[1] != n_kv || vc[2] != tc ||
-      vc[3] != d || n_kv < 1 || a.n_heads % n_kv || (a.bias_batch != 1 && a.bias_batch != batch) ||
-      shapes[5][1] != seq || shapes[5][2] != tc + seq || shapes[7][0] != batch || shapes[7][1] != seq ||
-      shapes[7][2] != a.n_heads * d)
+  if (!shapes_agree(a, seq, shapes[1], shapes[2], shapes[5], shapes[7]) || kc[0] != batch || kc[1] != n_kv ||
+      kc[2] != d || vc[0] != batch || vc[1] != n_kv || vc[2] != tc || vc[3] != d)
     return 3;
   attention(a);
   return 0;
