@@ -124,9 +124,19 @@ def build_and_load(cfg: dict, tensors: Mapping[str, np.ndarray], dtype: str = "f
 def run_ops_blocking() -> None:
     """Eager (PyNative) ops run on the calling thread instead of an asynchronous queue. With the queue every
     read of a tensor's shape or dtype waits for a thread hand-off: a 7B-width decode step measured 3-4x slower
-    that way (2 layers: 224 ms queued, 57-78 ms blocking), and a prefill's big ops gain nothing from it."""
+    that way (2 layers: 224 ms queued, 57-78 ms blocking), and a prefill's big ops gain nothing from it.
+
+    MindSpore's own CPU kernels (the adds, gathers, concats between the kernels' ops) get one thread, unless
+    this process chose a count already: after each op split over its pool, the pool's threads spin on
+    sched_yield for 300000 turns before they sleep, so with one such op every few milliseconds they never slept
+    and took ~9 s of the 2 cores during a 7B bfloat16 prefill (perf: ActorThread_0 13% of the samples), ~2.5 s of
+    its 26 s wall. Its MatMul (a float32 prefill's) runs on the pool's threads as before (measured unchanged)."""
     import mindspore as ms
     ms.runtime.launch_blocking()
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(1)
+    except RuntimeError:  # already set in this process (by an earlier call, or by the caller: theirs stands)
+        pass
 
 
 def synchronize() -> None:

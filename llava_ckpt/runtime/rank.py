@@ -90,11 +90,11 @@ def main(argv=None) -> int:
                        "install the package (pip install -e .) or put it on PYTHONPATH")
         device = plan.get("device", "CPU")
         set_device(device)
-        if device == "CPU":
-            run_ops_blocking()  # eager handlers (generate, verify's walk) on CPU: see model/loading.py
-        if device == "CPU" and plan.get("threads"):
+        if device == "CPU" and plan.get("threads"):  # first: run_ops_blocking keeps a count already set
             ms.device_context.cpu.op_tuning.threads_num(int(plan["threads"]))
             kernels.set_threads(int(plan["threads"]))
+        if device == "CPU":
+            run_ops_blocking()  # eager handlers (generate, verify's walk) on CPU: see model/loading.py
         init()
         rank, world = get_rank(), get_group_size()
         if world != len(plan["rank_dirs"]):

@@ -46,7 +46,10 @@ from ...io.files import write_atomic
 SMALL_ROWS = (2, 8)
 ENV_SWITCH = "LLAVA_CKPT_SMALL_MATMUL"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
+# -ffp-contract=off: every product and sum rounded as written (explicit FMA intrinsics stay FMAs). GCC's default
+# fused a * b - c * d into an FMA differently in two compiled copies of one loop body (fused_ops' calling thread's
+# and its std::thread's), so identical calls gave values 1 ulp apart depending on which thread ran an item.
+_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
 _BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
 HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every kernel
 # the kernels: source file, the AOT entry point, the threads setter

@@ -16,6 +16,7 @@
 
 #include "aot_matmul.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -71,15 +72,24 @@ void row_to_bf16(const void *src, int type, int64_t n, uint16_t *dst) {
 
 inline size_t type_size(int type) { return type == 0 ? 4 : 2; }
 
-// f(start, stop) over [0, n) cut into at most g_threads ranges of whole `grain`s (the first on the calling
-// thread): the one split of the matmul's columns, its packing of x and bf16_round's values.
+// [0, n) in ranges of `grain` items handed out one at a time over g_threads threads (the first the calling
+// thread): each thread runs f(take) once, and f calls take(start, stop) for its next range until it returns false.
+// The one split of the matmul's columns, its packing of x and bf16_round's values. Handed out, not cut into equal
+// shares: on 2 cores a share's thread lost time to MindSpore's spinning threads or the kernel's, and the other
+// waited for it at the join.
 template <class F>
 void on_threads(int64_t n, int64_t grain, F f) {
-  int64_t per = ((n + g_threads - 1) / g_threads + grain - 1) / grain * grain;
-  if (per < grain) per = grain;
+  std::atomic<int64_t> next{0};
+  auto take = [&](int64_t &start, int64_t &stop) {
+    start = next.fetch_add(grain);
+    stop = start + grain < n ? start + grain : n;
+    return start < n;
+  };
+  auto work = [&]() { f(take); };
+  int64_t parts = (n + grain - 1) / grain < g_threads ? (n + grain - 1) / grain : g_threads;
   std::vector<std::thread> others;
-  for (int64_t start = per; start < n; start += per) others.emplace_back(f, start, start + per < n ? start + per : n);
-  f(0, per < n ? per : n);
+  for (int64_t i = 1; i < parts; i++) others.emplace_back(work);
+  work();
   for (auto &t : others) t.join();
 }
 
@@ -172,10 +182,10 @@ inline __m512i pairs_of(const char *src, int type) {
 // A whole block (48 columns, whole 16-pair groups, no odd tail) is converted and transposed in registers straight
 // from w; the rest goes through a zeroed buffer of bfloat16 rows (the lanes and pairs past w's edge are zero).
 // Packing was ~7% of a 7B prefill matmul through the buffer (3.7 ms of a 594-row [4096 x 4096] call).
+// panel: kPairs * kCols words; rows: the block's columns as bfloat16 rows, for blocks at w's edges (one thread's).
 void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const float *bias, float *y, int64_t m_rows,
-          int64_t n_out, int64_t k_in, int64_t n0, int64_t n1) {
-  std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols));
-  std::vector<uint32_t> rows;  // the block's columns as bfloat16 rows, for blocks at w's edges
+          int64_t n_out, int64_t k_in, int64_t n0, int64_t n1, std::vector<uint32_t> &panel,
+          std::vector<uint32_t> &rows) {
   const char *wb = static_cast<const char *>(w);
   const int64_t item = static_cast<int64_t>(type_size(type)), row_bytes = k_in * item;
   for (int64_t p0 = 0; p0 < a_stride; p0 += kPairs) {
@@ -220,17 +230,21 @@ int matmul_bias(const float *x, const void *w, const float *bias, float *y, int6
   int64_t a_stride = (k_in + 1) / 2;  // pairs per row of x
   // x as bfloat16 rows (an odd K's pad value 0), packed by all threads: one thread took ~2 ms of a 594-row call
   std::unique_ptr<uint16_t[]> a(new uint16_t[static_cast<size_t>(m_rows * a_stride * 2)]);
-  auto pack_rows = [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) {
-      uint16_t *row = a.get() + m * a_stride * 2;
-      row_to_bf16(x + m * k_in, 0, k_in, row);
-      if (k_in % 2) row[k_in] = 0;
+  on_threads(m_rows, kRows, [&](auto take) {
+    for (int64_t m0, m1; take(m0, m1);) {
+      for (int64_t m = m0; m < m1; m++) {
+        uint16_t *row = a.get() + m * a_stride * 2;
+        row_to_bf16(x + m * k_in, 0, k_in, row);
+        if (k_in % 2) row[k_in] = 0;
+      }
     }
-  };
-  on_threads(m_rows, 1, pack_rows);
+  });
   const uint32_t *pairs = reinterpret_cast<const uint32_t *>(a.get());
-  on_threads(n_out, kCols, [&](int64_t n0, int64_t n1) {
-    part(pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, n0, n1);
+  // columns handed out 2 blocks at a time: 43 ranges at the 7B's 4096 columns, so the last one ends close to the join
+  on_threads(n_out, 2 * kCols, [&](auto take) {
+    std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols)), rows;
+    for (int64_t n0, n1; take(n0, n1);)
+      part(pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, n0, n1, panel, rows);
   });
   return 0;
 }
@@ -247,8 +261,9 @@ extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_ro
 extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
   if (type < 0 || type > 2 || n < 0) return 4;
   const char *s = static_cast<const char *>(src);
-  on_threads(n, 64, [&](int64_t start, int64_t stop) {  // whole cache lines of dst per thread
-    row_to_bf16(s + start * type_size(type), type, stop - start, dst + start);
+  on_threads(n, 1 << 16, [&](auto take) {  // whole cache lines of dst per range
+    for (int64_t start, stop; take(start, stop);)
+      row_to_bf16(s + start * type_size(type), type, stop - start, dst + start);
   });
   return 0;
 }

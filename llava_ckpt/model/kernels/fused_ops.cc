@@ -7,7 +7,7 @@
 // Why it exists: at the 7B's prompt length (594 positions) MindSpore 2.10.0's CPU ops spent ~0.47 s a decoder
 // layer on this work (the rotate-half concats, the [heads, S, S] scores cast and masked as separate tensors, the
 // strided gate/up slices), 3/4 of the layer's bfloat16 matmuls' time. Fused it was ~75 ms with every op threaded
-// (attention 39 of it; about 0.1 s with the light ops serial, see for_items), and a CLIP layer's ~0.15 s of it
+// (attention 39 of it), and a CLIP layer's ~0.15 s of it
 // (LayerNorm 24-35 ms each, the bias adds 13 ms each) ~40 ms (measured on an AVX-512 EPYC, 2 cores).
 //
 // Attention skips, per block of 8 queries, the keys every row of the block has masked (bias <= MASKED / 2)
@@ -152,24 +152,21 @@ constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest: what at
 constexpr int kQueries = 8;                           // queries per attention block
 constexpr int64_t kKeys = 48;                         // the most keys per step of the scores (p's padding)
 
-// f(item) for item in [0, n), in order, on the calling thread. Only attention, the one op long enough to gain
-// much from threads, uses them (for_items_threaded). Why: with every op threaded the full test suite once saw a
-// tiny model's logits differ by ~6e-6 between two identical forwards (about 1 forward in 27 on that AVX-512
-// machine). No item reads another's output and no cause was found; with the light ops serial it gave no
-// difference in 48 forwards. They cost ~30 ms more per 7B decoder layer (about 1 s of a 30 s prefill).
+// f(item) for item in [0, n), handed out one at a time over the threads (items may differ in cost, as
+// attention's do), when the call touches at least kThreadFloats floats (`floats`, about): below that, starting
+// a thread costs about what the work does (a decode step's norms and heads), and it runs on the calling thread.
+// Which thread computes an item varies from call to call, so every thread must compute it
+// the same way: the kernels are built with -ffp-contract=off (kernels/__init__.py). With contraction on, GCC
+// fused a * b - c * d into one FMA differently in the two compiled copies of an item's code (the calling
+// thread's and std::thread's), and RoPE's q came out 1 ulp apart between identical calls on 2 cores.
+constexpr int64_t kThreadFloats = 1 << 15;
 template <class F>
-void for_items(int64_t n, F f) {
-  for (int64_t i = 0; i < n; i++) f(i);
-}
-
-// f(item) for item in [0, n), handed out one at a time over the threads (attention's items differ in cost).
-template <class F>
-void for_items_threaded(int64_t n, F f) {
+void for_items(int64_t n, int64_t floats, F f) {
   std::atomic<int64_t> next{0};
   auto work = [&]() {
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
   };
-  int64_t parts = std::min<int64_t>(g_threads, n);
+  int64_t parts = floats < kThreadFloats ? 1 : std::min<int64_t>(g_threads, n);
   std::vector<std::thread> others;
   for (int64_t i = 1; i < parts; i++) others.emplace_back(work);
   work();
@@ -198,7 +195,7 @@ inline F16 exp16(F16 x) {
 
 // ---- RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)), per row of `width`.
 void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t width) {
-  for_items(rows, [&](int64_t r) {
+  for_items(rows, rows * width, [&](int64_t r) {
     const float *xr = x + r * width;
     float *yr = y + r * width;
     F16 acc = v_setzero_ps();
@@ -219,7 +216,7 @@ void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows,
 // ---- LayerNorm: d = x - mean(x); y = d * rsqrt(mean(d^2) + eps) * gamma + beta, per row of `width`.
 void layer_norm(const float *x, const float *gamma, const float *beta, float eps, float *y, int64_t rows,
                 int64_t width) {
-  for_items(rows, [&](int64_t r) {
+  for_items(rows, rows * width, [&](int64_t r) {
     const float *xr = x + r * width;
     float *yr = y + r * width;
     F16 acc = v_setzero_ps();
@@ -244,7 +241,7 @@ void layer_norm(const float *x, const float *gamma, const float *beta, float eps
 // ---- QuickGELU (CLIP's): y = x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)).
 void quick_gelu(const float *x, float *y, int64_t n) {
   const int64_t chunk = 1 << 16;
-  for_items((n + chunk - 1) / chunk, [&](int64_t c) {
+  for_items((n + chunk - 1) / chunk, n, [&](int64_t c) {
     for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); i += 16) {
       Mask m = tail(n - i);
       F16 v = v_maskz_loadu_ps(m, x + i);
@@ -259,7 +256,7 @@ void quick_gelu(const float *x, float *y, int64_t n) {
 void heads(const float *src, int64_t width, const int64_t *columns, int64_t n_heads, const float *cos,
            const float *sin, int64_t cos_batch, float *dst, int64_t batch, int64_t seq, int64_t d) {
   int64_t half = d / 2;
-  for_items(batch * n_heads, [&](int64_t item) {
+  for_items(batch * n_heads, batch * n_heads * seq * d, [&](int64_t item) {
     int64_t b = item / n_heads, h = item % n_heads;
     for (int64_t s = 0; s < seq; s++) {
       const float *x = src + (b * seq + s) * width + columns[h];
@@ -499,12 +496,13 @@ void attend_group(const Attn &a, int64_t b, int64_t g, const std::vector<int64_t
 void attention(const Attn &a) {
   std::vector<int64_t> lo, hi;
   seen_ranges(a, lo, hi);
-  for_items_threaded(a.batch * a.n_kv, [&](int64_t item) { attend_group(a, item / a.n_kv, item % a.n_kv, lo, hi); });
+  int64_t floats = a.batch * (a.n_kv * 2 * a.d + a.n_heads * a.seq) * a.keys;  // k and v, the scores
+  for_items(a.batch * a.n_kv, floats, [&](int64_t item) { attend_group(a, item / a.n_kv, item % a.n_kv, lo, hi); });
 }
 
 // ---- SiLU(gate) * up = gate / (1 + exp(-gate)) * up; pairs: one [rows, F, 2] input of (gate, up) pairs.
 void silu_mul(const float *gate, const float *up, bool pairs, float *y, int64_t rows, int64_t width) {
-  for_items(rows, [&](int64_t r) {
+  for_items(rows, rows * width * 3, [&](int64_t r) {
     float *yr = y + r * width;
     for (int64_t i = 0; i < width; i += 16) {
       Mask m = tail(width - i);
