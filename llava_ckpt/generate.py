@@ -266,6 +266,8 @@ def generate(ms_dir: str, requests: list, max_new_tokens: int = DEFAULT_MAX_NEW_
         finally:
             tensors.close()
         runner = Runner(model, jit=False)
+        runner.reserve_cache(max(j["count"] for j in jobs),  # the largest batch's cache, touched before any prefill
+                             max(j["arrays"]["input_ids"].shape[1] for j in jobs) + max_new_tokens)
         for index, job in enumerate(jobs):
             finished(index, run_batch(runner, job["arrays"], job))
     else:

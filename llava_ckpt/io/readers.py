@@ -266,6 +266,20 @@ class FileReader:
             mapping.madvise(mmap.MADV_WILLNEED)  # read ahead now, while loading, not at the first matmul
         return view
 
+    @staticmethod
+    def populate(view) -> None:
+        """Fill the page tables of a map from `mapped` now (MADV_POPULATE_READ, Linux 5.14+; elsewhere nothing):
+        a model's first pass over its weights otherwise faults them in a page run at a time. For loading a model
+        that computes from its maps (generate: 14.1 GB of the 7B's cached pages in ~1 s at load, and its first
+        bfloat16 prefill ~0.5 s shorter, median of 5 alternating runs), never for a one-pass read (it blocks
+        until every page is read: verify's proof lost its overlap with the hashing that way)."""
+        mapping = getattr(view, "_mmap", None)
+        if mapping is not None:
+            try:
+                mapping.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+            except OSError:  # an older kernel: the pages fault in as they are used
+                pass
+
     def close(self):
         for fd in self._fds.values():
             os.close(fd)

@@ -63,6 +63,7 @@ class Linear(nn.Cell):
         self.small_rows = SMALL_ROWS
         self.prefill_matmul = prefill_matmul_op(dtype)  # bf16_matmul when built in that mode, else None
         self.prefill_matmul_bias = prefill_matmul_op(dtype, bias=True) if bias else None
+        self.prefill_matmul_add = None if bias else prefill_matmul_op(dtype, residual=True)
 
     def project(self, x2d):
         """x2d [T, in] @ weight.T; T and the dtypes are static in a compiled graph, so the choice is made at
@@ -79,15 +80,22 @@ class Linear(nn.Cell):
             return self.small_matmul(x2d, self.weight)
         return self.matmul(x2d, self.weight)
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
+        """x @ weight.T (+ bias), plus `residual` (x's shape but the last dim: a decoder layer's stream) when
+        given: residual + y, added inside bf16_matmul's last pass where it runs (one add of MindSpore's less)."""
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        if self.prefill_matmul_bias is not None and x2d.shape[0] > self.small_rows[1]:
+        many = x2d.shape[0] > self.small_rows[1]
+        if self.prefill_matmul_bias is not None and many and residual is None:
             return self.prefill_matmul_bias(x2d, self.weight, self.bias).reshape(shape[:-1] + (-1,))
+        if self.prefill_matmul_add is not None and many and residual is not None:
+            r2d = residual.reshape(x2d.shape[0], -1)
+            return self.prefill_matmul_add(x2d, self.weight, r2d).reshape(shape[:-1] + (-1,))
         y = self.project(x2d)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(shape[:-1] + (-1,))
+        y = y.reshape(shape[:-1] + (-1,))
+        return y if residual is None else residual + y
 
 
 class RMSNorm(nn.Cell):

@@ -137,6 +137,7 @@ class Runner:
         self._prefill = {trace: wrap(_Prefill(model, trace)) for trace in (False, True)}
         self._prefill_last = wrap(_Prefill(model, False, last_only=True))
         self._step = wrap(_Step(model))
+        self._cache_memory = None  # reserve_cache's buffer, once asked for
 
     def _check(self, input_ids, pixel_values, total, image_sizes=None):
         """(ids int32, the tower's pixels, the packing index) once the prompt's image tokens, the images and the
@@ -230,10 +231,19 @@ class Runner:
         return {"tokens": dec["tokens"], "finish": dec["finish"], "prefill_s": prefill_s,
                 "decode_s": time.perf_counter() - t0, "decode_tokens": dec["decode_tokens"]}
 
-    def _empty_cache(self, batch: int, total: int) -> KVCache:
+    def _cache_shape(self, batch: int, total: int) -> tuple:
+        """(layers, [B, kv, T, d]) of a KV cache for `batch` rows of `total` positions."""
         attention = self.model.language_model.model.layers[0].attention
-        return KVCache.empty(len(self.model.language_model.model.layers),
-                             (batch, attention.kv_heads, total, attention.head_dim), NP_DTYPES[self.model.dtype])
+        return len(self.model.language_model.model.layers), (batch, attention.kv_heads, total, attention.head_dim)
+
+    def reserve_cache(self, batch: int, total: int) -> None:
+        """Touch the memory of the largest KV cache to come now (KVCache.reserve_memory), for every later
+        generate_batch of at most `batch` rows and `total` positions to take it instead of fresh pages."""
+        self._cache_memory = KVCache.reserve_memory(*self._cache_shape(batch, total), NP_DTYPES[self.model.dtype])
+
+    def _empty_cache(self, batch: int, total: int) -> KVCache:
+        return KVCache.empty(*self._cache_shape(batch, total), NP_DTYPES[self.model.dtype],
+                             memory=self._cache_memory)
 
     def _decode(self, last, cache, mask, max_new_tokens, eos, choose, pad_id=0, keep_logits=False,
                 on_step=None) -> dict:

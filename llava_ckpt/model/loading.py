@@ -9,6 +9,7 @@ from mindspore.common.initializer import initializer
 
 from ..engine.config import model_title
 from ..errors import fail
+from ..io.readers import FileReader
 from ..engine.mapping import detect_options, is_unused, load_table, table_for, unused_names
 from .layers import NP_DTYPES, stored_dtype_owners
 
@@ -75,8 +76,8 @@ def load_weights(model, tensors: Mapping[str, np.ndarray], stored: bool = False)
     to MindSpore on its own, so the peak is the model plus one tensor. Returns {name: stored numpy dtype}.
     stored=True (generate's layout): the big matrices (layers.stored_dtype_params) keep their stored dtype when
     it is 16-bit or the compute dtype, as a map of the file where `tensors` can give one (LazyTensors.mapped:
-    no copy, page cache rather than this process's memory), else read once in that dtype; the model widens
-    16-bit ones as it computes.
+    no copy, page cache rather than this process's memory; its page tables filled now, FileReader.populate), else
+    read once in that dtype; the model widens 16-bit ones as it computes.
     """
     params = {p.name: p for p in model.get_parameters()}
     names = list(tensors.keys())
@@ -103,6 +104,8 @@ def load_weights(model, tensors: Mapping[str, np.ndarray], stored: bool = False)
             raise fail(f"{name}: dtype {value.dtype} is not a float type")
         same = value.dtype == target
         if name in keep and (mapped or not same) and (same or str(value.dtype) in sixteen):
+            if mapped:
+                FileReader.populate(value)
             put_stored(*keep[name], value)  # no copy: the map (or the one read) is the parameter
         else:
             p.set_data(Tensor(np.ascontiguousarray(np.asarray(value).astype(target, copy=False))))

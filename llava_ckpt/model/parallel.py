@@ -52,12 +52,13 @@ class RowParallelLinear(Linear):
         super().__init__(out_dim, in_dim, bias, dtype)
         self.all_reduce = ops.AllReduce()
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         shape = x.shape
         y = self.all_reduce(self.project(x.reshape(-1, shape[-1])))
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(shape[:-1] + (-1,))
+        y = y.reshape(shape[:-1] + (-1,))
+        return y if residual is None else residual + y  # after the reduce: once, not once per rank
 
 
 class VocabParallelEmbedding(nn.Cell):

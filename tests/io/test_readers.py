@@ -40,6 +40,35 @@ def test_a_mapped_safetensors_tensor_equals_its_read_and_leaves_the_file_alone(t
     assert np.array_equal(load_tensors(path)["a.weight"], tensors["a.weight"])
 
 
+def _resident_kib(view) -> int:
+    """Rss of the mapping holding `view`'s first byte, from /proc/self/smaps."""
+    address, rss, inside = view.ctypes.data, None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                rss = int(line.split()[1])
+    return rss
+
+
+def test_populate_fills_a_maps_pages_without_changing_them(tmp_path):
+    """A model computing from its maps has them populated at load (FileReader.populate): the pages are this
+    map's (resident) before anything reads them, and the values are the file's."""
+    from llava_ckpt.io.readers import FileReader
+    want = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float16)  # 2 MiB
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": want}, path)
+    view = load_tensors(path).mapped("w")
+    before = _resident_kib(view)
+    FileReader.populate(view)
+    after = _resident_kib(view)
+    assert before < 1024 <= after  # (a map is untouched until read: fault-around alone maps 64 KiB at most)
+    assert np.array_equal(view, want)
+
+
 def test_a_mapped_ckpt_tensor_equals_its_read(tmp_path, tensors):
     path = str(tmp_path / "w.ckpt")
     specs = [(n, v.shape, {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[str(v.dtype)])

@@ -70,6 +70,26 @@ def test_sixteen_bit_weights_eager_give_transformers_float32_tokens(stored):
     assert out["tokens"] == want and len({tuple(w) for w in want}) == 2
 
 
+def test_a_reserved_cache_serves_every_batch_after_it_as_fresh_memory_would(stored):
+    """generate reserves the largest batch's KV cache before the first prefill (Runner.reserve_cache); each batch
+    takes it zeroed: a smaller batch after a larger one, the same tokens, and a batch larger than the reserve gets
+    fresh memory. The reserve is filled with NaN first: any slot a batch read without zeroing would show."""
+    from llava_ckpt.model.llama import KVCache
+    model, rows, px, want = stored
+    runner = Runner(model, jit=False)
+    runner.reserve_cache(2, max(len(r) for r in rows) + 3 + N)
+    runner._cache_memory.fill(np.nan)
+    ids, mask = left_pad(rows, 3)
+    assert runner.generate_batch(ids, mask, px, N, pad_id=PAD)["tokens"] == want
+    ids1, mask1 = left_pad(rows[1:])
+    assert runner.generate_batch(ids1, mask1, px[1:], N, pad_id=PAD)["tokens"] == want[1:]
+    memory = np.full(10, np.nan, np.float32)
+    small = KVCache.empty(1, (1, 1, 2, 2), np.float32, memory=memory)
+    assert np.shares_memory(small.k[0], memory) and not np.isnan(memory[:8]).any() and np.isnan(memory[8:]).all()
+    large = KVCache.empty(2, (1, 1, 2, 2), np.float32, memory=memory)  # 16 values: more than the reserve
+    assert not np.shares_memory(large.k[0], memory) and not large.k[1].any()
+
+
 def left_pad(rows, extra=0):
     length = max(len(r) for r in rows) + extra
     ids = np.full((len(rows), length), PAD, dtype=np.int64)

@@ -234,6 +234,24 @@ def test_bf16_matmul_bias_entry_adds_the_bias_once(rows):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
 
 
+@needs_bf16
+@pytest.mark.parametrize("rows,k", [(9, 4099), (40, 2048), (17, 100)])
+def test_bf16_matmul_residual_entry_adds_the_residual_to_the_finished_product(rows, k):
+    """r + x @ w.T bit for bit as the plain entry and a float32 add give it (the residual added after the last
+    block of K, not before the first: the sum's order a separate add has), one to three blocks of K."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((70, k)).astype(np.float16)
+    r = (rng.standard_normal((rows, 70)) * 10).astype(np.float32)
+    with kernels.prefill_matmul("bfloat16"):
+        plain, with_r = kernels.prefill_matmul_op("float32"), kernels.prefill_matmul_op("float32", residual=True)
+    want = r + plain(f32(x), Tensor(w)).asnumpy()
+    got = with_r(f32(x), Tensor(w), f32(r)).asnumpy()
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(RuntimeError):  # a residual of another shape is refused, not read past its end
+        with_r(f32(x), Tensor(w), f32(r[:, :69])).asnumpy()
+
+
 def _fill(cell, seed):
     rng = np.random.default_rng(seed)
     for p in cell.get_parameters():

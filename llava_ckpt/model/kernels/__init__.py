@@ -270,19 +270,21 @@ def round_to_bfloat16(src, out) -> bool:
     return True
 
 
-def prefill_matmul_op(dtype: str, bias: bool = False):
+def prefill_matmul_op(dtype: str, bias: bool = False, residual: bool = False):
     """The bf16_matmul custom op for the Linear cells being built now, or None (float32 products: the default
-    mode, a compute dtype other than float32, or no kernel here). bias: the entry taking (x, w, bias [N])."""
+    mode, a compute dtype other than float32, or no kernel here). bias: the entry taking (x, w, bias [N]);
+    residual: the one taking (x, w, r [M, N]) and giving r + x @ w.T."""
     if _prefill[0] != "bfloat16" or not bf16_matmul_status(dtype).startswith("bf16_matmul kernel"):
         return None
     path = _build("bf16_matmul")[0]
-    if not bias:
+    if not (bias or residual):
         return _custom(path, "bf16_matmul")
-    key = path + ":bias"
+    entry = "Bf16MatmulBias" if bias else "Bf16MatmulAdd"
+    key = f"{path}:{entry}"
     if key not in _ops:
         from mindspore import ops
-        _ops[key] = ops.Custom(f"{path}:Bf16MatmulBias", out_shape=lambda x, w, b: (x[0], w[0]),
-                               out_dtype=lambda x, w, b: x, func_type="aot")
+        _ops[key] = ops.Custom(key, out_shape=lambda x, w, b: (x[0], w[0]), out_dtype=lambda x, w, b: x,
+                               func_type="aot")
     return _ops[key]
 
 

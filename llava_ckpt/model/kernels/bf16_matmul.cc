@@ -94,10 +94,11 @@ void on_threads(int64_t n, int64_t grain, F f) {
 }
 
 // The tile y[m0 .. m0+M, n0 .. n0+cols) = x_pairs(rows) . panel over `pairs` pairs, + y's values (add) or + the
-// bias of its columns (bias, when not add).
+// bias of its columns (bias, when not add); then + res's values at the tile's place (res, stride ldy: the last
+// block of K passes it), so a residual is added to the finished sum, as a separate add would.
 template <int M>
 void tile(const uint32_t *a, int64_t a_stride, const uint32_t *panel, int64_t pairs, float *y, int64_t ldy, int cols,
-          bool add, const float *bias) {
+          bool add, const float *bias, const float *res) {
   __m512 acc[M][kVecs];
   for (int m = 0; m < M; m++)
     for (int v = 0; v < kVecs; v++) acc[m][v] = _mm512_setzero_ps();
@@ -119,22 +120,23 @@ void tile(const uint32_t *a, int64_t a_stride, const uint32_t *panel, int64_t pa
       __m512 out = acc[m][v];
       if (add) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, dst));
       else if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
+      if (res) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, res + m * ldy + 16 * v), out);
       _mm512_mask_storeu_ps(dst, mask, out);
     }
   }
 }
 
 void tile_rows(int rows, const uint32_t *a, int64_t a_stride, const uint32_t *panel, int64_t pairs, float *y,
-               int64_t ldy, int cols, bool add, const float *bias) {
+               int64_t ldy, int cols, bool add, const float *bias, const float *res) {
   switch (rows) {
-    case 1: tile<1>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 2: tile<2>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 3: tile<3>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 4: tile<4>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 5: tile<5>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 6: tile<6>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    case 7: tile<7>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
-    default: tile<8>(a, a_stride, panel, pairs, y, ldy, cols, add, bias); break;
+    case 1: tile<1>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 2: tile<2>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 3: tile<3>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 4: tile<4>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 5: tile<5>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 6: tile<6>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    case 7: tile<7>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
+    default: tile<8>(a, a_stride, panel, pairs, y, ldy, cols, add, bias, res); break;
   }
 }
 
@@ -183,8 +185,8 @@ inline __m512i pairs_of(const char *src, int type) {
 // from w; the rest goes through a zeroed buffer of bfloat16 rows (the lanes and pairs past w's edge are zero).
 // Packing was ~7% of a 7B prefill matmul through the buffer (3.7 ms of a 594-row [4096 x 4096] call).
 // panel: kPairs * kCols words; rows: the block's columns as bfloat16 rows, for blocks at w's edges (one thread's).
-void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const float *bias, float *y, int64_t m_rows,
-          int64_t n_out, int64_t k_in, int64_t n0, int64_t n1, std::vector<uint32_t> &panel,
+void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const float *bias, const float *res, float *y,
+          int64_t m_rows, int64_t n_out, int64_t k_in, int64_t n0, int64_t n1, std::vector<uint32_t> &panel,
           std::vector<uint32_t> &rows) {
   const char *wb = static_cast<const char *>(w);
   const int64_t item = static_cast<int64_t>(type_size(type)), row_bytes = k_in * item;
@@ -212,8 +214,9 @@ void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const fl
       }
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRows) {
         int rows_here = static_cast<int>(m_rows - m0 < kRows ? m_rows - m0 : kRows);
+        const bool last = p0 + kPairs >= a_stride;
         tile_rows(rows_here, a + m0 * a_stride + p0, a_stride, panel.data(), pairs, y + m0 * n_out + nb, n_out,
-                  cols, p0 > 0, bias ? bias + nb : nullptr);
+                  cols, p0 > 0, bias ? bias + nb : nullptr, res && last ? res + m0 * n_out + nb : nullptr);
       }
     }
   }
@@ -223,9 +226,10 @@ void part(const uint32_t *a, int64_t a_stride, const void *w, int type, const fl
 
 extern "C" void bf16_matmul_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 
-// weight_type: 0 float32, 1 float16, 2 bfloat16; bias [N] float32 added to every row, or nullptr.
-int matmul_bias(const float *x, const void *w, const float *bias, float *y, int64_t m_rows, int64_t n_out,
-                int64_t k_in, int weight_type) {
+// weight_type: 0 float32, 1 float16, 2 bfloat16; bias [N] float32 added to every row, or nullptr; res [M, N] float32
+// added to the product (res + (x . w + bias), a residual), or nullptr.
+int matmul_bias(const float *x, const void *w, const float *bias, const float *res, float *y, int64_t m_rows,
+                int64_t n_out, int64_t k_in, int weight_type) {
   if (weight_type < 0 || weight_type > 2) return 4;
   int64_t a_stride = (k_in + 1) / 2;  // pairs per row of x
   // x as bfloat16 rows (an odd K's pad value 0), packed by all threads: one thread took ~2 ms of a 594-row call
@@ -244,14 +248,14 @@ int matmul_bias(const float *x, const void *w, const float *bias, float *y, int6
   on_threads(n_out, 2 * kCols, [&](auto take) {
     std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols)), rows;
     for (int64_t n0, n1; take(n0, n1);)
-      part(pairs, a_stride, w, weight_type, bias, y, m_rows, n_out, k_in, n0, n1, panel, rows);
+      part(pairs, a_stride, w, weight_type, bias, res, y, m_rows, n_out, k_in, n0, n1, panel, rows);
   });
   return 0;
 }
 
 extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_rows, int64_t n_out, int64_t k_in,
                            int weight_type) {
-  return matmul_bias(x, w, nullptr, y, m_rows, n_out, k_in, weight_type);
+  return matmul_bias(x, w, nullptr, nullptr, y, m_rows, n_out, k_in, weight_type);
 }
 
 // n values of `type` (0 float32, 1 float16, 2 bfloat16) at src -> bfloat16 at dst, rounded to nearest even as the
@@ -284,5 +288,24 @@ extern "C" int Bf16MatmulBias(int nparam, void **params, int *ndims, int64_t **s
   int refused = matmul_args(3, p, nd, sh, dt, &a);
   if (refused) return refused;
   if (shapes[2][0] != a.n_out) return 3;
-  return matmul_bias(a.x, a.w, static_cast<const float *>(params[2]), a.y, a.m_rows, a.n_out, a.k_in, a.weight_type);
+  return matmul_bias(a.x, a.w, static_cast<const float *>(params[2]), nullptr, a.y, a.m_rows, a.n_out, a.k_in,
+                     a.weight_type);
+}
+
+// x, w, res [M, N] float32 -> y = res + x . w (a decoder layer's residual added to wo's and w2's products: MindSpore's
+// add cost ~3 ms each for a 7B prompt's [594, 4096] here, on one thread).
+extern "C" int Bf16MatmulAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  if (nparam != 4 || ndims[2] != 2) return 1;
+  if (std::strcmp(dtypes[2], "float32") != 0) return 2;
+  void *p[3] = {params[0], params[1], params[3]};
+  int nd[3] = {ndims[0], ndims[1], ndims[3]};
+  int64_t *sh[3] = {shapes[0], shapes[1], shapes[3]};
+  const char *dt[3] = {dtypes[0], dtypes[1], dtypes[3]};
+  MatmulArgs a;
+  int refused = matmul_args(3, p, nd, sh, dt, &a);
+  if (refused) return refused;
+  if (shapes[2][0] != a.m_rows || shapes[2][1] != a.n_out) return 3;
+  return matmul_bias(a.x, a.w, nullptr, static_cast<const float *>(params[2]), a.y, a.m_rows, a.n_out, a.k_in,
+                     a.weight_type);
 }
