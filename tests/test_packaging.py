@@ -37,7 +37,8 @@ def test_wheel_carries_tables_and_assets(installed):
     for name in ("default_image.png", "llava-1.5-7b-hf/config.json", "llava-1.5-7b-hf/tokenizer.model",
                  "llava-1.5-7b-hf/model.safetensors.index.json"):
         assert (assets / name).is_file(), name
-    for name in ("small_matmul.cc", "bf16_matmul.cc", "aot_matmul.h"):  # built on first use
+    kernels = ("small_matmul.cc", "bf16_matmul.cc", "fused_ops.cc", "aot_matmul.h", "threads.h")  # built on first use
+    for name in kernels:
         assert (installed / "llava_ckpt" / "model" / "kernels" / name).is_file(), name
 
 

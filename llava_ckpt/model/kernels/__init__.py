@@ -51,7 +51,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # and its std::thread's), so identical calls gave values 1 ulp apart depending on which thread ran an item.
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread"]
 _BF16_FLAGS = ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"]
-HEADER = "aot_matmul.h"  # the AOT entry's argument checks, included by every kernel
+# included by the kernels: the matmuls' AOT entry and argument checks, and every kernel's thread split
+HEADERS = ("aot_matmul.h", "threads.h")
 # the kernels: source file, the AOT entry point, the threads setter
 KERNELS = {"small_matmul": ("small_matmul.cc", "SmallMatmul", "small_matmul_set_threads"),
            "bf16_matmul": ("bf16_matmul.cc", "Bf16Matmul", "bf16_matmul_set_threads"),
@@ -130,7 +131,7 @@ def _build(kernel: str) -> tuple:
     if reason is None:
         source_path = os.path.join(_HERE, source_name)
         source = b""
-        for name in (source_name, HEADER):  # the header the source includes is part of its version
+        for name in (source_name,) + HEADERS:  # the headers the sources include are part of their version
             with open(os.path.join(_HERE, name), "rb") as f:
                 source += f.read()
         flags = build_flags(kernel)

@@ -15,8 +15,8 @@
 #include <immintrin.h>
 
 #include "aot_matmul.h"
+#include "threads.h"
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -71,27 +71,6 @@ void row_to_bf16(const void *src, int type, int64_t n, uint16_t *dst) {
 }
 
 inline size_t type_size(int type) { return type == 0 ? 4 : 2; }
-
-// [0, n) in ranges of `grain` items handed out one at a time over g_threads threads (the first the calling
-// thread): each thread runs f(take) once, and f calls take(start, stop) for its next range until it returns false.
-// The one split of the matmul's columns, its packing of x and bf16_round's values. Handed out, not cut into equal
-// shares: on 2 cores a share's thread lost time to MindSpore's spinning threads or the kernel's, and the other
-// waited for it at the join.
-template <class F>
-void on_threads(int64_t n, int64_t grain, F f) {
-  std::atomic<int64_t> next{0};
-  auto take = [&](int64_t &start, int64_t &stop) {
-    start = next.fetch_add(grain);
-    stop = start + grain < n ? start + grain : n;
-    return start < n;
-  };
-  auto work = [&]() { f(take); };
-  int64_t parts = (n + grain - 1) / grain < g_threads ? (n + grain - 1) / grain : g_threads;
-  std::vector<std::thread> others;
-  for (int64_t i = 1; i < parts; i++) others.emplace_back(work);
-  work();
-  for (auto &t : others) t.join();
-}
 
 // The tile y[m0 .. m0+M, n0 .. n0+cols) = x_pairs(rows) . panel over `pairs` pairs, + y's values (add) or + the
 // bias of its columns (bias, when not add); then + res's values at the tile's place (res, stride ldy: the last
@@ -234,7 +213,7 @@ int matmul_bias(const float *x, const void *w, const float *bias, const float *r
   int64_t a_stride = (k_in + 1) / 2;  // pairs per row of x
   // x as bfloat16 rows (an odd K's pad value 0), packed by all threads: one thread took ~2 ms of a 594-row call
   std::unique_ptr<uint16_t[]> a(new uint16_t[static_cast<size_t>(m_rows * a_stride * 2)]);
-  on_threads(m_rows, kRows, [&](auto take) {
+  on_threads(m_rows, kRows, g_threads, [&](auto take) {
     for (int64_t m0, m1; take(m0, m1);) {
       for (int64_t m = m0; m < m1; m++) {
         uint16_t *row = a.get() + m * a_stride * 2;
@@ -245,7 +224,7 @@ int matmul_bias(const float *x, const void *w, const float *bias, const float *r
   });
   const uint32_t *pairs = reinterpret_cast<const uint32_t *>(a.get());
   // columns handed out 2 blocks at a time: 43 ranges at the 7B's 4096 columns, so the last one ends close to the join
-  on_threads(n_out, 2 * kCols, [&](auto take) {
+  on_threads(n_out, 2 * kCols, g_threads, [&](auto take) {
     std::vector<uint32_t> panel(static_cast<size_t>(kPairs * kCols)), rows;
     for (int64_t n0, n1; take(n0, n1);)
       part(pairs, a_stride, w, weight_type, bias, res, y, m_rows, n_out, k_in, n0, n1, panel, rows);
@@ -265,7 +244,7 @@ extern "C" int bf16_matmul(const float *x, const void *w, float *y, int64_t m_ro
 extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
   if (type < 0 || type > 2 || n < 0) return 4;
   const char *s = static_cast<const char *>(src);
-  on_threads(n, 1 << 16, [&](auto take) {  // whole cache lines of dst per range
+  on_threads(n, 1 << 16, g_threads, [&](auto take) {  // whole cache lines of dst per range
     for (int64_t start, stop; take(start, stop);)
       row_to_bf16(s + start * type_size(type), type, stop - start, dst + start);
   });

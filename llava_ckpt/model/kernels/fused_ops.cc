@@ -20,12 +20,12 @@
 // MindSpore's ops; its norms went from ~1 ms each to 0.3 ms with this build (measured).
 #include <immintrin.h>
 
+#include "threads.h"
+
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -152,25 +152,15 @@ constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest: what at
 constexpr int kQueries = 8;                           // queries per attention block
 constexpr int64_t kKeys = 48;                         // the most keys per step of the scores (p's padding)
 
-// f(item) for item in [0, n), handed out one at a time over the threads (items may differ in cost, as
+// f(item) for item in [0, n) over the threads (threads.h), one item at a time (items may differ in cost, as
 // attention's do), when the call touches at least kThreadFloats floats (`floats`, about): below that, starting
 // a thread costs about what the work does (a decode step's norms and heads), and it runs on the calling thread.
-// Which thread computes an item varies from call to call, so every thread must compute it
-// the same way: the kernels are built with -ffp-contract=off (kernels/__init__.py). With contraction on, GCC
-// fused a * b - c * d into one FMA differently in the two compiled copies of an item's code (the calling
-// thread's and std::thread's), and RoPE's q came out 1 ulp apart between identical calls on 2 cores.
 constexpr int64_t kThreadFloats = 1 << 15;
 template <class F>
 void for_items(int64_t n, int64_t floats, F f) {
-  std::atomic<int64_t> next{0};
-  auto work = [&]() {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
-  };
-  int64_t parts = floats < kThreadFloats ? 1 : std::min<int64_t>(g_threads, n);
-  std::vector<std::thread> others;
-  for (int64_t i = 1; i < parts; i++) others.emplace_back(work);
-  work();
-  for (auto &t : others) t.join();
+  on_threads(n, 1, floats < kThreadFloats ? 1 : g_threads, [&](auto take) {
+    for (int64_t i, stop; take(i, stop);) f(i);
+  });
 }
 
 inline Mask tail(int64_t left) {

@@ -9,10 +9,10 @@
 #include <immintrin.h>
 
 #include "aot_matmul.h"
+#include "threads.h"
 
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -131,16 +131,10 @@ void part(const float *x, const W *w, float *y, int64_t m_rows, int64_t n_out, i
 
 template <typename W>
 void threaded(const float *x, const W *w, float *y, int64_t m_rows, int64_t n_out, int64_t k_in) {
-  int64_t parts = g_threads;
-  if (parts > n_out / 64) parts = n_out >= 64 ? n_out / 64 : 1;  // small outputs: not worth a thread
-  int64_t chunk = (n_out + parts - 1) / parts;
-  std::vector<std::thread> others;
-  for (int64_t i = 1; i < parts; i++) {
-    int64_t n0 = i * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
-    if (n0 < n1) others.emplace_back(part<W>, x, w, y, m_rows, n_out, k_in, n0, n1);
-  }
-  part<W>(x, w, y, m_rows, n_out, k_in, 0, chunk < n_out ? chunk : n_out);
-  for (auto &t : others) t.join();
+  // ranges of 256 columns (16 for the 7B's 4096): small outputs stay on the calling thread
+  on_threads(n_out, 256, g_threads, [&](auto take) {
+    for (int64_t n0, n1; take(n0, n1);) part<W>(x, w, y, m_rows, n_out, k_in, n0, n1);
+  });
 }
 
 }  // namespace
