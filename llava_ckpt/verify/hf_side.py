@@ -77,7 +77,7 @@ class HfSide:
         check_prefill_mode(matmul)
         self.matmul = matmul  # "bfloat16": nn.Linear weights in bfloat16, F.linear through bf16_linear
         self.arena = Arena() if arena is None else arena
-        self.reader = FileReader()
+        self.reader = FileReader(keep_maps=True)  # every layer is mapped again for each greedy token
         self.image_token = int(cfg["image_token_index"])
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
         self.anyres = is_anyres(cfg)

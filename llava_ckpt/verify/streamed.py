@@ -153,6 +153,7 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
         hf_steps.append(step)
     del h_x, ctx
     hf.cache = None  # transformers' KV cache: not needed any more
+    hf.reader.release_maps()  # nor its checkpoint's page tables, while the reference model's pages come in
 
     # ---- the reference model: the prompt and transformers' tokens in one pass, compared module by module
     modules, rank_modules = [], []

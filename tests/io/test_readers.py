@@ -69,6 +69,23 @@ def test_populate_fills_a_maps_pages_without_changing_them(tmp_path):
     assert np.array_equal(view, want)
 
 
+def test_kept_maps_give_the_same_values_and_are_released(tmp_path, tensors):
+    """FileReader(keep_maps=True) (verify's transformers side): views of one map per file, equal to a read,
+    the file untouched; release_maps drops the maps while views of them live on."""
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path)
+    before = _digest(path)
+    infos, reader = read_index(path), FileReader(keep_maps=True)
+    views = {n: reader.mapped(infos[n]) for n in tensors}
+    assert len(reader._maps) == 1  # one map for the file's three tensors
+    for name, want in tensors.items():
+        assert views[name].dtype == want.dtype and np.array_equal(views[name].view(np.uint8), want.view(np.uint8))
+    reader.release_maps()
+    assert not reader._maps and np.array_equal(views["a.weight"], tensors["a.weight"])
+    reader.close()
+    assert _digest(path) == before
+
+
 def test_a_mapped_ckpt_tensor_equals_its_read(tmp_path, tensors):
     path = str(tmp_path / "w.ckpt")
     specs = [(n, v.shape, {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[str(v.dtype)])
@@ -91,6 +108,6 @@ def test_no_map_when_the_bytes_are_in_pieces(tmp_path, tensors):
     info = read_index(path)["a.weight"]
     offset, length = info.pieces[0]
     split = dataclasses.replace(info, pieces=((offset, length // 2), (offset + length // 2, length - length // 2)))
-    assert FileReader.mapped(split) is None
+    assert FileReader().mapped(split) is None and FileReader(keep_maps=True).mapped(split) is None
     with FileReader() as reader:
         assert np.array_equal(reader.read(split), tensors["a.weight"])  # the read still joins them
