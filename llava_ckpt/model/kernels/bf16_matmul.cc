@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BF16__)
@@ -255,9 +254,10 @@ extern "C" int bf16_round(const void *src, int type, int64_t n, uint16_t *dst) {
 // as the first block of K is stored: MindSpore's broadcast add cost ~13 ms for a CLIP layer's [577, 4096] here).
 AOT_MATMUL_ENTRY(Bf16Matmul, bf16_matmul)
 
-extern "C" int Bf16MatmulBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                              void *) {
-  if (nparam != 4 || ndims[2] != 1) return 1;
+// The (x, w, extra) -> y entries: x, w and y checked as every matmul entry checks them (aot_matmul.h), `extra` a
+// float32 bias [N] (residual false) or residual [M, N] (residual true).
+static int matmul_with(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool residual) {
+  if (nparam != 4 || ndims[2] != (residual ? 2 : 1)) return 1;
   if (std::strcmp(dtypes[2], "float32") != 0) return 2;
   void *p[3] = {params[0], params[1], params[3]};
   int nd[3] = {ndims[0], ndims[1], ndims[3]};
@@ -266,25 +266,20 @@ extern "C" int Bf16MatmulBias(int nparam, void **params, int *ndims, int64_t **s
   MatmulArgs a;
   int refused = matmul_args(3, p, nd, sh, dt, &a);
   if (refused) return refused;
-  if (shapes[2][0] != a.n_out) return 3;
-  return matmul_bias(a.x, a.w, static_cast<const float *>(params[2]), nullptr, a.y, a.m_rows, a.n_out, a.k_in,
+  if (residual ? shapes[2][0] != a.m_rows || shapes[2][1] != a.n_out : shapes[2][0] != a.n_out) return 3;
+  const float *extra = static_cast<const float *>(params[2]);
+  return matmul_bias(a.x, a.w, residual ? nullptr : extra, residual ? extra : nullptr, a.y, a.m_rows, a.n_out, a.k_in,
                      a.weight_type);
+}
+
+extern "C" int Bf16MatmulBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  return matmul_with(nparam, params, ndims, shapes, dtypes, false);
 }
 
 // x, w, res [M, N] float32 -> y = res + x . w (a decoder layer's residual added to wo's and w2's products: MindSpore's
 // add cost ~3 ms each for a 7B prompt's [594, 4096] here, on one thread).
 extern "C" int Bf16MatmulAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                              void *) {
-  if (nparam != 4 || ndims[2] != 2) return 1;
-  if (std::strcmp(dtypes[2], "float32") != 0) return 2;
-  void *p[3] = {params[0], params[1], params[3]};
-  int nd[3] = {ndims[0], ndims[1], ndims[3]};
-  int64_t *sh[3] = {shapes[0], shapes[1], shapes[3]};
-  const char *dt[3] = {dtypes[0], dtypes[1], dtypes[3]};
-  MatmulArgs a;
-  int refused = matmul_args(3, p, nd, sh, dt, &a);
-  if (refused) return refused;
-  if (shapes[2][0] != a.m_rows || shapes[2][1] != a.n_out) return 3;
-  return matmul_bias(a.x, a.w, nullptr, static_cast<const float *>(params[2]), a.y, a.m_rows, a.n_out, a.k_in,
-                     a.weight_type);
+  return matmul_with(nparam, params, ndims, shapes, dtypes, true);
 }
