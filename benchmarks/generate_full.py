@@ -217,8 +217,8 @@ def main(args, requests=None) -> None:
 
 
 def same_answers(paths: dict, request: dict, new_tokens: int = 16, skip_tp: bool = False) -> None:
-    """verify's layer-streamed float32 transformers walk gives transformers' greedy tokens for an image and a
-    question; generate (tp 1, and tp 2 under msrun) on the same image and question must give the same prompt
+    """verify's layer-streamed float32 walk gives transformers' greedy tokens for an image and a question (its
+    choices after the reference model's tokens: all of them when verify's greedy check matched); generate (tp 1, and tp 2 under msrun) on the same image and question must give the same prompt
     text and the same tokens (up to and including an eos, where generate stops)."""
     ask = ["--image", request["image"], "--prompt", request["prompt"], "--max-new-tokens", str(new_tokens), "--json"]
     t = time.perf_counter()

@@ -67,7 +67,7 @@ def verify(src: str, out: str, tokens: int, *extra) -> dict:
            "peak_anon_gib": round(r["peak_anon_mib"] / 1024, 2), "proof_s": rec["weights"]["seconds"],
            "kind": rec["kind"], "weights_differ": [d["name"] for d in rec["weights"]["differ"]][:4],
            "exit": r["returncode"], "passed": rec["passed"], "first_divergence": rec["first_divergence"],
-           "positions": rec["positions"], "greedy": f"{rec['greedy_equal']}/{len(rec['tokens_hf'])}",
+           "positions": rec["positions"], "greedy": f"{rec['greedy_equal']}/{len(rec['tokens_ms'])}",
            "rel_diff": rec["rel_diff"], "cosine_min": rec["cosine_min"], "seconds": rec["seconds"], "tp": rec["tp"],
            "msrun": {k: par.get(k) for k in ("world", "passed", "greedy_match", "first_divergence", "seconds")}
            if par else None}

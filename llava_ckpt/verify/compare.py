@@ -82,3 +82,12 @@ def compare_greedy(hf_tokens: list, hf_steps, ours: list, abs_tol: float) -> dic
     return {"greedy_match": first is None, "greedy_ok": ok, "greedy_first_mismatch": first,
             "greedy_mismatch_margin": margin, "tokens_hf": list(hf_tokens), "tokens_ms": list(ours),
             "greedy_equal": sum(1 for a, b in zip(hf_tokens, ours) if a == b) if first is None else first}
+
+
+def known_positions(tokens: list, hf_tokens: list, ms_tokens: list) -> list:
+    """Another decoding's `tokens` (the msrun ranks') cut to the steps transformers' choices are known for:
+    transformers chose after the reference model's prefixes (`ms_tokens`), so after its first choice that
+    differs from the reference model's token, its own decoding would follow another prefix, unknown here."""
+    if hf_tokens != ms_tokens[:len(hf_tokens)]:
+        return list(tokens)[:len(hf_tokens)]
+    return list(tokens)

@@ -77,7 +77,7 @@ class HfSide:
         check_prefill_mode(matmul)
         self.matmul = matmul  # "bfloat16": nn.Linear weights in bfloat16, F.linear through bf16_linear
         self.arena = Arena() if arena is None else arena
-        self.reader = FileReader(keep_maps=True)  # every layer is mapped again for each greedy token
+        self.reader = FileReader()
         self.image_token = int(cfg["image_token_index"])
         self.keep_cls = cfg["vision_feature_select_strategy"] == "full"
         self.anyres = is_anyres(cfg)
@@ -219,13 +219,14 @@ class HfSide:
                                           image_features=features)
         return embeds.masked_scatter(mask, features)
 
-    def begin(self, x, past: int):
+    def begin(self, x, past: int, cache: bool = True):
         """Rotary embeddings and causal mask for `x` [1, S, H] following `past` cached positions (one new
-        DynamicCache when past == 0); computed before any layer updates the cache, as LlamaModel does."""
+        DynamicCache when past == 0; none with `cache` False: a forward nothing decodes after); computed before
+        any layer updates the cache, as LlamaModel does."""
         torch = self.torch
         from transformers.cache_utils import DynamicCache
         if past == 0:
-            self.cache = DynamicCache(config=self.text)
+            self.cache = DynamicCache(config=self.text) if cache else None
         positions = (torch.arange(x.shape[1]) + past).unsqueeze(0)
         rotary = self.classes.rotary(config=self.text)
         with self._computing():
@@ -242,8 +243,8 @@ class HfSide:
         after = f"{TEXT}layers.{(i + 1) % self.text.num_hidden_layers}."  # read while this one runs
         self.reader.prefetch(info for name, info in self.where.items() if name.startswith(after))
         with self._computing():
-            return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"],
-                         cache=self.cache, use_cache=True, position_embeddings=ctx["position_embeddings"])
+            return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"], cache=self.cache,
+                         use_cache=self.cache is not None, position_embeddings=ctx["position_embeddings"])
 
     def norm(self, x):
         norm = self._module(lambda: self.classes.norm(self.text.hidden_size, eps=self.text.rms_norm_eps),

@@ -80,7 +80,7 @@ def format_report(result: dict) -> str:
         f"tolerance {result['tolerance_abs']:.3g})  {_mark(c['logits'])}",
         f"  cosine   : min {result['cosine_min']:.7f} (>= {result['thresholds']['cosine_min']})  {_mark(c['cosine'])}",
         f"  top-1    : {100 * result['top1_agreement']:.1f}% of positions agree  {_mark(c['top1'])}",
-        f"  greedy   : {result['greedy_equal']}/{len(result['tokens_hf'])} tokens equal"
+        f"  greedy   : {result['greedy_equal']}/{len(result['tokens_ms'])} tokens equal"
         + ("" if result["greedy_match"] else f", first mismatch at {result['greedy_first_mismatch']}"
            + (f" (margin {result['greedy_mismatch_margin']:.3g})" if result["greedy_mismatch_margin"] is not None
               else "")) + f"  {_mark(c['greedy'])}",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..errors import fail
-from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence
+from .compare import TOLERANCES, compare_greedy, compare_logits, first_divergence, known_positions
 from .converted import open_converted, stored_dtypes
 from .inputs import DEFAULT_IMAGE, DEFAULT_PROMPT, SWAPPED, build_inputs, resolve_source
 from .record import start_hashing, stop_hashing, write_verification
@@ -270,8 +270,8 @@ def _result(got, ranks, cfg, inputs, tol, tp, fused, dtype, stored, narrow, repl
 def _ranks_result(got, ranks, tol) -> dict:
     """The msrun ranks against transformers: logits, greedy tokens and the first diverging module."""
     par = compare_logits(got["hf_logits"], ranks["logits"][0], tol)
-    greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], list(ranks.get("tokens", [])),
-                            par["tolerance_abs"])
+    tokens = known_positions(ranks.get("tokens", []), got["tokens_hf"], got["tokens_ms"])
+    greedy = compare_greedy(got["tokens_hf"], got["hf_step_logits"], tokens, par["tolerance_abs"])
     par["logits_ok"] = par.pop("logits_ok") and par.pop("cosine_ok") and par.pop("top1_ok")
     modules = got["rank_modules"]
     first = first_divergence(modules)

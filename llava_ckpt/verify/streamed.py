@@ -1,18 +1,24 @@
 """The layer-streamed walk: both models run module by module on the same image and prompt, each module's
 weights read just before it runs (into the arena, weights.py) and dropped right after, so memory holds one
-module's weights at a time (plus the activations and transformers' KV cache), whatever the depth.
+module's weights at a time (plus the activations and the reference model's KV cache), whatever the depth.
 
-Order: transformers first, all of it: every module of the prompt's forward, then greedy decoding with its
-own KV cache (DynamicCache), walking the layers again for every new token; each module's output is kept
-(float32, one activation per module). Then the reference model, once: the same modules over the prompt
-followed by transformers' greedy tokens, in one prefill. Every module's output over the prompt is compared
-with transformers' (the first one over the tolerance names where a conversion breaks), and the reference
-model's greedy choice at each decoding step is the argmax of its logits after that step's prefix: with a
-causal model that is exactly the token its own greedy decoding would pick after the same prefix, so if
-every one equals transformers' token, its greedy decoding gives transformers' tokens (and where one
-differs, that is its first differing token; nothing after it is generated, it would follow another
-prefix). This is why the reference side reads its checkpoint once instead of once per token: on the 7B
-both checkpoints (28 GB in float16) do not fit the page cache together, transformers' alone does.
+Order: the reference model first: every module of the prompt's forward (each output kept, float32, one
+activation per module), then its own greedy decoding with its KV cache (DecoderLayer.step, the path generate
+and the msrun ranks run), walking its layers again for every new token. Then transformers, once: the same
+modules over the prompt followed by the reference model's tokens, in one forward with no KV cache. Every
+module's output over the prompt is compared with the reference model's (the first one over the tolerance
+names where a conversion breaks), and transformers' greedy choice at each decoding step is the argmax of its
+logits after that step's prefix: with a causal model that is the token its own greedy decoding would pick
+after the same prefix, so if every one equals the reference model's token, transformers' greedy decoding
+gives the reference model's tokens (and where one differs, that is its first differing token; nothing after
+it is known, it would follow another prefix). transformers' choices come from its full forward, not its
+KV-cache step: the same sums in another order, which the greedy check's near-tie margin covers. Why this
+order: a decoding step walks every layer's weights again; the reference model's steps compute from maps of
+its 16-bit weights with small_matmul, transformers' cast each layer again and run torch's matrix-vector
+products: the seven steps of a 7B verify's 8 tokens took 8.4-10.0 s on the reference side, 14.2 s on
+transformers' (measured on the same host), and transformers' one forward over the prompt and the 7 tokens
+costs what its prompt alone did.
+The converted checkpoint (14 GB) is what the page cache holds while the steps run; transformers' is read once.
 """
 from __future__ import annotations
 
@@ -112,86 +118,97 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
          rank_trace: list | None = None, names: list | None = None, rank_logits=None, image_sizes=None) -> dict:
     """Prefill logits of both sides, per-module comparisons (also against `rank_trace`, the msrun ranks'
     intermediates in `names` order, and `rank_logits`, if given) and greedy tokens of both sides. Also returns
-    transformers' output of every module ("hf_outputs"): the inputs a rerun of one module needs.
+    transformers' output of every module over the prompt ("hf_outputs"): the inputs a rerun of one module needs.
     image_sizes: LLaVA-NeXT's, as its processor gives them."""
     from ..model.llava import trace_names
-    from ..model.vision import layers_run
     names = names or trace_names(cfg)
     clock = _Clock()
-    n_layers = cfg["text_config"]["num_hidden_layers"]
     s = int(np.asarray(input_ids).shape[1])
 
-    # ---- transformers: the prompt, module by module (outputs kept), then greedy decoding
-    theirs = {}
+    # ---- the reference model: the prompt, module by module (outputs kept), then its own greedy decoding
+    mine = {}
 
     def keep(name, out):
-        theirs[name] = to_numpy(out)
-        return out
+        mine[name] = out.asnumpy().astype(np.float32)
 
-    h_x = keep("vision_encoder.embeddings", clock.run("transformers", hf.vision_embeddings, pixel_values, image_sizes))
-    h_x = keep("vision_encoder.ln_pre", clock.run("transformers", hf.ln_pre, h_x))
-    for i in range(layers_run(cfg)):
-        h_x = keep(f"vision_encoder.transformer.resblocks.{i}", clock.run("transformers", hf.vision_block, i, h_x))
-    h_x = keep("adapter", clock.run("transformers", hf.projector, h_x))
-    if hf.anyres:
-        h_x = keep("image_packing", clock.run("transformers", hf.pack, h_x, image_sizes))
-    h_x = keep("language_model.model.tok_embeddings", clock.run("transformers", hf.merge, input_ids, h_x))
-    ctx = clock.run("transformers", hf.begin, h_x, 0)
-    for i in range(n_layers):
-        h_x = keep(f"language_model.model.layers.{i}", clock.run("transformers", hf.decoder_layer, i, h_x, ctx))
-    h_x = keep("language_model.model.norm_out", clock.run("transformers", hf.norm, h_x))
-    h_logits = keep(HEAD, clock.run("transformers", hf.lm_head, h_x))
-    h_logits = theirs[HEAD][0]
-    hf_tokens, hf_steps = [int(np.argmax(h_logits[-1]))], [h_logits[-1].copy()]
-    while len(hf_tokens) < max_new_tokens and hf_tokens[-1] not in eos:
-        h_x = clock.run("transformers", hf.token_embeddings, hf_tokens[-1])
-        ctx = clock.run("transformers", hf.begin, h_x, s + len(hf_tokens) - 1)
-        for i in range(n_layers):
-            h_x = clock.run("transformers", hf.decoder_layer, i, h_x, ctx)
-        step = to_numpy(clock.run("transformers", lambda x: hf.lm_head(hf.norm(x)), h_x))[0, -1]
-        hf_tokens.append(int(np.argmax(step)))
-        hf_steps.append(step)
-    del h_x, ctx
-    hf.cache = None  # transformers' KV cache: not needed any more
-    hf.reader.release_maps()  # nor its checkpoint's page tables, while the reference model's pages come in
+    logits, cache = reference_forward(ms, cfg, input_ids, pixel_values, clock, keep, cache_positions=s +
+                                      max(max_new_tokens, 1), image_sizes=image_sizes)
+    keep(HEAD, logits)
+    del logits
+    m_logits = mine[HEAD][0]
+    ms_tokens = greedy_decode(ms, clock, m_logits[-1], cache, s, max_new_tokens, eos)
+    del cache  # the reference model's KV cache: not needed any more
 
-    # ---- the reference model: the prompt and transformers' tokens in one pass, compared module by module
-    modules, rank_modules = [], []
+    # ---- transformers: the prompt and the reference model's tokens in one pass, compared module by module
+    theirs, modules, rank_modules = {}, [], []
 
-    def check(name, mine):
-        mine = mine.asnumpy().astype(np.float32)
-        if mine.ndim == 3 and name.startswith("language_model."):
-            mine = mine[:, :s]  # the prompt's positions; the rest are the generated tokens'
-        modules.append(compare_module(name, theirs[name], mine, rtol))
+    def check(name, out):
+        out = to_numpy(out)
+        if out.ndim == 3 and name.startswith("language_model."):
+            out = out[:, :s]  # the prompt's positions; the rest are the generated tokens'
+        theirs[name] = out
+        modules.append(compare_module(name, out, mine.pop(name), rtol))
         if rank_trace is not None:
             if name == HEAD:  # the ranks' logits come back on their own, not in the trace
                 rank = None if rank_logits is None else np.asarray(rank_logits, dtype=np.float32)[None]
             else:
                 k = names.index(name)
                 rank = None if k >= len(rank_trace) else np.asarray(rank_trace[k], dtype=np.float32)
-            rank_modules.append(compare_module(name, theirs[name], rank, rtol))
+            rank_modules.append(compare_module(name, out, rank, rtol))
 
-    m_logits, _, _ = reference_forward(ms, cfg, input_ids, pixel_values, clock, check, hf_tokens[:-1],
-                                       image_sizes=image_sizes)
-    check(HEAD, m_logits)
-    m_logits = m_logits.asnumpy()[0]
-    ms_tokens = []
-    for j, token in enumerate(hf_tokens):  # the reference model's choice after the same prefix
-        ms_tokens.append(int(np.argmax(m_logits[s - 1 + j])))
-        if ms_tokens[-1] != token:
+    h_logits = transformers_forward(hf, cfg, input_ids, pixel_values, clock, check, ms_tokens[:-1],
+                                    image_sizes=image_sizes)
+    check(HEAD, h_logits)
+    h_logits = to_numpy(h_logits)[0]
+    hf_tokens, hf_steps = [], []
+    for j, token in enumerate(ms_tokens):  # transformers' choice after the same prefix
+        hf_steps.append(h_logits[s - 1 + j].copy())
+        hf_tokens.append(int(np.argmax(hf_steps[-1])))
+        if hf_tokens[-1] != token:
             break
-    return {"hf_logits": h_logits, "ms_logits": m_logits[:s], "modules": modules, "hf_outputs": theirs,
+    return {"hf_logits": h_logits[:s], "ms_logits": m_logits,
+            "modules": modules, "hf_outputs": theirs,
             "rank_modules": rank_modules if rank_trace is not None else None,
             "tokens_hf": hf_tokens, "hf_step_logits": np.stack(hf_steps), "tokens_ms": ms_tokens,
             "seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}
 
 
-def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, extra_tokens=(),
-                      keep_kv: bool = False, image_sizes=None):
-    """The reference model over the prompt, then `extra_tokens` after it, module by module (`ms` a MsSide):
-    on_module(name, output) for each module of model.trace_names(cfg), in order. Returns (float32 logits
-    [1, S + len(extra_tokens), V], per-layer k and v lists if keep_kv)."""
-    from ..model.llama import causal_bias
+def transformers_forward(hf, cfg: dict, input_ids, pixel_values, clock, on_module, extra_tokens=(),
+                         image_sizes=None):
+    """transformers over the prompt, then `extra_tokens` after it, module by module (`hf` an HfSide), with no
+    KV cache (nothing decodes after it): on_module(name, output) for each module of model.trace_names(cfg), in
+    order, its return value the next module's input. Returns the logits [1, S + len(extra_tokens), V]."""
+    from ..model.vision import layers_run
+    def run(name, fn, *args):
+        out = clock.run("transformers", fn, *args)
+        on_module(name, out)
+        return out
+
+    x = run("vision_encoder.embeddings", hf.vision_embeddings, pixel_values, image_sizes)
+    x = run("vision_encoder.ln_pre", hf.ln_pre, x)
+    for i in range(layers_run(cfg)):
+        x = run(f"vision_encoder.transformer.resblocks.{i}", hf.vision_block, i, x)
+    x = run("adapter", hf.projector, x)
+    if hf.anyres:
+        x = run("image_packing", hf.pack, x, image_sizes)
+    x = clock.run("transformers", hf.merge, input_ids, x)
+    if len(extra_tokens):
+        rows = [clock.run("transformers", hf.token_embeddings, t) for t in extra_tokens]
+        x = hf.torch.cat([x] + rows, dim=1)
+    on_module("language_model.model.tok_embeddings", x)
+    ctx = clock.run("transformers", hf.begin, x, 0, False)
+    for i in range(cfg["text_config"]["num_hidden_layers"]):
+        x = run(f"language_model.model.layers.{i}", hf.decoder_layer, i, x, ctx)
+    return clock.run("transformers", hf.lm_head, run("language_model.model.norm_out", hf.norm, x))
+
+
+def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, cache_positions: int = 0,
+                      image_sizes=None):
+    """The reference model over the prompt, module by module (`ms` a MsSide): on_module(name, output) for each
+    module of model.trace_names(cfg), in order. Returns (float32 logits [1, S, V], the KV cache of
+    `cache_positions` slots with the prompt's k and v in its first S, or None when cache_positions is 0), the
+    cache filled layer by layer, so the prompt's k and v exist once."""
+    from ..model.llama import KVCache, causal_bias
     from ..model.vision import layers_run
     emb, x = clock.run("mindspore", ms.vision_embeddings, pixel_values, image_sizes)
     on_module("vision_encoder.embeddings", emb)
@@ -206,23 +223,46 @@ def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, 
         x = clock.run("mindspore", ms.pack, x, image_sizes)
         on_module("image_packing", x)
     x = clock.run("mindspore", ms.merge, input_ids, x)
-    if len(extra_tokens):
-        x = ms.ops.concat((x, clock.run("mindspore", ms.token_embeddings, list(extra_tokens))), 1)
     on_module("language_model.model.tok_embeddings", x)
     total = int(x.shape[1])
     cos, sin = ms.rope(np.arange(total))
     causal = ms.Tensor(causal_bias(total))
-    ks, vs = [], []
-    for i in range(cfg["text_config"]["num_hidden_layers"]):
+    layers, cache = cfg["text_config"]["num_hidden_layers"], None
+    for i in range(layers):
         x, k, v = clock.run("mindspore", ms.decoder_prefill, i, x, cos, sin, causal)
-        if keep_kv:
-            ks.append(k)
-            vs.append(v)
+        if cache_positions:
+            if cache is None:
+                b, kv, _, d = k.shape
+                cache = KVCache.empty(layers, (b, kv, cache_positions, d), k.asnumpy().dtype)
+            cache.put(i, k, v)
         del k, v
         on_module(f"language_model.model.layers.{i}", x)
     normed, logits = clock.run("mindspore", ms.norm_and_logits, x)
     on_module("language_model.model.norm_out", normed)
-    return logits, ks, vs
+    return logits, cache
+
+
+def greedy_decode(ms, clock, last, cache, s: int, max_new_tokens: int, eos=()) -> list:
+    """The reference model's own greedy decoding after its prefill of an S-position prompt (`last`: the logits
+    of its last position, `cache` reference_forward's): the KV-cache step path (DecoderLayer.step), walking
+    the layers once per new token. At least one token; at most max_new_tokens, or up to an eos."""
+    from ..model.llama import attention_bias
+    tokens = [int(np.argmax(last))]
+    if cache is None:
+        return tokens
+    total = int(cache.v[0].shape[2])
+    slots = np.arange(total)
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        pos = s + len(tokens) - 1
+        x = clock.run("mindspore", ms.token_embeddings, [tokens[-1]])
+        cos, sin = ms.rope([pos])
+        # the cache's past, then pos itself
+        bias = ms.Tensor(attention_bias(np.append(slots < pos, True)[None, None, None]))
+        for i in range(len(cache.k)):
+            x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, bias, *cache.layer(i))
+            cache.write(i, pos, k, v)
+        tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
+    return tokens
 
 
 @_gc_frozen()
@@ -240,27 +280,10 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
         if trace:
             outputs.append(out.asnumpy().astype(np.float32))
 
-    logits, ks, vs = reference_forward(ms, cfg, input_ids, pixel_values, clock, record, keep_kv=max_new_tokens > 0,
-                                       image_sizes=image_sizes)
+    s = int(np.asarray(input_ids).shape[1])
+    logits, cache = reference_forward(ms, cfg, input_ids, pixel_values, clock, record,
+                                      cache_positions=s + max_new_tokens if max_new_tokens > 0 else 0,
+                                      image_sizes=image_sizes)
     logits = logits.asnumpy()
-    tokens = []
-    if max_new_tokens > 0:
-        from ..model.llama import KVCache, attention_bias
-        s = int(np.asarray(input_ids).shape[1])
-        total = s + max_new_tokens
-        cache = KVCache(ks, vs, total)
-        del ks, vs
-        slots = np.arange(total)
-        tokens.append(int(np.argmax(logits[0, -1])))
-        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-            pos = s + len(tokens) - 1
-            x = clock.run("mindspore", ms.token_embeddings, [tokens[-1]])
-            cos, sin = ms.rope([pos])
-            # the cache's past, then pos itself
-            bias = ms.Tensor(attention_bias(np.append(slots < pos, True)[None, None, None]))
-            for i in range(len(cache.k)):
-                x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, bias, *cache.layer(i))
-                cache.write(i, pos, k, v)
-            tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
+    tokens = greedy_decode(ms, clock, logits[0, -1], cache, s, max_new_tokens, eos) if max_new_tokens > 0 else []
     return {"logits": logits, "trace": outputs, "tokens": tokens}
-

@@ -2,6 +2,8 @@
 .ckpt, nothing written back to the file, and no map where a tensor's bytes are not one run."""
 import dataclasses
 import hashlib
+import os
+import time
 
 import ml_dtypes
 import numpy as np
@@ -69,21 +71,41 @@ def test_populate_fills_a_maps_pages_without_changing_them(tmp_path):
     assert np.array_equal(view, want)
 
 
-def test_kept_maps_give_the_same_values_and_are_released(tmp_path, tensors):
-    """FileReader(keep_maps=True) (verify's transformers side): views of one map per file, equal to a read,
-    the file untouched; release_maps drops the maps while views of them live on."""
+def _cached_fraction(path: str) -> float:
+    """How much of a file the page cache holds (mincore over a map of it)."""
+    import ctypes
+    import mmap
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        view = np.frombuffer(m, np.uint8)
+        assert ctypes.CDLL("libc.so.6").mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec) == 0
+        del view
+        return float((np.frombuffer(vec, np.uint8) & 1).mean())
+
+
+def test_prefetch_brings_a_whole_tensor_into_the_page_cache(tmp_path):
+    """FileReader.prefetch (the walks' read of the next layer while one runs): all of a 48 MiB tensor is cached
+    once it is done, not only the first readahead window (one WILLNEED call for the whole range read 8 MB)."""
+    want = np.random.default_rng(0).standard_normal((6144, 4096)).astype(np.float16)
     path = str(tmp_path / "w.safetensors")
-    save_file(tensors, path)
-    before = _digest(path)
-    infos, reader = read_index(path), FileReader(keep_maps=True)
-    views = {n: reader.mapped(infos[n]) for n in tensors}
-    assert len(reader._maps) == 1  # one map for the file's three tensors
-    for name, want in tensors.items():
-        assert views[name].dtype == want.dtype and np.array_equal(views[name].view(np.uint8), want.view(np.uint8))
-    reader.release_maps()
-    assert not reader._maps and np.array_equal(views["a.weight"], tensors["a.weight"])
-    reader.close()
-    assert _digest(path) == before
+    save_file({"w": want}, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages, which DONTNEED can drop
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _cached_fraction(path) < 0.1
+        reader = FileReader()
+        reader.prefetch([read_index(path)["w"]])
+        reader.close()  # waits for the prefetch
+        deadline = time.monotonic() + 10  # the reads it queued complete on their own
+        while _cached_fraction(path) < 0.99 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _cached_fraction(path) >= 0.99
+    finally:
+        os.close(fd)
+    assert np.array_equal(load_tensors(path)["w"], want)
 
 
 def test_a_mapped_ckpt_tensor_equals_its_read(tmp_path, tensors):
@@ -108,6 +130,6 @@ def test_no_map_when_the_bytes_are_in_pieces(tmp_path, tensors):
     info = read_index(path)["a.weight"]
     offset, length = info.pieces[0]
     split = dataclasses.replace(info, pieces=((offset, length // 2), (offset + length // 2, length - length // 2)))
-    assert FileReader().mapped(split) is None and FileReader(keep_maps=True).mapped(split) is None
+    assert FileReader().mapped(split) is None
     with FileReader() as reader:
         assert np.array_equal(reader.read(split), tensors["a.weight"])  # the read still joins them

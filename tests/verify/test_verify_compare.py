@@ -2,7 +2,8 @@
 disagreements pass only at near-ties, a module fails on shape, size or NaN."""
 import numpy as np
 
-from llava_ckpt.verify.compare import TOLERANCES, compare_greedy, compare_logits, compare_module, first_divergence
+from llava_ckpt.verify.compare import (TOLERANCES, compare_greedy, compare_logits, compare_module, first_divergence,
+                                       known_positions)
 
 TOL = TOLERANCES["float32"]
 
@@ -33,6 +34,19 @@ def test_greedy_first_mismatch_and_its_margin():
     assert not wrong["greedy_ok"] and wrong["greedy_first_mismatch"] == 1 and wrong["greedy_mismatch_margin"] == 4.0
     short = compare_greedy([0, 1, 0], steps, [0, 1], abs_tol=0.01)
     assert not short["greedy_match"] and short["greedy_first_mismatch"] == 2
+
+
+def test_ranks_are_held_to_the_steps_transformers_chose_after_the_reference_prefix():
+    """transformers' choices follow the reference model's tokens: after the first that differs (step 2 here)
+    nothing is known, so the ranks' tokens are compared up to it; when every choice agreed, all of them."""
+    steps = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    hf, ms = [0, 1, 2], [0, 1, 1, 0]  # transformers picks 2 after the reference model's [0, 1]; it picked 1
+    assert known_positions([0, 1, 2, 7], hf, ms) == [0, 1, 2]
+    agree = compare_greedy(hf, steps, known_positions([0, 1, 2, 7], hf, ms), abs_tol=0.01)
+    assert agree["greedy_match"] and agree["greedy_ok"]
+    like_ms = compare_greedy(hf, steps, known_positions([0, 1, 1, 0], hf, ms), abs_tol=0.01)
+    assert not like_ms["greedy_ok"] and like_ms["greedy_first_mismatch"] == 2
+    assert known_positions([0, 1, 1, 0, 3], [0, 1, 1, 0], [0, 1, 1, 0]) == [0, 1, 1, 0, 3]  # all agreed: all held
 
 
 def test_module_checks_and_first_divergence():

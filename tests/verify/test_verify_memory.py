@@ -1,11 +1,10 @@
 """Streamed verify: peak memory of the whole process tree does not grow with depth. Text widths 1024 / 4096
 (one layer 16.8 M parameters, 67 MB in float32 per side). Measured on these fixtures: the verify that built
 whole models (transformers, then MindSpore) peaked at 1373 MiB RSS with 2 text layers and 1681 MiB with 6
-(+22%, this test would fail it); streamed (transformers first, the reference model once, weights in a
-reused arena), 1153 and 1154 MiB. Anonymous memory is what is held to it: transformers' side keeps one map of
-each source file across its greedy tokens (io/readers.py keep_maps), so RSS, which counts those mapped
-page-cache pages, grows with the source's size (1081 and 1212 MiB RSS here) while the process's own memory
-does not."""
+(+22%, this test would fail it); streamed (then: transformers first, the reference model once, weights in a
+reused arena), 1153 and 1154 MiB. Anonymous memory is what is held to it: RSS also counts the checkpoints'
+page-cache pages while they are mapped (the reference model's decoding steps compute from maps of its file's
+16-bit weights), which grow with a checkpoint's size while the process's own memory does not."""
 import os
 import sys
 
