@@ -63,7 +63,7 @@ def _run(hf, ms, name: str, x, input_ids, pixel_values, dtype, image_sizes=None)
     if name.startswith("language_model.model.layers."):
         from ..model.llama import causal_bias
         i = int(name.rsplit(".", 1)[1])
-        ctx = hf.begin(t_in, 0)
+        ctx = hf.begin(t_in)
         out = theirs(hf.decoder_layer(i, t_in, ctx))
         cos, sin = (ms.Tensor(p[0].detach().numpy().astype(ms.target)) for p in ctx["position_embeddings"])
         s = inp.shape[1]

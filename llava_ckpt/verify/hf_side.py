@@ -1,7 +1,7 @@
 """The transformers side, one module at a time: transformers' own classes (CLIPVisionEmbeddings,
 CLIPEncoderLayer, LlavaMultiModalProjector or LLaVA-NeXT's with its pack_image_features, the text model's
 decoder layer, RMSNorm, rotary embedding and causal mask (Llama's, or Mistral's for bakLlava: TEXT_CLASSES),
-DynamicCache, LlavaModel's placeholder mask) built from the checkpoint's config, each filled with its own
+LlavaModel's placeholder mask) built from the checkpoint's config, each filled with its own
 weights read lazily from the source safetensors (per tensor) and freed after it ran. Nothing here
 re-implements transformers' math; only the order of calls (LlavaModel.forward's) is spelled out.
 
@@ -84,7 +84,6 @@ class HfSide:
         module = "llava_next" if self.anyres else "llava"
         import importlib
         self.llava = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-        self.cache = None
         self.classes = text_classes(self.text.model_type)
 
     # ---- weights
@@ -219,32 +218,30 @@ class HfSide:
                                           image_features=features)
         return embeds.masked_scatter(mask, features)
 
-    def begin(self, x, past: int, cache: bool = True):
-        """Rotary embeddings and causal mask for `x` [1, S, H] following `past` cached positions (one new
-        DynamicCache when past == 0; none with `cache` False: a forward nothing decodes after); computed before
-        any layer updates the cache, as LlamaModel does."""
+    def begin(self, x):
+        """Rotary embeddings and causal mask for `x` [1, S, H] from position 0, as LlamaModel makes them for a
+        forward with no KV cache (nothing here decodes after a forward: the reference model's tokens come in
+        with the prompt)."""
         torch = self.torch
-        from transformers.cache_utils import DynamicCache
-        if past == 0:
-            self.cache = DynamicCache(config=self.text) if cache else None
-        positions = (torch.arange(x.shape[1]) + past).unsqueeze(0)
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
         rotary = self.classes.rotary(config=self.text)
         with self._computing():
             pe = rotary(x, position_ids=positions)
             # MistralModel's choice: the sliding-window mask only when the config sets a window
             make = self.classes.mask if getattr(self.text, "sliding_window", None) is not None else self.classes.causal
             mask = make(config=self.text, inputs_embeds=x,
-                        attention_mask=torch.ones((1, past + x.shape[1]), dtype=torch.long),
-                        cache=self.cache, position_ids=positions)
+                        attention_mask=torch.ones((1, x.shape[1]), dtype=torch.long), cache=None,
+                        position_ids=positions)
         return {"position_embeddings": pe, "attention_mask": mask, "position_ids": positions}
 
     def decoder_layer(self, i: int, x, ctx: dict):
         layer = self._module(lambda: self.classes.layer(self.text, i), f"{TEXT}layers.{i}.")
-        after = f"{TEXT}layers.{(i + 1) % self.text.num_hidden_layers}."  # read while this one runs
-        self.reader.prefetch(info for name, info in self.where.items() if name.startswith(after))
+        if i + 1 < self.text.num_hidden_layers:  # the next layer read while this one runs
+            after = f"{TEXT}layers.{i + 1}."
+            self.reader.prefetch(info for name, info in self.where.items() if name.startswith(after))
         with self._computing():
-            return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"], cache=self.cache,
-                         use_cache=self.cache is not None, position_embeddings=ctx["position_embeddings"])
+            return layer(x, attention_mask=ctx["attention_mask"], position_ids=ctx["position_ids"], cache=None,
+                         use_cache=False, position_embeddings=ctx["position_embeddings"])
 
     def norm(self, x):
         norm = self._module(lambda: self.classes.norm(self.text.hidden_size, eps=self.text.rms_norm_eps),

@@ -143,7 +143,6 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     theirs, modules, rank_modules = {}, [], []
 
     def check(name, out):
-        out = to_numpy(out)
         if out.ndim == 3 and name.startswith("language_model."):
             out = out[:, :s]  # the prompt's positions; the rest are the generated tokens'
         theirs[name] = out
@@ -159,7 +158,7 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     h_logits = transformers_forward(hf, cfg, input_ids, pixel_values, clock, check, ms_tokens[:-1],
                                     image_sizes=image_sizes)
     check(HEAD, h_logits)
-    h_logits = to_numpy(h_logits)[0]
+    h_logits = h_logits[0]
     hf_tokens, hf_steps = [], []
     for j, token in enumerate(ms_tokens):  # transformers' choice after the same prefix
         hf_steps.append(h_logits[s - 1 + j].copy())
@@ -176,12 +175,13 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
 def transformers_forward(hf, cfg: dict, input_ids, pixel_values, clock, on_module, extra_tokens=(),
                          image_sizes=None):
     """transformers over the prompt, then `extra_tokens` after it, module by module (`hf` an HfSide), with no
-    KV cache (nothing decodes after it): on_module(name, output) for each module of model.trace_names(cfg), in
-    order, its return value the next module's input. Returns the logits [1, S + len(extra_tokens), V]."""
+    KV cache (nothing decodes after it): on_module(name, output as a float32 array) for each module of
+    model.trace_names(cfg), in order. Returns the float32 logits [1, S + len(extra_tokens), V] as an array."""
     from ..model.vision import layers_run
+
     def run(name, fn, *args):
         out = clock.run("transformers", fn, *args)
-        on_module(name, out)
+        on_module(name, to_numpy(out))
         return out
 
     x = run("vision_encoder.embeddings", hf.vision_embeddings, pixel_values, image_sizes)
@@ -195,11 +195,11 @@ def transformers_forward(hf, cfg: dict, input_ids, pixel_values, clock, on_modul
     if len(extra_tokens):
         rows = [clock.run("transformers", hf.token_embeddings, t) for t in extra_tokens]
         x = hf.torch.cat([x] + rows, dim=1)
-    on_module("language_model.model.tok_embeddings", x)
-    ctx = clock.run("transformers", hf.begin, x, 0, False)
+    on_module("language_model.model.tok_embeddings", to_numpy(x))
+    ctx = clock.run("transformers", hf.begin, x)
     for i in range(cfg["text_config"]["num_hidden_layers"]):
         x = run(f"language_model.model.layers.{i}", hf.decoder_layer, i, x, ctx)
-    return clock.run("transformers", hf.lm_head, run("language_model.model.norm_out", hf.norm, x))
+    return to_numpy(clock.run("transformers", hf.lm_head, run("language_model.model.norm_out", hf.norm, x)))
 
 
 def reference_forward(ms, cfg: dict, input_ids, pixel_values, clock, on_module, cache_positions: int = 0,
