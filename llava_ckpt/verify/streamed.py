@@ -43,10 +43,11 @@ class _Clock:
         self.seconds = {"transformers": 0.0, "mindspore": 0.0}
         self.log = os.environ.get("LLAVA_CKPT_VERIFY_LOG") == "1"
 
-    def run(self, side: str, fn, *args):
+    def run(self, side: str, fn, *args, trim_above: int | None = None):
+        """fn(*args), timed; the heap trimmed after it past `trim_above` free bytes (TRIM_FREE unless given)."""
         t = time.perf_counter()
         out = fn(*args)
-        _trim_heap()
+        _trim_heap(TRIM_FREE if trim_above is None else trim_above)
         took = time.perf_counter() - t
         self.seconds[side] += took
         if self.log:
@@ -64,10 +65,15 @@ class _MallInfo2(ctypes.Structure):
 
 
 TRIM_FREE = 256 << 20  # free heap bytes above which a step's end hands them back
+# a decoding step's end always trims: each step left ~22 MB of freed heap that the next one did not reuse (the
+# memory test's width-1024 fixture: anonymous 442 -> 552 MiB over 6 layer steps, so the peak grew with depth;
+# trimmed after every step, 434 MiB flat). Cost at 7B widths (7b-few-layers, 30 steps): 0.92-1.30 s of steps
+# -> 0.95-1.56 s, alternating runs.
+DECODE_TRIM_FREE = 0
 
 
-def _trim_heap() -> None:
-    """Hand the heap's free pages back to the OS after a step, when more than TRIM_FREE lie free in it: the
+def _trim_heap(free_above: int) -> None:
+    """Hand the heap's free pages back to the OS after a step, when more than `free_above` lie free in it: the
     weights of one step are freed, but glibc keeps fragmented heap pages, and without any trimming the peak crept
     up ~20 MB per layer (measured). Trimming after every step cost more than the step's matmuls on the
     reference side (the next step faults the pages back in: 1.75 s against 1.24 s for a 7B decoder layer,
@@ -83,7 +89,7 @@ def _trim_heap() -> None:
         if hasattr(_LIBC, "mallinfo2"):
             _LIBC.mallinfo2.restype = _MallInfo2
     if _LIBC:
-        if not hasattr(_LIBC, "mallinfo2") or _LIBC.mallinfo2().fordblks > TRIM_FREE:
+        if not hasattr(_LIBC, "mallinfo2") or _LIBC.mallinfo2().fordblks > free_above:
             _LIBC.malloc_trim(0)
 
 
@@ -129,7 +135,7 @@ def walk(hf, ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=()
     mine = {}
 
     def keep(name, out):
-        mine[name] = out.asnumpy().astype(np.float32)
+        mine[name] = out.asnumpy().astype(np.float32, copy=False)  # asnumpy's copy is the one kept
 
     logits, cache = reference_forward(ms, cfg, input_ids, pixel_values, clock, keep, cache_positions=s +
                                       max(max_new_tokens, 1), image_sizes=image_sizes)
@@ -259,7 +265,8 @@ def greedy_decode(ms, clock, last, cache, s: int, max_new_tokens: int, eos=()) -
         # the cache's past, then pos itself
         bias = ms.Tensor(attention_bias(np.append(slots < pos, True)[None, None, None]))
         for i in range(len(cache.k)):
-            x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, bias, *cache.layer(i))
+            x, k, v = clock.run("mindspore", ms.decoder_step, i, x, cos, sin, bias, *cache.layer(i),
+                                trim_above=DECODE_TRIM_FREE)
             cache.write(i, pos, k, v)
         tokens.append(int(np.argmax(clock.run("mindspore", ms.norm_and_logits, x)[1].asnumpy()[0, -1])))
     return tokens
@@ -278,7 +285,7 @@ def rank_walk(ms, cfg: dict, input_ids, pixel_values, max_new_tokens: int, eos=(
 
     def record(name, out):
         if trace:
-            outputs.append(out.asnumpy().astype(np.float32))
+            outputs.append(out.asnumpy().astype(np.float32, copy=False))
 
     s = int(np.asarray(input_ids).shape[1])
     logits, cache = reference_forward(ms, cfg, input_ids, pixel_values, clock, record,
